@@ -1,0 +1,140 @@
+"""AgentCapability → Biscuit authority block, as parameterised Datalog.
+
+The shape of the compiled block (values are always ``{parameters}``, never formatted in)::
+
+    capgate_version(1);
+    spec({canonical JSON});                       what the sidecar routes, limits and explains by
+    check if time($t), $t <= {expires_at};        the credential's lifetime
+    check if principal($p), {principals}.contains($p);      namespace/serviceaccount binding
+    allow_match({rule}) <- req({method}, {upstream}), path_match({glob}),
+                           body_num({field}, $v0), $v0 <= {max},
+                           receipt({required_rule}, $c), correlation($c);
+    deny_match({rule})  <- req($m, $u), ...
+
+One Datalog rule per (method × glob) combination with constant terms only: Biscuit joins on
+constants cheaply, while set membership and regexes in rule bodies cost 2–10× more per request
+(measured: bench/decision.py). Glob matching itself is done by the verifier, which supplies a
+``path_match(glob)`` fact for each glob of the capability that the normalized path matches.
+
+The request facts a verifier supplies are therefore: ``req(method, upstream)``,
+``path_match(glob)``, ``action_match(glob)``, ``resource_match(glob)``, ``principal(p)``,
+``correlation(c)``, ``receipt(rule, c)``, ``body_num(field, value)`` and ``time(t)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from capgate.capabilities import _biscuit
+from capgate.capabilities.errors import SpecError
+from capgate.capabilities.spec import Capability, Rule, to_spec
+
+FORMAT_VERSION = 1
+RESERVED_PREDICATES = frozenset({
+    "allow_match", "deny_match", "req", "path_match", "action_match", "resource_match", "principal",
+    "correlation", "receipt", "body_num", "time", "spec", "capgate_version", "attenuation",
+})
+"""Predicates whose meaning capgate defines; user Datalog may read them but never derive them."""
+
+_HEAD = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_:]*)\s*\(")
+_CHECK = re.compile(r"^\s*(check|reject|deny|allow)\s+(if|all)\b")
+
+Code = _biscuit.Code
+
+
+def spec_document(cap: Capability, issued_at: datetime, expires_at: datetime) -> dict[str, Any]:
+    """The canonical JSON embedded in the token (no secret values: Secret *names* only)."""
+    return {
+        "name": cap.name,
+        "namespace": cap.namespace,
+        "issuedAt": _iso(issued_at),
+        "expiresAt": _iso(expires_at),
+        "principals": sorted({cap.principal, *cap.delegation.principals}),
+        "spec": to_spec(cap),
+    }
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def compile_authority(cap: Capability, issued_at: datetime, expires_at: datetime) -> list[Code]:
+    """The authority block for ``cap``; a pure function of its inputs (same spec, same Datalog)."""
+    document = spec_document(cap, issued_at, expires_at)
+    code: list[Code] = [
+        ("capgate_version({v});", {"v": FORMAT_VERSION}),
+        ("spec({json});", {"json": json.dumps(document, sort_keys=True, separators=(",", ":"))}),
+        ("check if time($t), $t <= {exp};", {"exp": expires_at}),
+        ("check if principal($p), {principals}.contains($p);", {"principals": frozenset(document["principals"])}),
+    ]
+    for rule in cap.rules:
+        code.extend(compile_rule(rule))
+    if cap.datalog.strip():
+        code.append((cap.datalog, {}))
+    return code
+
+
+def compile_rule(rule: Rule) -> Iterator[Code]:
+    """One Datalog rule per alternative way ``rule`` can match; see the module docstring."""
+    head = "allow_match" if rule.effect == "allow" else "deny_match"
+    for alternative in _alternatives(rule):
+        body: list[str] = []
+        params: dict[str, _biscuit.Term] = {"rule": rule.name}
+        for key, value in alternative.items():
+            params[key] = value
+        if rule.is_http:
+            method = "{method}" if "method" in alternative else "$method"
+            upstream = "{upstream}" if rule.upstream else "$upstream"
+            if rule.upstream:
+                params["upstream"] = rule.upstream
+            body.append(f"req({method}, {upstream})")
+            if "glob" in alternative:
+                body.append("path_match({glob})")
+        else:
+            if "action" in alternative:
+                body.append("action_match({action})")
+            if "resource" in alternative:
+                body.append("resource_match({resource})")
+        for index, limit in enumerate(rule.limits):
+            body.append(f"body_num({{field{index}}}, $v{index}), $v{index} <= {{max{index}}}")
+            params[f"field{index}"] = limit.field
+            params[f"max{index}"] = limit.max
+        for index, required in enumerate(rule.requires):
+            body.append(f"receipt({{requires{index}}}, $correlation), correlation($correlation)")
+            params[f"requires{index}"] = required
+        yield f"{head}({{rule}}) <- {', '.join(body)};", params
+
+
+def _alternatives(rule: Rule) -> Iterator[dict[str, str]]:
+    if rule.is_http:
+        methods: Sequence[str | None] = rule.methods or (None,)
+        globs: Sequence[str | None] = rule.paths or (None,)
+        for method, glob in itertools.product(methods, globs):
+            yield {k: v for k, v in (("method", method), ("glob", glob)) if v is not None}
+    else:
+        actions: Sequence[str | None] = rule.actions or (None,)
+        resources: Sequence[str | None] = rule.resources or (None,)
+        for action, resource in itertools.product(actions, resources):
+            yield {k: v for k, v in (("action", action), ("resource", resource)) if v is not None}
+
+
+def validate(cap: Capability) -> None:
+    """What the schema cannot say: the raw Datalog parses and derives no reserved predicate."""
+    if not cap.datalog.strip():
+        return
+    problem = _biscuit.parse_error(cap.datalog)
+    if problem:
+        raise SpecError("spec.datalog", f"does not parse: {problem}")
+    for line in _biscuit.canonical_source(cap.datalog).splitlines():
+        if _CHECK.match(line):
+            if _CHECK.match(line).group(1) in ("allow", "deny"):  # type: ignore[union-attr]
+                raise SpecError("spec.datalog", "policies (allow if / deny if) belong to the verifier")
+            continue
+        head = _HEAD.match(line)
+        if head and head.group(1) in RESERVED_PREDICATES:
+            raise SpecError("spec.datalog", f"must not define the reserved predicate {head.group(1)!r}")

@@ -1,0 +1,255 @@
+"""verify → revocation → authorize → :class:`Decision`.
+
+The verdict always comes from Biscuit Datalog (deny rules first, then allow, default deny); this
+module builds the request facts, runs the authorizer once per token (the pod's credential and,
+when the agent sends one, its narrowed token: both must allow) and turns the library's answer
+into a decision a person can read. The explanation of a denial is computed *after* the verdict
+and never changes it.
+
+Time: every time-bounded check is evaluated at ``now - skew`` (30 s), so a sidecar whose clock
+runs a little ahead of the operator's does not reject fresh credentials.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Container, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from capgate.capabilities import _biscuit, tokens
+from capgate.capabilities.errors import TokenError
+from capgate.capabilities.keys import TrustBundle
+from capgate.capabilities.paths import glob_matches, name_glob_matches
+from capgate.capabilities.spec import Capability, Rule, numeric_field
+
+SKEW = timedelta(seconds=30)
+
+Code = Literal["allowed", "invalid_token", "denied"]
+Reason = Literal[
+    "allowed", "no_matching_rule", "deny_rule", "limit_exceeded", "limit_missing", "missing_receipt",
+    "check_failed", "policy_error", "malformed", "bad_signature", "unknown_root", "expired", "revoked",
+    "too_deep", "identity",
+]
+_STATUS = {"allowed": 200, "invalid_token": 401, "denied": 403}
+
+
+@dataclass(frozen=True)
+class Request:
+    """What is being asked, with everything the policy may look at.
+
+    HTTP calls set ``method``/``upstream``/``path`` (already normalized); the decision API and MCP
+    tools set ``action``/``resource``. ``receipts`` names rules with a verified receipt in
+    ``correlation``. ``body`` is the parsed JSON body, only when a limit needs it.
+    """
+
+    principal: str
+    correlation: str
+    method: str | None = None
+    upstream: str | None = None
+    path: str | None = None
+    action: str | None = None
+    resource: str | None = None
+    body: object = None
+    receipts: frozenset[str] = frozenset()
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def describe(self) -> str:
+        if self.method is not None:
+            return f"{self.method} {self.upstream} {self.path}"
+        return f"{self.action} {self.resource}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    code: Code
+    reason: Reason
+    message: str
+    rule: str | None = None
+
+    @property
+    def status(self) -> int:
+        return _STATUS[self.code]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"allowed": self.allowed, "code": self.code, "reason": self.reason, "rule": self.rule,
+                "message": self.message}
+
+
+def _deny(reason: Reason, message: str, rule: str | None = None) -> Decision:
+    return Decision(False, "denied", reason, message, rule)
+
+
+def _invalid(error: TokenError) -> Decision:
+    return Decision(False, "invalid_token", error.reason, str(error))
+
+
+def decide(credentials: Sequence[tokens.Credential], request: Request, *,
+           revoked: Container[str] = frozenset(), skew: timedelta = SKEW) -> Decision:
+    """Decide ``request`` under every credential given; all must allow, the first refusal wins."""
+    if not credentials:
+        return Decision(False, "invalid_token", "malformed", "no credential")
+    allowed: Decision | None = None
+    for credential in credentials:
+        outcome = decide_one(credential, request, revoked=revoked, skew=skew)
+        if not outcome.allowed:
+            return outcome
+        allowed = allowed or outcome
+    assert allowed is not None
+    return allowed
+
+
+def decide_one(credential: tokens.Credential, request: Request, *, revoked: Container[str] = frozenset(),
+               skew: timedelta = SKEW) -> Decision:
+    try:
+        check_validity(credential, request.now, revoked=revoked, skew=skew)
+    except TokenError as error:
+        return _invalid(error)
+    cap = credential.capability
+    result = credential.parsed.authorize([request_facts(cap, request, skew)])
+    if result.deny_rules:
+        rule = _first_in_order(cap, result.deny_rules)
+        return _deny("deny_rule", f"denied by rule {rule!r}", rule)
+    for check in result.failed_checks:
+        if check.block is not None and check.block > 0 and "time($t)" in check.source:
+            return Decision(False, "invalid_token", "expired", "narrowed token expired")
+        if "principal(" in check.source:
+            return Decision(False, "invalid_token", "identity",
+                            f"token is not valid for identity {request.principal!r}")
+    if result.failed_checks:
+        check = result.failed_checks[0]
+        where = "the narrowed token forbids this" if check.block else "a capability check failed"
+        return _deny("check_failed", f"{where}: {check.source}")
+    if result.allowed and result.allow_rules:
+        rule = _first_in_order(cap, result.allow_rules)
+        return Decision(True, "allowed", "allowed", f"allowed by rule {rule!r}", rule)
+    if result.error and "no matching policy" not in result.error:
+        return _deny("policy_error", "policy evaluation failed")
+    return explain_denial(cap, request)
+
+
+def check_validity(credential: tokens.Credential, now: datetime, *, revoked: Container[str],
+                   skew: timedelta = SKEW) -> None:
+    """Revocation, expiry and depth: what makes a token unusable regardless of the request."""
+    revoked_id = next((rid for rid in credential.revocation_ids if rid in revoked), None)
+    if revoked_id is not None:
+        raise TokenError("revoked", f"revocation id {revoked_id[:16]}… is revoked")
+    if now - skew > credential.expires_at:
+        raise TokenError("expired", f"credential expired at {credential.expires_at.isoformat()}")
+    if credential.depth > credential.capability.delegation.max_depth:
+        raise TokenError("too_deep", f"narrowed {credential.depth} times; at most "
+                                     f"{credential.capability.delegation.max_depth} allowed")
+
+
+def request_facts(cap: Capability, request: Request, skew: timedelta = SKEW) -> _biscuit.Code:
+    """The authorizer facts for ``request`` (see :mod:`capgate.capabilities.compiler`)."""
+    parts = ["principal({principal});", "correlation({correlation});", "time({time});"]
+    params: dict[str, _biscuit.Term] = {"principal": request.principal, "correlation": request.correlation,
+                                        "time": (request.now - skew).replace(microsecond=0)}
+    counter = itertools.count()
+
+    def add(template: str, **values: _biscuit.Term) -> None:
+        index = next(counter)
+        source = template
+        for key, value in values.items():
+            source = source.replace("{" + key + "}", "{" + f"{key}{index}" + "}")
+            params[f"{key}{index}"] = value
+        parts.append(source)
+
+    if request.method is not None and request.upstream is not None:
+        add("req({m}, {u});", m=request.method, u=request.upstream)
+        if request.path is not None:
+            for glob in matching_globs(cap, request.path):
+                add("path_match({g});", g=glob)
+    for kind, value in (("action_match", request.action), ("resource_match", request.resource)):
+        if value is not None:
+            for glob in _name_globs(cap, kind):
+                if name_glob_matches(glob, value):
+                    add(f"{kind}({{g}});", g=glob)
+    for rule_name in sorted(request.receipts):
+        add("receipt({r}, {c});", r=rule_name, c=request.correlation)
+    if request.body is not None:
+        for field_path in sorted(cap.limit_fields):
+            number = numeric_field(request.body, field_path)
+            if number is not None:
+                add("body_num({f}, {v});", f=field_path, v=number)
+    return " ".join(parts), params
+
+
+def matching_globs(cap: Capability, path: str) -> list[str]:
+    return sorted(glob for glob in cap.globs if glob_matches(glob, path))
+
+
+def _name_globs(cap: Capability, kind: str) -> set[str]:
+    if kind == "action_match":
+        return {g for rule in cap.rules for g in rule.actions}
+    return {g for rule in cap.rules for g in rule.resources}
+
+
+def _first_in_order(cap: Capability, names: Sequence[str]) -> str:
+    order = {rule.name: index for index, rule in enumerate(cap.rules)}
+    return min(names, key=lambda name: order.get(name, len(order)))
+
+
+def scope_matches(rule: Rule, request: Request) -> bool:
+    """Does ``rule`` address this request (ignoring limits and receipts)? For explanations only."""
+    if rule.is_http:
+        if request.method is None:
+            return False
+        return ((not rule.upstream or rule.upstream == request.upstream)
+                and (not rule.methods or request.method in rule.methods)
+                and (not rule.paths or any(glob_matches(g, request.path or "") for g in rule.paths)))
+    return ((not rule.actions or any(name_glob_matches(g, request.action or "\0") for g in rule.actions))
+            and (not rule.resources or any(name_glob_matches(g, request.resource or "\0") for g in rule.resources))
+            and request.action is not None)
+
+
+def explain_denial(cap: Capability, request: Request) -> Decision:
+    """Why no allow rule matched: the closest rule and the first requirement it missed."""
+    candidates = [r for r in cap.rules if r.effect == "allow" and scope_matches(r, request)]
+    for rule in candidates:
+        for required in rule.requires:
+            if required not in request.receipts:
+                return _deny("missing_receipt", f"rule {rule.name!r} requires a receipt of rule {required!r} "
+                                                f"in this correlation", rule.name)
+    for rule in candidates:
+        for limit in rule.limits:
+            value = numeric_field(request.body, limit.field)
+            if value is None:
+                return _deny("limit_missing", f"rule {rule.name!r} needs a numeric body field {limit.field!r}",
+                             rule.name)
+            if value > limit.max:
+                return _deny("limit_exceeded", f"{limit.field} {value} exceeds the limit {limit.max} of rule "
+                                               f"{rule.name!r}", rule.name)
+    if candidates:
+        return _deny("check_failed", f"rule {candidates[0].name!r} did not allow the request", candidates[0].name)
+    return _deny("no_matching_rule", f"no rule allows {request.describe()}")
+
+
+class Verifier:
+    """Verifies tokens against a trust bundle, caching parsed credentials (parse+verify is the slow part)."""
+
+    def __init__(self, trust: TrustBundle, *, cache_size: int = 1024) -> None:
+        self.trust = trust
+        self._cache: OrderedDict[str, tokens.Credential] = OrderedDict()
+        self._cache_size = cache_size
+
+    def load(self, token: str, now: datetime | None = None) -> tokens.Credential:
+        key = token.strip()
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        credential = tokens.load(key, self.trust, now=now)
+        self._cache[key] = credential
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return credential
+
+    def replace_trust(self, trust: TrustBundle) -> None:
+        """A new trust bundle (root rotation): forget what was verified under the old one."""
+        self.trust = trust
+        self._cache.clear()

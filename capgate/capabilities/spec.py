@@ -1,0 +1,539 @@
+"""An AgentCapability, parsed and validated into frozen values.
+
+This is the strict reading of the custom resource that every other part of capgate works from:
+the compiler turns it into Datalog, the sidecar routes and rate-limits by it, the webhook rejects
+what fails here. Errors name the field path the way ``kubectl`` users read them
+(``spec.rules[2].paths[0]: '..' segments are not allowed``). Unknown fields are errors, not
+silently dropped, because a misspelt ``limts:`` must never turn into "no limit".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
+
+import yaml
+
+from capgate import resources
+from capgate.capabilities import paths
+from capgate.capabilities.errors import SpecError
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+RULE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
+HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+FORBIDDEN_INJECT_HEADERS = frozenset(
+    {"host", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "transfer-encoding", "upgrade", "content-length", "content-type"}
+)
+MAX_INT64 = 2**63 - 1
+MAX_RULES = 256
+MAX_UPSTREAMS = 64
+MAX_LIST = 64
+MAX_DATALOG_BYTES = 16 * 1024
+
+Effect = Literal["allow", "deny"]
+Mode = Literal["enforce", "audit"]
+
+
+@dataclass(frozen=True)
+class Inject:
+    secret_name: str
+    secret_key: str
+    header: str = "Authorization"
+    value_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    url: str
+    inject: Inject | None = None
+
+
+@dataclass(frozen=True)
+class Limit:
+    field: str
+    max: int
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    effect: Effect
+    upstream: str | None = None
+    methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    actions: tuple[str, ...] = ()
+    resources: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    limits: tuple[Limit, ...] = ()
+
+    @property
+    def is_http(self) -> bool:
+        """HTTP rules match proxied requests; action rules match the decision API and MCP calls."""
+        return not (self.actions or self.resources)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    requests: int
+    per: timedelta
+
+
+@dataclass(frozen=True)
+class Budget:
+    upstream: str
+    field: str
+    max: int
+    per: timedelta
+
+
+@dataclass(frozen=True)
+class Delegation:
+    principals: tuple[str, ...] = ()
+    max_depth: int = 3
+
+
+@dataclass(frozen=True)
+class Capability:
+    name: str
+    namespace: str
+    service_account: str
+    upstreams: tuple[Upstream, ...]
+    rules: tuple[Rule, ...]
+    rate_limit: RateLimit | None = None
+    budgets: tuple[Budget, ...] = ()
+    datalog: str = ""
+    credential_ttl: timedelta = timedelta(hours=1)
+    rotate_before: timedelta = timedelta(minutes=20)
+    receipt_ttl: timedelta = timedelta(minutes=5)
+    delegation: Delegation = field(default_factory=Delegation)
+    mode: Mode = "enforce"
+    lockdown_after: timedelta = timedelta(seconds=60)
+    revoked: bool = False
+
+    @property
+    def principal(self) -> str:
+        """The identity this capability is bound to, ``namespace/serviceaccount``."""
+        return f"{self.namespace}/{self.service_account}"
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def upstream(self, name: str) -> Upstream | None:
+        return next((u for u in self.upstreams if u.name == name), None)
+
+    def rule(self, name: str) -> Rule | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+    @property
+    def limit_fields(self) -> frozenset[str]:
+        """Body fields some rule or budget reads; only these are ever extracted from a body."""
+        found = {lim.field for rule in self.rules for lim in rule.limits}
+        found.update(budget.field for budget in self.budgets)
+        return frozenset(found)
+
+    @property
+    def globs(self) -> frozenset[str]:
+        return frozenset(glob for rule in self.rules for glob in rule.paths)
+
+
+def parse_duration(text: object, path: str) -> timedelta:
+    """Parse ``90s``, ``5m``, ``1h30m``, ``2d`` (Kubernetes-style, no fractions)."""
+    if not isinstance(text, str) or not text:
+        raise SpecError(path, "must be a duration such as '30s', '5m', '1h' or '1h30m'")
+    match = DURATION.match(text)
+    if not match or not any(match.groups()):
+        raise SpecError(path, f"{text!r} is not a duration such as '30s', '5m', '1h' or '1h30m'")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    total = int(value.total_seconds())
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if total >= size:
+            out += f"{total // size}{unit}"
+            total %= size
+    return out or "0s"
+
+
+class _Reader:
+    """Reads one mapping strictly, naming the field path in every error."""
+
+    def __init__(self, data: object, path: str, allowed: Sequence[str]) -> None:
+        if not isinstance(data, Mapping):
+            raise SpecError(path, "must be an object")
+        self.data: Mapping[str, Any] = data
+        self.path = path
+        unknown = sorted(str(k) for k in data if k not in allowed)
+        if unknown:
+            raise SpecError(f"{path}.{unknown[0]}", "unknown field")
+
+    def sub(self, key: str) -> str:
+        return f"{self.path}.{key}"
+
+    def has(self, key: str) -> bool:
+        return key in self.data and self.data[key] is not None
+
+    def string(self, key: str, pattern: re.Pattern[str] | None = None, *, default: str | None = None,
+               max_len: int = 253, what: str = "") -> str:
+        if not self.has(key):
+            if default is None:
+                raise SpecError(self.sub(key), "is required")
+            return default
+        value = self.data[key]
+        if not isinstance(value, str):
+            raise SpecError(self.sub(key), "must be a string")
+        if len(value) > max_len:
+            raise SpecError(self.sub(key), f"must be at most {max_len} characters")
+        if pattern is not None and not pattern.match(value):
+            raise SpecError(self.sub(key), f"{value!r} is not {what or 'valid'}")
+        return value
+
+    def integer(self, key: str, *, minimum: int = 0, maximum: int = MAX_INT64, default: int | None = None) -> int:
+        if not self.has(key):
+            if default is None:
+                raise SpecError(self.sub(key), "is required")
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(self.sub(key), "must be an integer")
+        if not minimum <= value <= maximum:
+            raise SpecError(self.sub(key), f"must be between {minimum} and {maximum}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        if not self.has(key):
+            return default
+        value = self.data[key]
+        if not isinstance(value, bool):
+            raise SpecError(self.sub(key), "must be true or false")
+        return value
+
+    def items(self, key: str, *, required: bool = False, max_items: int = MAX_LIST) -> list[tuple[str, Any]]:
+        if not self.has(key):
+            if required:
+                raise SpecError(self.sub(key), "is required")
+            return []
+        value = self.data[key]
+        if not isinstance(value, list):
+            raise SpecError(self.sub(key), "must be a list")
+        if required and not value:
+            raise SpecError(self.sub(key), "must not be empty")
+        if len(value) > max_items:
+            raise SpecError(self.sub(key), f"must have at most {max_items} items")
+        return [(f"{self.sub(key)}[{i}]", item) for i, item in enumerate(value)]
+
+    def strings(self, key: str) -> list[tuple[str, str]]:
+        out = []
+        for path, item in self.items(key):
+            if not isinstance(item, str):
+                raise SpecError(path, "must be a string")
+            out.append((path, item))
+        return out
+
+    def duration(self, key: str, default: timedelta, *, minimum: timedelta, maximum: timedelta) -> timedelta:
+        if not self.has(key):
+            return default
+        value = parse_duration(self.data[key], self.sub(key))
+        if not minimum <= value <= maximum:
+            raise SpecError(self.sub(key), f"must be between {format_duration(minimum)} and {format_duration(maximum)}")
+        return value
+
+
+def _parse_url(path: str, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise SpecError(path, "must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise SpecError(path, "must name a host")
+    if parts.username or parts.password:
+        raise SpecError(path, "must not carry credentials (use inject.secretRef)")
+    if parts.query or parts.fragment:
+        raise SpecError(path, "must not have a query or fragment")
+    if parts.path not in ("", "/") and paths.validate_glob(parts.path.rstrip("/") or "/") is not None:
+        raise SpecError(path, "has an ambiguous path prefix")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise SpecError(path, "has an invalid port") from exc
+    return url.rstrip("/")
+
+
+def _parse_inject(data: object, path: str) -> Inject:
+    reader = _Reader(data, path, ("secretRef", "header", "valuePrefix"))
+    ref = _Reader(reader.data.get("secretRef"), reader.sub("secretRef"), ("name", "key"))
+    header = reader.string("header", HEADER_NAME, default="Authorization", max_len=128, what="a header name")
+    if header.lower() in FORBIDDEN_INJECT_HEADERS or header.lower().startswith("x-capgate-"):
+        raise SpecError(reader.sub("header"), f"{header!r} cannot be injected")
+    prefix = reader.string("valuePrefix", default="", max_len=64)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
+        raise SpecError(reader.sub("valuePrefix"), "must not contain control characters")
+    return Inject(
+        secret_name=ref.string("name", DNS_SUBDOMAIN, what="a Secret name"),
+        secret_key=ref.string("key", re.compile(r"^[-._a-zA-Z0-9]+$"), what="a Secret key"),
+        header=header,
+        value_prefix=prefix,
+    )
+
+
+def _parse_upstreams(spec: _Reader) -> tuple[Upstream, ...]:
+    out: list[Upstream] = []
+    for path, item in spec.items("upstreams", required=True, max_items=MAX_UPSTREAMS):
+        reader = _Reader(item, path, ("name", "url", "inject"))
+        name = reader.string("name", DNS_LABEL, max_len=63, what="a DNS label")
+        if any(u.name == name for u in out):
+            raise SpecError(reader.sub("name"), f"duplicate upstream name {name!r}")
+        url = _parse_url(reader.sub("url"), reader.string("url", max_len=2048))
+        inject = _parse_inject(reader.data["inject"], reader.sub("inject")) if reader.has("inject") else None
+        out.append(Upstream(name=name, url=url, inject=inject))
+    return tuple(out)
+
+
+def _parse_limits(reader: _Reader) -> tuple[Limit, ...]:
+    out = []
+    for path, item in reader.items("limits"):
+        lim = _Reader(item, path, ("field", "max"))
+        out.append(Limit(field=lim.string("field", FIELD_PATH, max_len=256, what="a dotted JSON field path"),
+                         max=lim.integer("max")))
+    return tuple(out)
+
+
+def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rule:
+    reader = _Reader(item, path, ("name", "effect", "upstream", "methods", "paths", "actions", "resources",
+                                  "requires", "limits"))
+    name = reader.string("name", RULE_NAME, max_len=63, what="a rule name (lowercase, digits, '-', '_', '.')")
+    effect = reader.string("effect")
+    if effect not in ("allow", "deny"):
+        raise SpecError(reader.sub("effect"), "must be 'allow' or 'deny'")
+    upstream = reader.string("upstream", DNS_LABEL, max_len=63, what="an upstream name") if reader.has("upstream") else None
+    if upstream is not None and not any(u.name == upstream for u in upstreams):
+        raise SpecError(reader.sub("upstream"), f"names unknown upstream {upstream!r}")
+    methods = []
+    for mpath, method in reader.strings("methods"):
+        if method not in METHODS:
+            raise SpecError(mpath, f"{method!r} is not one of {', '.join(METHODS)}")
+        methods.append(method)
+    globs = []
+    for gpath, glob in reader.strings("paths"):
+        problem = paths.validate_glob(glob)
+        if problem:
+            raise SpecError(gpath, problem)
+        globs.append(glob)
+    names: dict[str, list[str]] = {}
+    for key in ("actions", "resources"):
+        names[key] = []
+        for npath, value in reader.strings(key):
+            problem = paths.validate_name_glob(value)
+            if problem:
+                raise SpecError(npath, problem)
+            names[key].append(value)
+    requires = [value for _, value in reader.strings("requires")]
+    limits = _parse_limits(reader)
+    rule = Rule(name=name, effect=cast(Effect, effect), upstream=upstream, methods=tuple(dict.fromkeys(methods)),
+                paths=tuple(dict.fromkeys(globs)), actions=tuple(names["actions"]),
+                resources=tuple(names["resources"]), requires=tuple(dict.fromkeys(requires)), limits=limits)
+    if not (rule.upstream or rule.methods or rule.paths or rule.actions or rule.resources):
+        raise SpecError(path, "a rule must name at least one of upstream, methods, paths, actions, resources")
+    if not rule.is_http and (rule.methods or rule.paths):
+        raise SpecError(path, "a rule uses either methods/paths (HTTP) or actions/resources, not both")
+    if rule.effect == "deny" and (rule.requires or rule.limits):
+        raise SpecError(path, "requires and limits only apply to allow rules")
+    return rule
+
+
+def _parse_rules(spec: _Reader, upstreams: tuple[Upstream, ...]) -> tuple[Rule, ...]:
+    rules: list[Rule] = []
+    for path, item in spec.items("rules", required=True, max_items=MAX_RULES):
+        rule = _parse_rule(path, item, upstreams)
+        if any(r.name == rule.name for r in rules):
+            raise SpecError(f"{path}.name", f"duplicate rule name {rule.name!r}")
+        rules.append(rule)
+    by_name = {r.name: r for r in rules}
+    for index, rule in enumerate(rules):
+        for rindex, required in enumerate(rule.requires):
+            target = by_name.get(required)
+            rpath = f"spec.rules[{index}].requires[{rindex}]"
+            if target is None:
+                raise SpecError(rpath, f"names unknown rule {required!r}")
+            if target.effect != "allow" or target is rule:
+                raise SpecError(rpath, f"must name another allow rule, not {required!r}")
+    return tuple(rules)
+
+
+def _parse_delegation(spec: _Reader, namespace: str) -> Delegation:
+    if not spec.has("delegation"):
+        return Delegation()
+    reader = _Reader(spec.data["delegation"], spec.sub("delegation"), ("serviceAccounts", "maxDepth"))
+    principals = []
+    for path, value in reader.strings("serviceAccounts"):
+        ns, _, sa = value.rpartition("/")
+        ns = ns or namespace
+        if not DNS_LABEL.match(ns) or not DNS_SUBDOMAIN.match(sa):
+            raise SpecError(path, f"{value!r} is not 'serviceaccount' or 'namespace/serviceaccount'")
+        principals.append(f"{ns}/{sa}")
+    return Delegation(principals=tuple(principals), max_depth=reader.integer("maxDepth", maximum=8, default=3))
+
+
+def _parse_budgets(spec: _Reader, upstreams: tuple[Upstream, ...]) -> tuple[Budget, ...]:
+    out = []
+    for path, item in spec.items("budgets"):
+        reader = _Reader(item, path, ("upstream", "field", "max", "per"))
+        upstream = reader.string("upstream", DNS_LABEL, max_len=63, what="an upstream name")
+        if not any(u.name == upstream for u in upstreams):
+            raise SpecError(reader.sub("upstream"), f"names unknown upstream {upstream!r}")
+        out.append(Budget(
+            upstream=upstream,
+            field=reader.string("field", FIELD_PATH, max_len=256, what="a dotted JSON field path"),
+            max=reader.integer("max"),
+            per=reader.duration("per", timedelta(hours=24), minimum=timedelta(seconds=1), maximum=timedelta(days=31)),
+        ))
+    return tuple(out)
+
+
+def parse_capability(obj: Mapping[str, Any]) -> Capability:
+    """Parse a whole AgentCapability object (apiVersion, kind, metadata, spec)."""
+    top = _Reader(obj, "", ("apiVersion", "kind", "metadata", "spec", "status"))
+    if top.data.get("apiVersion") != resources.API_VERSION or top.data.get("kind") != resources.CAPABILITY_KIND:
+        raise SpecError("apiVersion", f"expected apiVersion {resources.API_VERSION} and kind {resources.CAPABILITY_KIND}")
+    metadata = top.data.get("metadata")
+    if not isinstance(metadata, Mapping):
+        raise SpecError("metadata", "must be an object")
+    name = metadata.get("name")
+    if not isinstance(name, str) or not DNS_SUBDOMAIN.match(name) or len(name) > 253:
+        raise SpecError("metadata.name", "must be a DNS subdomain name")
+    namespace = metadata.get("namespace") or "default"
+    if not isinstance(namespace, str) or not DNS_LABEL.match(namespace) or len(namespace) > 63:
+        raise SpecError("metadata.namespace", "must be a DNS label")
+    return parse_spec(top.data.get("spec"), name=name, namespace=namespace)
+
+
+def parse_spec(data: object, *, name: str, namespace: str) -> Capability:
+    """Parse ``spec`` of an AgentCapability named ``namespace/name``."""
+    spec = _Reader(data, "spec", ("serviceAccountName", "upstreams", "rules", "rateLimit", "budgets", "datalog",
+                                  "credential", "receipts", "delegation", "mode", "lockdownAfter", "revoked"))
+    upstreams = _parse_upstreams(spec)
+    rate_limit = None
+    if spec.has("rateLimit"):
+        rl = _Reader(spec.data["rateLimit"], spec.sub("rateLimit"), ("requests", "per"))
+        rate_limit = RateLimit(requests=rl.integer("requests", minimum=1, maximum=10_000_000),
+                               per=rl.duration("per", timedelta(hours=1), minimum=timedelta(seconds=1),
+                                               maximum=timedelta(days=31)))
+    credential = _Reader(spec.data.get("credential") or {}, spec.sub("credential"), ("ttl", "rotateBefore"))
+    ttl = credential.duration("ttl", timedelta(hours=1), minimum=timedelta(seconds=10), maximum=timedelta(days=30))
+    rotate_before = credential.duration("rotateBefore", min(timedelta(minutes=20), ttl / 3),
+                                        minimum=timedelta(seconds=1), maximum=timedelta(days=30))
+    if rotate_before >= ttl:
+        raise SpecError("spec.credential.rotateBefore", "must be shorter than spec.credential.ttl")
+    receipts = _Reader(spec.data.get("receipts") or {}, spec.sub("receipts"), ("ttl",))
+    mode = spec.string("mode", default="enforce")
+    if mode not in ("enforce", "audit"):
+        raise SpecError(spec.sub("mode"), "must be 'enforce' or 'audit'")
+    datalog = spec.string("datalog", default="", max_len=MAX_DATALOG_BYTES)
+    return Capability(
+        name=name,
+        namespace=namespace,
+        service_account=spec.string("serviceAccountName", DNS_SUBDOMAIN, what="a ServiceAccount name"),
+        upstreams=upstreams,
+        rules=_parse_rules(spec, upstreams),
+        rate_limit=rate_limit,
+        budgets=_parse_budgets(spec, upstreams),
+        datalog=datalog,
+        credential_ttl=ttl,
+        rotate_before=rotate_before,
+        receipt_ttl=receipts.duration("ttl", timedelta(minutes=5), minimum=timedelta(seconds=1),
+                                      maximum=timedelta(hours=24)),
+        delegation=_parse_delegation(spec, namespace),
+        mode=cast(Mode, mode),
+        lockdown_after=spec.duration("lockdownAfter", timedelta(seconds=60), minimum=timedelta(seconds=1),
+                                     maximum=timedelta(days=1)),
+        revoked=spec.boolean("revoked", False),
+    )
+
+
+def load_capability_file(path: str | Path) -> Capability:
+    """Read an AgentCapability manifest (YAML or JSON; the first AgentCapability document)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), f"not valid YAML: {exc}") from exc
+    for document in documents:
+        if isinstance(document, Mapping) and document.get("kind") == resources.CAPABILITY_KIND:
+            return parse_capability(document)
+    raise SpecError(str(path), f"no {resources.CAPABILITY_KIND} document found")
+
+
+def to_spec(cap: Capability) -> dict[str, Any]:
+    """Render the canonical spec back (defaults made explicit): the compiler embeds it, whoami shows it."""
+    def rule_dict(rule: Rule) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": rule.name, "effect": rule.effect}
+        for key, value in (("upstream", rule.upstream), ("methods", list(rule.methods)), ("paths", list(rule.paths)),
+                           ("actions", list(rule.actions)), ("resources", list(rule.resources)),
+                           ("requires", list(rule.requires))):
+            if value:
+                out[key] = value
+        if rule.limits:
+            out["limits"] = [{"field": lim.field, "max": lim.max} for lim in rule.limits]
+        return out
+
+    def upstream_dict(up: Upstream) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": up.name, "url": up.url}
+        if up.inject:
+            out["inject"] = {"secretRef": {"name": up.inject.secret_name, "key": up.inject.secret_key},
+                             "header": up.inject.header, "valuePrefix": up.inject.value_prefix}
+        return out
+
+    spec: dict[str, Any] = {
+        "serviceAccountName": cap.service_account,
+        "upstreams": [upstream_dict(u) for u in cap.upstreams],
+        "rules": [rule_dict(r) for r in cap.rules],
+        "credential": {"ttl": format_duration(cap.credential_ttl), "rotateBefore": format_duration(cap.rotate_before)},
+        "receipts": {"ttl": format_duration(cap.receipt_ttl)},
+        "delegation": {"serviceAccounts": list(cap.delegation.principals), "maxDepth": cap.delegation.max_depth},
+        "mode": cap.mode,
+        "lockdownAfter": format_duration(cap.lockdown_after),
+        "revoked": cap.revoked,
+    }
+    if cap.rate_limit:
+        spec["rateLimit"] = {"requests": cap.rate_limit.requests, "per": format_duration(cap.rate_limit.per)}
+    if cap.budgets:
+        spec["budgets"] = [{"upstream": b.upstream, "field": b.field, "max": b.max, "per": format_duration(b.per)}
+                           for b in cap.budgets]
+    if cap.datalog:
+        spec["datalog"] = cap.datalog
+    return spec
+
+
+def numeric_field(body: object, dotted: str) -> int | None:
+    """The integer a limit compares, or None when the field is missing or not a finite number.
+
+    Non-integral numbers round *up*, so ``400.01`` never passes a ``max: 400`` limit.
+    """
+    value: object = body
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        value = math.ceil(value)
+    if not -MAX_INT64 <= value <= MAX_INT64:
+        return None
+    return int(value)

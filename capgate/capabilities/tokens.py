@@ -1,0 +1,173 @@
+"""Mint, load, attenuate and inspect capgate credentials.
+
+A credential is a Biscuit whose authority block is the compiled capability
+(:mod:`capgate.capabilities.compiler`). Loading verifies it once and reads the embedded spec, so
+callers cache the returned :class:`Credential` and decide many requests against it.
+
+Attenuation appends one block of *checks* only. Biscuit guarantees a block can add checks but
+never facts the authorizer trusts, so a narrowed token can never grant more than its parent; the
+validation here only turns "would be pointless" into a clear error for the person asking.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from capgate.capabilities import _biscuit, compiler
+from capgate.capabilities.errors import AttenuationError, SpecError, TokenError
+from capgate.capabilities.keys import KeySet, TrustBundle, parse_time
+from capgate.capabilities.spec import Capability, parse_spec
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A verified token and the capability its authority block carries."""
+
+    token: str
+    parsed: _biscuit.Token
+    capability: Capability
+    issued_at: datetime
+    expires_at: datetime
+    principals: frozenset[str]
+
+    @property
+    def id(self) -> str:
+        """The authority block's revocation id: names this credential in logs, receipts and revocations."""
+        return self.parsed.revocation_ids[0]
+
+    @property
+    def revocation_ids(self) -> tuple[str, ...]:
+        return self.parsed.revocation_ids
+
+    @property
+    def depth(self) -> int:
+        """How many times this token was narrowed."""
+        return self.parsed.block_count - 1
+
+    @property
+    def root_key_id(self) -> int | None:
+        return self.parsed.root_key_id
+
+
+def mint(cap: Capability, keyset: KeySet, *, now: datetime | None = None, ttl: timedelta | None = None) -> str:
+    """Sign a fresh credential for ``cap`` with the active root key."""
+    issued = (now or datetime.now(UTC)).replace(microsecond=0)
+    expires = issued + (ttl or cap.credential_ttl)
+    compiler.validate(cap)
+    root = keyset.active
+    assert root.private is not None
+    try:
+        token = _biscuit.mint(compiler.compile_authority(cap, issued, expires), root.private, root.key_id)
+    except Exception as exc:  # noqa: BLE001 - surfaced as a spec problem, the only user-controlled input
+        raise SpecError("spec", f"cannot be compiled: {type(exc).__name__}") from exc
+    return token.to_base64()
+
+
+def load(token: str, trust: TrustBundle, *, now: datetime | None = None) -> Credential:
+    """Verify ``token`` and read its capability; raises :class:`TokenError` (never a partial result)."""
+    moment = now or datetime.now(UTC)
+    parsed = _biscuit.verify(token, trust.public_keys(moment))
+    try:
+        rows = parsed.query_authority("q($j) <- spec($j)")
+        versions = parsed.query_authority("q($v) <- capgate_version($v)")
+        if len(rows) != 1 or versions != [(compiler.FORMAT_VERSION,)]:
+            raise TokenError("malformed", "not a capgate credential")
+        document = json.loads(str(rows[0][0]))
+        capability = parse_spec(document["spec"], name=document["name"], namespace=document["namespace"])
+        issued = parse_time(document["issuedAt"], "issuedAt")
+        expires = parse_time(document["expiresAt"], "expiresAt")
+        principals = frozenset(str(p) for p in document["principals"])
+    except TokenError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a signed token we cannot read is still unusable
+        raise TokenError("malformed", "unreadable capability in authority block") from exc
+    if issued is None or expires is None:
+        raise TokenError("malformed", "credential without lifetime")
+    return Credential(token=token.strip(), parsed=parsed, capability=capability, issued_at=issued,
+                      expires_at=expires, principals=principals)
+
+
+def attenuate(
+    parent: Credential,
+    *,
+    rules: Sequence[str] | None = None,
+    limits: Mapping[str, Mapping[str, int]] | None = None,
+    ttl: timedelta | None = None,
+    principal: str | None = None,
+    now: datetime | None = None,
+) -> str:
+    """A narrowed token: a subset of rules, lower limits, a shorter life, another holder.
+
+    ``limits`` maps rule name → field → new maximum. ``principal`` (``namespace/serviceaccount``)
+    must be one the capability lists under ``delegation.serviceAccounts``.
+    """
+    cap = parent.capability
+    if parent.depth >= cap.delegation.max_depth:
+        raise AttenuationError(f"already narrowed {parent.depth} times; the capability allows {cap.delegation.max_depth}")
+    code: list[_biscuit.Code] = []
+    description: dict[str, Any] = {}
+    allow_names = [r.name for r in cap.rules if r.effect == "allow"]
+    if rules is not None:
+        unknown = [r for r in rules if r not in allow_names]
+        if unknown:
+            raise AttenuationError(f"not allow rules of {cap.qualified_name}: {', '.join(sorted(unknown))}")
+        if not rules:
+            raise AttenuationError("a narrowed token needs at least one rule")
+        code.append(("check if allow_match($r), {rules}.contains($r);", {"rules": frozenset(rules)}))
+        description["rules"] = sorted(rules)
+    for rule_name, fields in (limits or {}).items():
+        rule = cap.rule(rule_name)
+        if rule is None or rule.effect != "allow":
+            raise AttenuationError(f"no allow rule {rule_name!r} to lower limits on")
+        for field, maximum in fields.items():
+            if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 0:
+                raise AttenuationError(f"limit {rule_name}.{field} must be a non-negative integer")
+            current = next((lim.max for lim in rule.limits if lim.field == field), None)
+            if current is not None and maximum > current:
+                raise AttenuationError(f"limit {rule_name}.{field}={maximum} is above the parent's {current}")
+            code.append(("check if allow_match($r), $r != {rule} or body_num({field}, $v), $v <= {max};",
+                         {"rule": rule_name, "field": field, "max": maximum}))
+            description.setdefault("limits", {}).setdefault(rule_name, {})[field] = maximum
+    moment = (now or datetime.now(UTC)).replace(microsecond=0)
+    if ttl is not None:
+        if ttl <= timedelta(0):
+            raise AttenuationError("ttl must be positive")
+        expires = min(moment + ttl, parent.expires_at)
+        code.append(("check if time($t), $t <= {exp};", {"exp": expires}))
+        description["expiresAt"] = expires.isoformat().replace("+00:00", "Z")
+    if principal is not None:
+        if principal not in parent.principals:
+            raise AttenuationError(
+                f"{principal!r} is not a delegate of {cap.qualified_name} (spec.delegation.serviceAccounts)")
+        code.append(("check if principal({p});", {"p": principal}))
+        description["principal"] = principal
+    if not code:
+        raise AttenuationError("nothing to narrow: give rules, limits, ttl or principal")
+    code.insert(0, ("attenuation({json});", {"json": json.dumps(description, sort_keys=True)}))
+    return parent.parsed.append(code).to_base64()
+
+
+def inspect(token: str) -> dict[str, Any]:
+    """Blocks, expiry and revocation ids, readable without any key (and not verified)."""
+    info = _biscuit.read_unverified(token)
+    blocks = []
+    for index, source in enumerate(info.block_sources):
+        blocks.append({"index": index, "revocationId": info.revocation_ids[index], "datalog": source})
+    summary: dict[str, Any] = {"verified": False, "rootKeyId": info.root_key_id, "blocks": blocks,
+                               "revocationIds": list(info.revocation_ids)}
+    authority = info.block_sources[0] if info.block_sources else ""
+    for line in authority.splitlines():
+        # Biscuit prints strings without escaping, so the JSON stands between the quotes as is.
+        if line.startswith('spec("') and line.endswith('");'):
+            try:
+                document = json.loads(line[len('spec("'):-len('");')])
+            except ValueError:
+                break
+            summary.update(capability=f"{document.get('namespace')}/{document.get('name')}",
+                           issuedAt=document.get("issuedAt"), expiresAt=document.get("expiresAt"),
+                           principals=document.get("principals"))
+    return summary

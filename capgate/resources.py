@@ -1,0 +1,151 @@
+"""The one place for Kubernetes names and payload shapes.
+
+Every adapter (operator, sidecar, CLI, tests) imports its API group, kinds, labels and
+annotations from here, so a rename is one edit. The TypedDicts describe what the API server
+stores for our custom resources; :mod:`capgate.capabilities.spec` turns a spec into validated
+values.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NotRequired, TypedDict
+
+GROUP = "capgate.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+CAPABILITY_KIND = "AgentCapability"
+CAPABILITY_PLURAL = "agentcapabilities"
+CAPABILITY_SHORT_NAME = "acap"
+REVOCATION_KIND = "RevocationList"
+REVOCATION_PLURAL = "revocationlists"
+REVOCATION_LIST_NAME = "capgate"
+
+CAPABILITY_LABEL = f"{GROUP}/capability"
+"""Pods opt in to injection with this label; its value names the AgentCapability."""
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "capgate"
+INJECTED_ANNOTATION = f"{GROUP}/injected"
+ROTATE_ROOT_ANNOTATION = f"{GROUP}/rotate-root"
+
+CREDENTIAL_SECRET_SUFFIX = "-capgate-credential"
+ROOT_KEY_SECRET = "capgate-root-key"
+
+# Files inside the credential Secret, mounted into the sidecar container only.
+TOKEN_FILE = "token"
+SESSION_KEY_FILE = "session.key"
+TRUST_BUNDLE_FILE = "trust.json"
+SETTINGS_FILE = "settings.json"
+
+Effect = Literal["allow", "deny"]
+Mode = Literal["enforce", "audit"]
+
+
+class SecretKeyRef(TypedDict):
+    name: str
+    key: str
+
+
+class InjectSpec(TypedDict):
+    secretRef: SecretKeyRef
+    header: NotRequired[str]
+    valuePrefix: NotRequired[str]
+
+
+class UpstreamSpec(TypedDict):
+    name: str
+    url: str
+    inject: NotRequired[InjectSpec]
+
+
+class LimitSpec(TypedDict):
+    field: str
+    max: int
+
+
+class RuleSpec(TypedDict):
+    name: str
+    effect: Effect
+    upstream: NotRequired[str]
+    methods: NotRequired[list[str]]
+    paths: NotRequired[list[str]]
+    actions: NotRequired[list[str]]
+    resources: NotRequired[list[str]]
+    requires: NotRequired[list[str]]
+    limits: NotRequired[list[LimitSpec]]
+
+
+class RateLimitSpec(TypedDict):
+    requests: int
+    per: str
+
+
+class BudgetSpec(TypedDict):
+    upstream: str
+    field: str
+    max: int
+    per: str
+
+
+class CredentialSpec(TypedDict, total=False):
+    ttl: str
+    rotateBefore: str
+
+
+class ReceiptsSpec(TypedDict, total=False):
+    ttl: str
+
+
+class DelegationSpec(TypedDict, total=False):
+    serviceAccounts: list[str]
+    maxDepth: int
+
+
+class AgentCapabilitySpec(TypedDict):
+    serviceAccountName: str
+    upstreams: list[UpstreamSpec]
+    rules: list[RuleSpec]
+    rateLimit: NotRequired[RateLimitSpec]
+    budgets: NotRequired[list[BudgetSpec]]
+    datalog: NotRequired[str]
+    credential: NotRequired[CredentialSpec]
+    receipts: NotRequired[ReceiptsSpec]
+    delegation: NotRequired[DelegationSpec]
+    mode: NotRequired[Mode]
+    lockdownAfter: NotRequired[str]
+    revoked: NotRequired[bool]
+
+
+class Condition(TypedDict):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str
+    lastTransitionTime: str
+    observedGeneration: NotRequired[int]
+
+
+class AgentCapabilityStatus(TypedDict, total=False):
+    conditions: list[Condition]
+    observedGeneration: int
+    credentialSecret: str
+    issuedAt: str
+    expiresAt: str
+    revocationIds: list[str]
+
+
+class RevokedEntry(TypedDict):
+    id: str
+    expiresAt: str
+    capability: NotRequired[str]
+    reason: NotRequired[str]
+
+
+class LockdownSpec(TypedDict, total=False):
+    all: bool
+    namespaces: list[str]
+
+
+class RevocationListSpec(TypedDict, total=False):
+    revokedIds: list[RevokedEntry]
+    lockdown: LockdownSpec

@@ -1,0 +1,55 @@
+"""Fixtures for tests against capgate's real local control plane (see e2e/controlplane.py).
+
+These tests never skip silently: if the binaries cannot be built or the control plane does not become
+ready, every test using it errors with the reason and the tail of the logs. The first run builds the
+binaries (10-20 minutes on 2 cores); later runs find them in the cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import pytest
+from kubernetes import client as k8s
+
+from e2e.controlplane import ControlPlane, ControlPlaneError, Progress
+
+
+def _terminal_progress(config: pytest.Config) -> Progress:
+    """Progress lines shown on the terminal even while pytest captures output: a cold build is long."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+
+    def progress(line: str) -> None:
+        if reporter is None or capture is None:
+            print(line, file=sys.stderr, flush=True)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+    return progress
+
+
+@pytest.fixture(scope="session")
+def control_plane(pytestconfig: pytest.Config) -> Iterator[ControlPlane]:
+    """A running etcd + kube-apiserver shared by the whole session; stopped and deleted at the end."""
+    plane = ControlPlane(progress=_terminal_progress(pytestconfig))
+    try:
+        plane.start()
+    except ControlPlaneError as error:
+        pytest.fail(f"the e2e control plane is not available:\n{error}", pytrace=False)
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_api(control_plane: ControlPlane) -> Iterator[k8s.ApiClient]:
+    """An admin ApiClient (client certificate in group system:masters) for the control plane."""
+    api = control_plane.client()
+    try:
+        yield api
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
