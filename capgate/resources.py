@@ -132,6 +132,8 @@ class AgentCapabilityStatus(TypedDict, total=False):
     issuedAt: str
     expiresAt: str
     revocationIds: list[str]
+    upstreams: int
+    rules: int
 
 
 class RevokedEntry(TypedDict):

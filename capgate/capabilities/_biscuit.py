@@ -91,7 +91,7 @@ class Token:
         built = authorizer.build(self._biscuit)
         return [tuple(fact.terms) for fact in built.query(ba.Rule(rule, _convert(params)))]
 
-    def authorize(self, facts: Sequence[Code], queries: Sequence[str] = ()) -> AuthzResult:
+    def authorize(self, facts: Sequence[Code]) -> AuthzResult:
         """Run the policies of :data:`POLICIES` against this token plus the request ``facts``."""
         try:
             builder = ba.AuthorizerBuilder(POLICIES)
@@ -101,19 +101,67 @@ class Token:
             authorizer = builder.build(self._biscuit)
         except Exception as exc:  # noqa: BLE001 - any library failure denies
             return AuthzResult(False, (), (), (), f"authorizer setup failed: {type(exc).__name__}")
-        error: str | None = None
+        return _run(authorizer)
+
+    def authority_equals(self, code: Sequence[Code]) -> bool:
+        """Does ``code`` print exactly as this token's verified authority block does?"""
         try:
-            authorizer.authorize()
-            allowed = True
+            probe = ba.BiscuitBuilder()
+            for source, params in code:
+                probe.add_code(source, _convert(params))
+            return str(probe.build(ba.KeyPair().private_key).block_source(0)) == self.block_source(0)
+        except Exception:  # noqa: BLE001 - no proof of equality, so callers take the slow path
+            return False
+
+
+class Prepared:
+    """An authorizer pre-loaded with a verified authority block's code, for the hot path.
+
+    Loading a token into an authorizer and evaluating every compiled rule dominates a decision.
+    A :class:`Prepared` holds a snapshot of an authorizer that already contains the authority
+    code (regenerated from the verified spec and proven identical with
+    :meth:`Token.authority_equals`), so a request only adds its facts. Callers may leave out rules
+    that cannot fire for a request (see ``compiler.prune``); the fixpoint is unchanged.
+    """
+
+    def __init__(self, code: Sequence[Code]) -> None:
+        builder = ba.AuthorizerBuilder(POLICIES)
+        for source, params in code:
+            builder.add_code(source, _convert(params))
+        builder.set_limits(_limits(builder))
+        self._snapshot: bytes = bytes(builder.raw_snapshot())
+
+    def authorize(self, facts: Sequence[Code]) -> AuthzResult:
+        try:
+            builder = ba.AuthorizerBuilder.from_raw_snapshot(self._snapshot)
+            for source, params in facts:
+                builder.add_code(source, _convert(params))
+            authorizer = builder.build_unauthenticated()
         except Exception as exc:  # noqa: BLE001 - any library failure denies
-            allowed = False
-            error = str(exc.args[0]) if exc.args else type(exc).__name__
-        try:
-            allow_rules = tuple(str(f.terms[0]) for f in authorizer.query(ba.Rule("q($r) <- allow_match($r)")))
-            deny_rules = tuple(str(f.terms[0]) for f in authorizer.query(ba.Rule("q($r) <- deny_match($r)")))
-        except Exception:  # noqa: BLE001 - without the matched rules we cannot explain, so we deny
-            return AuthzResult(False, (), (), (), error or "query failed")
-        return AuthzResult(allowed, allow_rules, deny_rules, _failed_checks(error), error)
+            return AuthzResult(False, (), (), (), f"authorizer setup failed: {type(exc).__name__}")
+        return _run(authorizer)
+
+
+def _run(authorizer: Any) -> AuthzResult:
+    error: str | None = None
+    try:
+        authorizer.authorize()
+        allowed = True
+    except Exception as exc:  # noqa: BLE001 - any library failure denies
+        allowed = False
+        error = str(exc.args[0]) if exc.args else type(exc).__name__
+    # Only ask what the outcome can contain: an allow names its rule, a deny policy names its rule.
+    try:
+        allow_rules = tuple(str(f.terms[0]) for f in authorizer.query(_ALLOW_QUERY)) if allowed else ()
+        deny_rules = (tuple(str(f.terms[0]) for f in authorizer.query(_DENY_QUERY))
+                      if error and "deny policy matched" in error else ())
+    except Exception:  # noqa: BLE001 - without the matched rules we cannot explain, so we deny
+        return AuthzResult(False, (), (), (), error or "query failed")
+    return AuthzResult(allowed, allow_rules, deny_rules, _failed_checks(error), error)
+
+
+_ALLOW_QUERY = ba.Rule("q($r) <- allow_match($r)")
+_DENY_QUERY = ba.Rule("q($r) <- deny_match($r)")
 
 
 def _limits(builder: Any) -> Any:

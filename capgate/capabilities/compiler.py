@@ -26,13 +26,13 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from capgate.capabilities import _biscuit
 from capgate.capabilities.errors import SpecError
-from capgate.capabilities.spec import Capability, Rule, to_spec
+from capgate.capabilities.spec import Capability, Rule, parse_capability, to_spec
 
 FORMAT_VERSION = 1
 RESERVED_PREDICATES = frozenset({
@@ -138,3 +138,39 @@ def validate(cap: Capability) -> None:
         head = _HEAD.match(line)
         if head and head.group(1) in RESERVED_PREDICATES:
             raise SpecError("spec.datalog", f"must not define the reserved predicate {head.group(1)!r}")
+
+
+def validate_object(obj: Mapping[str, Any]) -> Capability:
+    """Everything the validating webhook checks: the strict model, then the Datalog."""
+    cap = parse_capability(obj)
+    validate(cap)
+    return cap
+
+
+def prune(code: Sequence[Code], *, method: str | None, upstream: str | None,
+          globs: frozenset[str] | None = None) -> list[Code]:
+    """``code`` without the compiled rules that cannot fire for this request.
+
+    A compiled rule fires only through its ``req(method, upstream)`` (HTTP) or
+    ``action_match``/``resource_match`` (action) facts, and a request supplies exactly one
+    ``req`` fact or only action facts. A rule whose constants differ from the request's, or of
+    the other kind, derives nothing for it, so dropping it leaves the fixpoint unchanged; so does
+    a rule whose glob is not among the ``globs`` the request's path matched. The
+    ``spec`` fact is dropped unless some Datalog reads it. User Datalog and every check are kept.
+    """
+    kept: list[Code] = []
+    reads_spec = any("spec(" in source for source, _ in code if not source.startswith("spec("))
+    for source, params in code:
+        if source.startswith("spec(") and not reads_spec:
+            continue  # a large inert fact; nothing in the policy reads it
+        if source.startswith(("allow_match({rule}) <-", "deny_match({rule}) <-")):
+            http_rule = "req(" in source
+            if method is None:
+                if http_rule:
+                    continue
+            elif not http_rule or params.get("method", method) != method or params.get("upstream", upstream) != upstream:
+                continue
+            elif globs is not None and "glob" in params and params["glob"] not in globs:
+                continue
+        kept.append((source, params))
+    return kept

@@ -31,7 +31,7 @@ Code = Literal["allowed", "invalid_token", "denied"]
 Reason = Literal[
     "allowed", "no_matching_rule", "deny_rule", "limit_exceeded", "limit_missing", "missing_receipt",
     "check_failed", "policy_error", "malformed", "bad_signature", "unknown_root", "expired", "revoked",
-    "too_deep", "identity",
+    "too_deep", "identity", "bad_request", "unknown_upstream",
 ]
 _STATUS = {"allowed": 200, "invalid_token": 401, "denied": 403}
 
@@ -109,7 +109,9 @@ def decide_one(credential: tokens.Credential, request: Request, *, revoked: Cont
     except TokenError as error:
         return _invalid(error)
     cap = credential.capability
-    result = credential.parsed.authorize([request_facts(cap, request, skew)])
+    globs = frozenset(matching_globs(cap, request.path)) if request.method is not None and request.path else frozenset()
+    result = credential.index.authorize(request.method, request.upstream, globs,
+                                        request_facts(cap, request, globs, skew))
     if result.deny_rules:
         rule = _first_in_order(cap, result.deny_rules)
         return _deny("deny_rule", f"denied by rule {rule!r}", rule)
@@ -144,11 +146,16 @@ def check_validity(credential: tokens.Credential, now: datetime, *, revoked: Con
                                      f"{credential.capability.delegation.max_depth} allowed")
 
 
-def request_facts(cap: Capability, request: Request, skew: timedelta = SKEW) -> _biscuit.Code:
+def request_facts(cap: Capability, request: Request, globs: frozenset[str] | None = None,
+                  skew: timedelta = SKEW) -> _biscuit.Code:
     """The authorizer facts for ``request`` (see :mod:`capgate.capabilities.compiler`)."""
-    parts = ["principal({principal});", "correlation({correlation});", "time({time});"]
-    params: dict[str, _biscuit.Term] = {"principal": request.principal, "correlation": request.correlation,
+    parts = ["principal({principal});", "time({time});"]
+    params: dict[str, _biscuit.Term] = {"principal": request.principal,
                                         "time": (request.now - skew).replace(microsecond=0)}
+    required = cap.required_rules
+    if required or cap.datalog:
+        parts.append("correlation({correlation});")
+        params["correlation"] = request.correlation
     counter = itertools.count()
 
     def add(template: str, **values: _biscuit.Term) -> None:
@@ -162,7 +169,7 @@ def request_facts(cap: Capability, request: Request, skew: timedelta = SKEW) -> 
     if request.method is not None and request.upstream is not None:
         add("req({m}, {u});", m=request.method, u=request.upstream)
         if request.path is not None:
-            for glob in matching_globs(cap, request.path):
+            for glob in sorted(globs if globs is not None else matching_globs(cap, request.path)):
                 add("path_match({g});", g=glob)
     for kind, value in (("action_match", request.action), ("resource_match", request.resource)):
         if value is not None:
@@ -170,7 +177,8 @@ def request_facts(cap: Capability, request: Request, skew: timedelta = SKEW) -> 
                 if name_glob_matches(glob, value):
                     add(f"{kind}({{g}});", g=glob)
     for rule_name in sorted(request.receipts):
-        add("receipt({r}, {c});", r=rule_name, c=request.correlation)
+        if rule_name in required or cap.datalog:
+            add("receipt({r}, {c});", r=rule_name, c=request.correlation)
     if request.body is not None:
         for field_path in sorted(cap.limit_fields):
             number = numeric_field(request.body, field_path)
@@ -180,7 +188,7 @@ def request_facts(cap: Capability, request: Request, skew: timedelta = SKEW) -> 
 
 
 def matching_globs(cap: Capability, path: str) -> list[str]:
-    return sorted(glob for glob in cap.globs if glob_matches(glob, path))
+    return [glob for glob in sorted(cap.globs) if glob_matches(glob, path)]
 
 
 def _name_globs(cap: Capability, kind: str) -> set[str]:

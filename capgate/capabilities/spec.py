@@ -145,6 +145,11 @@ class Capability:
         return frozenset(found)
 
     @property
+    def required_rules(self) -> frozenset[str]:
+        """Rules some other rule requires a receipt of."""
+        return frozenset(name for rule in self.rules for name in rule.requires)
+
+    @property
     def globs(self) -> frozenset[str]:
         return frozenset(glob for rule in self.rules for glob in rule.paths)
 

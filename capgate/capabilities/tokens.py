@@ -23,6 +23,44 @@ from capgate.capabilities.keys import KeySet, TrustBundle, parse_time
 from capgate.capabilities.spec import Capability, parse_spec
 
 
+class DecisionIndex:
+    """Prepared authorizers for one credential, keyed by the request's (method, upstream, globs).
+
+    The exact path (``Token.authorize``) loads the whole token and evaluates every rule for every
+    request. For a credential that is just its authority block, the code is regenerated from the
+    verified spec, proven to print identically to the signed block, and kept as one prepared
+    authorizer per (method, upstream, matched globs) holding only the rules that can fire for it
+    (the key is what decides which rules can fire, so it is exact). Narrowed tokens,
+    and any credential whose regenerated code differs, always take the exact path.
+    """
+
+    MAX_ENTRIES = 256
+    """Bounds memory when an agent sprays methods and upstream names; beyond it, the exact path."""
+
+    def __init__(self, parsed: _biscuit.Token, code: list[_biscuit.Code] | None) -> None:
+        self._parsed = parsed
+        self._code = code
+        self._prepared: dict[tuple[str | None, str | None, frozenset[str]], _biscuit.Prepared] = {}
+
+    @property
+    def exact_only(self) -> bool:
+        return self._code is None
+
+    def authorize(self, method: str | None, upstream: str | None, globs: frozenset[str],
+                  facts: _biscuit.Code) -> _biscuit.AuthzResult:
+        """Authorize a request whose path matched exactly ``globs`` of the capability."""
+        if self._code is None:
+            return self._parsed.authorize([facts])
+        key = (method, upstream, globs) if method is not None else (None, None, frozenset())
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            if len(self._prepared) >= self.MAX_ENTRIES:
+                return self._parsed.authorize([facts])
+            prepared = _biscuit.Prepared(compiler.prune(self._code, method=method, upstream=upstream, globs=globs))
+            self._prepared[key] = prepared
+        return prepared.authorize([facts])
+
+
 @dataclass(frozen=True)
 class Credential:
     """A verified token and the capability its authority block carries."""
@@ -33,6 +71,7 @@ class Credential:
     issued_at: datetime
     expires_at: datetime
     principals: frozenset[str]
+    index: DecisionIndex
 
     @property
     def id(self) -> str:
@@ -87,8 +126,12 @@ def load(token: str, trust: TrustBundle, *, now: datetime | None = None) -> Cred
         raise TokenError("malformed", "unreadable capability in authority block") from exc
     if issued is None or expires is None:
         raise TokenError("malformed", "credential without lifetime")
+    code: list[_biscuit.Code] | None = None
+    if parsed.block_count == 1:
+        regenerated = compiler.compile_authority(capability, issued, expires)
+        code = regenerated if parsed.authority_equals(regenerated) else None
     return Credential(token=token.strip(), parsed=parsed, capability=capability, issued_at=issued,
-                      expires_at=expires, principals=principals)
+                      expires_at=expires, principals=principals, index=DecisionIndex(parsed, code))
 
 
 def attenuate(

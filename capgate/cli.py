@@ -1,0 +1,353 @@
+"""The ``capgate`` command: keys, minting, inspection, narrowing, and policy testing.
+
+Everything here works without a cluster, on files, so a capability can be written and tested
+(``capgate explain``, ``capgate test``) before it is ever applied. The cluster commands
+(``revoke``, ``lockdown``) talk to the API server with the caller's kubeconfig.
+
+Exit codes: 0 success (for ``explain``: the request is allowed), 1 a denial or a failed test,
+2 bad input (the message names what is wrong; never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from capgate.capabilities import decision, keys, paths, spec, tokens
+from capgate.capabilities.errors import CapabilityError, RequestError
+
+EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed as ``capgate: <message>`` with exit code 2."""
+
+
+# ---------------------------------------------------------------- keys, mint, inspect, attenuate
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    if (folder / "root.key").exists() and not args.force:
+        raise UsageError(f"{folder / 'root.key'} exists; use --force to replace it")
+    keyset = keys.KeySet.generate()
+    private, public = keyset.write(folder)
+    print(f"wrote {private} (private, mode 0600) and {public} (trust bundle); root key id {keyset.active_id}")
+    return EXIT_OK
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    path = Path(args.dir) / "root.key"
+    keyset = keys.KeySet.from_file(path)
+    rotated = keyset.rotate(spec.parse_duration(args.keep_old_for, "--keep-old-for")).prune(datetime.now(UTC))
+    rotated.write(args.dir)
+    print(f"new active root key id {rotated.active_id}; previous keys verify until their notAfter")
+    return EXIT_OK
+
+
+def cmd_mint(args: argparse.Namespace) -> int:
+    cap = _capability(args.capability, args.namespace, args.service_account)
+    keyset = keys.KeySet.from_file(args.root_key)
+    ttl = spec.parse_duration(args.ttl, "--ttl") if args.ttl else None
+    print(tokens.mint(cap, keyset, ttl=ttl))
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = tokens.inspect(_read_token(args.token))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"capability:     {info.get('capability', '?')}")
+    print(f"root key id:    {info['rootKeyId']}")
+    print(f"issued at:      {info.get('issuedAt', '?')}")
+    print(f"expires at:     {info.get('expiresAt', '?')}")
+    print(f"principals:     {', '.join(info.get('principals') or [])}")
+    print("signature:      not verified (inspect needs no key; the sidecar verifies)")
+    for block in info["blocks"]:
+        print(f"\nblock {block['index']}  revocation id {block['revocationId']}")
+        for line in block["datalog"].splitlines():
+            print(f"  {line[:200]}{'…' if len(line) > 200 else ''}")
+    return EXIT_OK
+
+
+def cmd_attenuate(args: argparse.Namespace) -> int:
+    trust = _trust(args.trust)
+    parent = tokens.load(_read_token(args.token), trust)
+    limits: dict[str, dict[str, int]] = {}
+    for item in args.limit or []:
+        target, _, value = item.partition("=")
+        rule, _, field = target.partition(".")
+        if not rule or not field or not value.isdigit():
+            raise UsageError(f"--limit {item!r}: expected RULE.FIELD=MAX, e.g. charge.amount=10000")
+        limits.setdefault(rule, {})[field] = int(value)
+    principal = args.service_account
+    if principal and "/" not in principal:
+        principal = f"{parent.capability.namespace}/{principal}"
+    print(tokens.attenuate(
+        parent,
+        rules=args.rules.split(",") if args.rules else None,
+        limits=limits or None,
+        ttl=spec.parse_duration(args.ttl, "--ttl") if args.ttl else None,
+        principal=principal,
+    ))
+    return EXIT_OK
+
+
+def _trust(path: str) -> keys.TrustBundle:
+    text = Path(path).read_text(encoding="utf-8")
+    if '"capgate-root-keyset"' in text:
+        return keys.KeySet.from_json(text).trust_bundle()
+    return keys.TrustBundle.from_json(text)
+
+
+def _read_token(value: str) -> str:
+    if value == "-":
+        return sys.stdin.read().strip()
+    candidate = Path(value)
+    if len(value) < 4096 and candidate.is_file():
+        return candidate.read_text(encoding="utf-8").strip()
+    return value.strip()
+
+
+def _capability(path: str, namespace: str | None, service_account: str | None) -> spec.Capability:
+    cap = spec.load_capability_file(path)
+    if namespace or service_account:
+        from dataclasses import replace
+
+        cap = replace(cap, namespace=namespace or cap.namespace, service_account=service_account or cap.service_account)
+    return cap
+
+
+# ---------------------------------------------------------------- explain and test
+
+@dataclass(frozen=True)
+class Case:
+    """One request to decide, as ``capgate explain`` flags or one entry of a ``capgate test`` file."""
+
+    request: str
+    body: object = None
+    receipts: tuple[str, ...] = ()
+    principal: str | None = None
+    at: datetime | None = None
+
+
+def parse_request(cap: spec.Capability, case: Case, correlation: str = "explain") -> decision.Request:
+    words = case.request.split()
+    now = case.at or datetime.now(UTC)
+    principal = case.principal or cap.principal
+    base = {"principal": principal, "correlation": correlation, "receipts": frozenset(case.receipts),
+            "body": case.body, "now": now}
+    if len(words) == 3 and words[0].upper() in spec.METHODS:
+        raw_path = urlsplit(words[2]).path if words[2].startswith("/") else words[2]
+        return decision.Request(method=words[0].upper(), upstream=words[1], path=paths.normalize(raw_path),
+                                **base)  # type: ignore[arg-type]
+    if len(words) == 2:
+        return decision.Request(action=words[0], resource=words[1], **base)  # type: ignore[arg-type]
+    raise UsageError(f"request {case.request!r}: expected 'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
+
+
+def evaluate(cap: spec.Capability, case: Case) -> decision.Decision:
+    """Decide ``case`` against ``cap`` exactly as a sidecar would, with an ephemeral root key."""
+    now = case.at or datetime.now(UTC)
+    keyset = keys.KeySet.generate(now)
+    token = tokens.mint(cap, keyset, now=now)
+    credential = tokens.load(token, keyset.trust_bundle(), now=now)
+    try:
+        request = parse_request(cap, case)
+    except RequestError as exc:
+        return decision.Decision(False, "denied", "bad_request", f"ambiguous path refused: {exc}")
+    if request.upstream is not None and cap.upstream(request.upstream) is None:
+        return decision.Decision(False, "denied", "unknown_upstream", f"unknown upstream {request.upstream!r}")
+    return decision.decide([credential], request)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    cap = spec.load_capability_file(args.capability)
+    body = _json_arg(args.body, "--body")
+    at = _time_arg(args.at)
+    principal = args.identity
+    result = evaluate(cap, Case(request=args.request, body=body, receipts=tuple(args.receipt or ()),
+                                principal=principal, at=at))
+    if args.json:
+        print(json.dumps({"allowed": result.allowed, "rule": result.rule, "reason": result.reason,
+                          "message": result.message}))
+    else:
+        verdict = "ALLOWED" if result.allowed else "DENIED"
+        print(f"{verdict}  {args.request}")
+        print(f"  rule:   {result.rule or '-'}")
+        print(f"  reason: {result.reason} — {result.message}")
+    return EXIT_OK if result.allowed else EXIT_DENIED
+
+
+def _json_arg(text: str | None, flag: str) -> object:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: not valid JSON ({exc.args[0]})") from exc
+
+
+def _time_arg(text: object) -> datetime | None:
+    if text is None:
+        return None
+    if isinstance(text, datetime):
+        return text if text.tzinfo else text.replace(tzinfo=UTC)
+    moment = keys.parse_time(str(text), "time")
+    return moment
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    name: str
+    passed: bool
+    expected: str
+    got: str
+
+
+def run_cases(path: Path) -> tuple[list[CaseResult], spec.Capability]:
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+    if not isinstance(document, Mapping) or not isinstance(document.get("cases"), list):
+        raise UsageError(f"{path}: expected a mapping with 'capability' and a list of 'cases'")
+    cap = spec.load_capability_file(path.parent / str(document.get("capability", "")))
+    default_at = _time_arg(document.get("at"))
+    results = []
+    for index, entry in enumerate(document["cases"]):
+        results.append(_run_case(cap, index, entry, default_at))
+    return results, cap
+
+
+def _run_case(cap: spec.Capability, index: int, entry: object, default_at: datetime | None) -> CaseResult:
+    if not isinstance(entry, Mapping) or "request" not in entry or entry.get("expect") not in ("allow", "deny"):
+        raise UsageError(f"cases[{index}]: needs 'request' and 'expect: allow|deny'")
+    name = str(entry.get("name") or entry["request"])
+    receipts = entry.get("receipts") or []
+    case = Case(request=str(entry["request"]), body=entry.get("body"),
+                receipts=tuple(str(r) for r in receipts), principal=entry.get("identity"),
+                at=_time_arg(entry.get("at")) or default_at)
+    result = evaluate(cap, case)
+    expected = {"verdict": entry["expect"], "rule": entry.get("rule"), "reason": entry.get("reason")}
+    got = {"verdict": "allow" if result.allowed else "deny", "rule": result.rule, "reason": result.reason}
+    passed = all(expected[k] is None or expected[k] == got[k] for k in expected)
+    return CaseResult(name=name, passed=passed, expected=_describe(expected), got=f"{_describe(got)} — {result.message}")
+
+
+def _describe(outcome: Mapping[str, Any]) -> str:
+    extras = [f"{k}={outcome[k]}" for k in ("rule", "reason") if outcome.get(k)]
+    return outcome["verdict"] + (f" ({', '.join(extras)})" if extras else "")
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    failed = 0
+    total = 0
+    for file in args.cases:
+        results, cap = run_cases(Path(file))
+        print(f"{file}  ({cap.qualified_name})")
+        for result in results:
+            total += 1
+            if result.passed:
+                print(f"  PASS  {result.name}")
+                continue
+            failed += 1
+            print(f"  FAIL  {result.name}")
+            print(f"          expected: {result.expected}")
+            print(f"          got:      {result.got}")
+    print(f"\n{total - failed} passed, {failed} failed")
+    return EXIT_OK if failed == 0 else EXIT_DENIED
+
+
+# ---------------------------------------------------------------- audit
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from capgate import ledger
+
+    trust = _trust(args.trust) if args.trust else None
+    report = ledger.verify(Path(args.file), trust)
+    print(report.summary())
+    return EXIT_OK if report.ok else EXIT_DENIED
+
+
+# ---------------------------------------------------------------- wiring
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capgate", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    keys_parser = sub.add_parser("keys", help="root key sets").add_subparsers(dest="keys_command", required=True)
+    init = keys_parser.add_parser("init", help="create root.key (0600) and root.pub in --dir")
+    init.add_argument("--dir", required=True)
+    init.add_argument("--force", action="store_true")
+    init.set_defaults(func=cmd_keys_init)
+    rotate = keys_parser.add_parser("rotate", help="add a new active root key; old keys keep verifying")
+    rotate.add_argument("--dir", required=True)
+    rotate.add_argument("--keep-old-for", default="30d")
+    rotate.set_defaults(func=cmd_keys_rotate)
+
+    mint = sub.add_parser("mint", help="mint a credential for an AgentCapability file")
+    mint.add_argument("capability")
+    mint.add_argument("--root-key", required=True)
+    mint.add_argument("--namespace")
+    mint.add_argument("--service-account")
+    mint.add_argument("--ttl")
+    mint.set_defaults(func=cmd_mint)
+
+    inspect = sub.add_parser("inspect", help="show a token's blocks, expiry and revocation ids (no key needed)")
+    inspect.add_argument("token", help="the token, a file holding it, or - for stdin")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_inspect)
+
+    attenuate = sub.add_parser("attenuate", help="narrow a token: fewer rules, lower limits, shorter life")
+    attenuate.add_argument("token")
+    attenuate.add_argument("--trust", required=True, help="root.pub (or root.key) to verify the parent")
+    attenuate.add_argument("--rules", help="comma-separated allow rules to keep")
+    attenuate.add_argument("--limit", action="append", help="RULE.FIELD=MAX (repeatable)")
+    attenuate.add_argument("--ttl")
+    attenuate.add_argument("--service-account", help="delegate to SA or NS/SA (must be listed in spec.delegation)")
+    attenuate.set_defaults(func=cmd_attenuate)
+
+    explain = sub.add_parser("explain", help="decide one request against a capability file")
+    explain.add_argument("capability")
+    explain.add_argument("--request", required=True, help="'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
+    explain.add_argument("--body", help="JSON request body")
+    explain.add_argument("--receipt", action="append", help="a rule with a receipt in this correlation")
+    explain.add_argument("--identity", help="namespace/serviceaccount of the caller (default: the capability's)")
+    explain.add_argument("--at", help="evaluate at this RFC 3339 time (default: now)")
+    explain.add_argument("--json", action="store_true")
+    explain.set_defaults(func=cmd_explain)
+
+    test = sub.add_parser("test", help="run a table of requests and expected decisions")
+    test.add_argument("cases", nargs="+")
+    test.set_defaults(func=cmd_test)
+
+    audit = sub.add_parser("audit", help="audit ledgers").add_subparsers(dest="audit_command", required=True)
+    verify = audit.add_parser("verify", help="check a ledger's hash chain and signed checkpoints")
+    verify.add_argument("file")
+    verify.add_argument("--trust", help="root.pub to verify checkpoint signatures")
+    verify.set_defaults(func=cmd_audit_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UsageError, CapabilityError, OSError) as exc:
+        print(f"capgate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Rate limits and budgets: the counters the stateless Datalog verdict cannot keep.
+
+* **Rate limit** — a token bucket per capability (``rateLimit: {requests, per}``): capacity
+  ``requests``, refilled continuously at ``requests/per``. Keyed by the capability, not the
+  credential id, so a credential rotation does not hand out a fresh bucket.
+* **Budget** — per ``budgets[]`` entry, the sum of the body field over *forwarded* requests to that
+  upstream within a sliding window ``per``. A request is refused when it would take the sum past
+  ``max``. A request without the field contributes 0 (limits, not budgets, are where a missing field
+  denies).
+
+Both are charged only for requests that are about to be forwarded, so denied calls do not eat an
+agent's allowance. State is in memory, per sidecar: a restart resets it, which the short credential
+lifetime bounds. Memory is bounded by the number of capabilities × budget entries × requests per
+window (the rate limit caps the latter).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from capgate.capabilities import spec
+
+
+@dataclass
+class TokenBucket:
+    capacity: float
+    rate: float
+    """Tokens per second."""
+    tokens: float
+    updated: float
+
+    def take(self, now: float) -> float | None:
+        """Take one token; None when taken, else the seconds until one is available."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return None
+        return (1.0 - self.tokens) / self.rate
+
+
+@dataclass
+class BudgetWindow:
+    budget: spec.Budget
+    spent: deque[tuple[float, int]] = field(default_factory=deque)
+    total: int = 0
+
+    def expire(self, now: float) -> None:
+        horizon = now - self.budget.per.total_seconds()
+        while self.spent and self.spent[0][0] <= horizon:
+            self.total -= self.spent.popleft()[1]
+
+    def retry_after(self, now: float, amount: int) -> float:
+        """Seconds until enough spending leaves the window for ``amount`` to fit (the window if never)."""
+        need = self.total + amount - self.budget.max
+        freed = 0
+        for moment, value in self.spent:
+            freed += value
+            if freed >= need:
+                return max(1.0, moment + self.budget.per.total_seconds() - now)
+        return self.budget.per.total_seconds()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    """``rate_limited`` or ``budget_exhausted``."""
+    message: str
+    retry_after: float
+
+
+class Limits:
+    """All buckets and budget windows of this sidecar."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, TokenBucket] = {}
+        self._budgets: dict[tuple[str, int], BudgetWindow] = {}
+
+    def check(self, cap: spec.Capability, upstream: str | None, body: object,
+              now: float | None = None) -> Refusal | None:
+        """Refuse, or charge the rate limit and the budgets for one forwarded request."""
+        moment = time.monotonic() if now is None else now
+        wait = self._take_rate(cap, moment)
+        if wait is not None:
+            assert cap.rate_limit is not None
+            return Refusal("rate_limited", f"more than {cap.rate_limit.requests} requests per "
+                                           f"{spec.format_duration(cap.rate_limit.per)}", wait)
+        charges: list[tuple[BudgetWindow, int]] = []
+        for index, budget in enumerate(cap.budgets):
+            if budget.upstream != upstream:
+                continue
+            amount = max(0, spec.numeric_field(body, budget.field) or 0)
+            window = self._budgets.setdefault((cap.qualified_name, index), BudgetWindow(budget))
+            window.expire(moment)
+            if window.total + amount > budget.max:
+                return Refusal("budget_exhausted",
+                               f"budget {budget.upstream}.{budget.field}: {window.total} of {budget.max} spent in "
+                               f"{spec.format_duration(budget.per)}; {amount} more does not fit",
+                               window.retry_after(moment, amount))
+            charges.append((window, amount))
+        for window, amount in charges:
+            if amount:
+                window.spent.append((moment, amount))
+                window.total += amount
+        return None
+
+    def _take_rate(self, cap: spec.Capability, now: float) -> float | None:
+        limit = cap.rate_limit
+        if limit is None:
+            return None
+        bucket = self._buckets.get(cap.qualified_name)
+        rate = limit.requests / limit.per.total_seconds()
+        if bucket is None or bucket.capacity != limit.requests or bucket.rate != rate:
+            bucket = TokenBucket(capacity=float(limit.requests), rate=rate, tokens=float(limit.requests),
+                                 updated=now)
+            self._buckets[cap.qualified_name] = bucket
+        return bucket.take(now)

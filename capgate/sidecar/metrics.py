@@ -1,0 +1,39 @@
+"""Prometheus metrics, on a per-app registry (no process-global state; tests run many apps).
+
+Label values are closed sets or names from the capability (outcome, reason, upstream) — never
+paths, tokens, correlation ids or anything the agent chooses freely, so cardinality stays bounded
+and nothing secret can reach a scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Decisions take ~0.3 ms; upstream calls range to seconds — one bucket set covers both."""
+UNKNOWN_UPSTREAM = "_unknown"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.decisions = Counter("capgate_decisions", "Decisions by outcome, reason and upstream",
+                                 ("outcome", "reason", "upstream"), registry=self.registry)
+        self.decision_seconds = Histogram("capgate_decision_seconds", "Time to decide a request",
+                                          buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.upstream_seconds = Histogram("capgate_upstream_seconds", "Upstream call time until response headers",
+                                          ("upstream",), buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.receipts_minted = Counter("capgate_receipts_minted", "Receipts minted", registry=self.registry)
+        self.lockdown = Gauge("capgate_lockdown", "1 while this sidecar is locked down", registry=self.registry)
+        self.revocation_age = Gauge("capgate_revocation_list_age_seconds",
+                                    "Seconds since the revocation source was last heard from (-1: no source)",
+                                    registry=self.registry)
+        self.credential_expiry = Gauge("capgate_credential_expiry_timestamp_seconds",
+                                       "Unix time the base credential expires", registry=self.registry)
+
+    def decision(self, outcome: str, reason: str, upstream: str | None) -> None:
+        self.decisions.labels(outcome=outcome, reason=reason, upstream=upstream or UNKNOWN_UPSTREAM).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,91 @@
+"""AgentCapability samples shared by the unit and e2e agreement tests.
+
+Each sample says what the CRD schema alone decides ("schema") and what capgate's model decides
+("model"). They may only differ where the validating webhook covers what a structural schema
+cannot express; those samples say so in ``webhook``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "booking-agent.yaml"
+
+
+def example() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    mutate: Callable[[dict[str, Any]], None]
+    schema_accepts: bool
+    model_accepts: bool
+    webhook: bool = False
+
+    def build(self) -> dict[str, Any]:
+        obj = copy.deepcopy(example())
+        self.mutate(obj)
+        return obj
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(obj: dict[str, Any]) -> None:
+        target: Any = obj
+        parts = path.split(".")
+        for part in parts[:-1]:
+            target = target[int(part)] if part.isdigit() else target[part]
+        last = parts[-1]
+        if value is _DELETE:
+            del target[last]
+        elif last.isdigit():
+            target[int(last)] = value
+        else:
+            target[last] = value
+    return mutate
+
+
+_DELETE = object()
+
+SAMPLES = [
+    Sample("the example", lambda o: None, True, True),
+    Sample("audit mode", _set("spec.mode", "audit"), True, True),
+    Sample("unknown mode", _set("spec.mode", "yolo"), False, False),
+    Sample("missing service account", _set("spec.serviceAccountName", _DELETE), False, False),
+    Sample("uppercase service account", _set("spec.serviceAccountName", "Booking"), False, False),
+    Sample("no upstreams", _set("spec.upstreams", []), False, False),
+    Sample("upstream without url", _set("spec.upstreams.0.url", _DELETE), False, False),
+    Sample("ftp upstream", _set("spec.upstreams.0.url", "ftp://flights"), False, False),
+    Sample("upstream url with credentials", _set("spec.upstreams.0.url", "http://user:pw@flights"), False, False),
+    Sample("duplicate upstream names", _set("spec.upstreams.1.name", "flights"), False, False),
+    Sample("duplicate rule names", _set("spec.rules.1.name", "search"), False, False),
+    Sample("lowercase method", _set("spec.rules.0.methods", ["get"]), False, False),
+    Sample("relative path glob", _set("spec.rules.0.paths", ["search"]), False, False),
+    Sample("unknown effect", _set("spec.rules.0.effect", "maybe"), False, False),
+    Sample("negative limit", _set("spec.rules.1.limits.0.max", -1), False, False),
+    Sample("string limit", _set("spec.rules.1.limits.0.max", "400"), False, False),
+    Sample("bad limit field", _set("spec.rules.1.limits.0.field", "amount..x"), False, False),
+    Sample("bad duration", _set("spec.credential.ttl", "1 hour"), False, False),
+    Sample("unknown spec field", _set("spec.limts", []), False, False),
+    Sample("unknown rule field", _set("spec.rules.0.limts", []), False, False),
+    Sample("injected hop-by-hop header", _set("spec.upstreams.1.inject.header", "Connection"), True, False,
+           webhook=True),
+    Sample("dot-dot glob", _set("spec.rules.0.paths", ["/search/../admin"]), True, False, webhook=True),
+    Sample("partial-segment glob", _set("spec.rules.0.paths", ["/search*"]), True, False, webhook=True),
+    Sample("rule naming an unknown upstream", _set("spec.rules.0.upstream", "hotels"), True, False, webhook=True),
+    Sample("requires naming an unknown rule", _set("spec.rules.1.requires", ["lookup"]), True, False, webhook=True),
+    Sample("limits on a deny rule", _set("spec.rules.2.limits", [{"field": "amount", "max": 1}]), True, False,
+           webhook=True),
+    Sample("rotateBefore longer than ttl", _set("spec.credential.rotateBefore", "2h"), True, False, webhook=True),
+    Sample("datalog that does not parse", _set("spec.datalog", "check if time($t), $t <"), True, False,
+           webhook=True),
+    Sample("datalog defining a reserved predicate", _set("spec.datalog", 'allow_match("search");'), True, False,
+           webhook=True),
+]
