@@ -241,12 +241,13 @@ def _run_case(cap: spec.Capability, index: int, entry: object, default_at: datet
     expected = {"verdict": entry["expect"], "rule": entry.get("rule"), "reason": entry.get("reason")}
     got = {"verdict": "allow" if result.allowed else "deny", "rule": result.rule, "reason": result.reason}
     passed = all(expected[k] is None or expected[k] == got[k] for k in expected)
-    return CaseResult(name=name, passed=passed, expected=_describe(expected), got=f"{_describe(got)} — {result.message}")
+    return CaseResult(name=name, passed=passed, expected=_describe(expected),
+                      got=f"{_describe(got)} — {result.message}")
 
 
 def _describe(outcome: Mapping[str, Any]) -> str:
     extras = [f"{k}={outcome[k]}" for k in ("rule", "reason") if outcome.get(k)]
-    return outcome["verdict"] + (f" ({', '.join(extras)})" if extras else "")
+    return str(outcome["verdict"]) + (f" ({', '.join(extras)})" if extras else "")
 
 
 def cmd_test(args: argparse.Namespace) -> int:

@@ -163,14 +163,18 @@ def prune(code: Sequence[Code], *, method: str | None, upstream: str | None,
     for source, params in code:
         if source.startswith("spec(") and not reads_spec:
             continue  # a large inert fact; nothing in the policy reads it
-        if source.startswith(("allow_match({rule}) <-", "deny_match({rule}) <-")):
-            http_rule = "req(" in source
-            if method is None:
-                if http_rule:
-                    continue
-            elif not http_rule or params.get("method", method) != method or params.get("upstream", upstream) != upstream:
-                continue
-            elif globs is not None and "glob" in params and params["glob"] not in globs:
-                continue
+        if source.startswith(("allow_match({rule}) <-", "deny_match({rule}) <-")) and not _can_fire(
+                source, params, method, upstream, globs):
+            continue
         kept.append((source, params))
     return kept
+
+
+def _can_fire(source: str, params: _biscuit.Params, method: str | None, upstream: str | None,
+              globs: frozenset[str] | None) -> bool:
+    http_rule = "req(" in source
+    if method is None:
+        return not http_rule
+    if not http_rule or params.get("method", method) != method or params.get("upstream", upstream) != upstream:
+        return False
+    return globs is None or "glob" not in params or params["glob"] in globs

@@ -58,6 +58,10 @@ def _hex(value: object, size: int, what: str) -> bytes:
     return raw
 
 
+def _retired(not_after: datetime | None, now: datetime) -> bool:
+    return not_after is not None and now > not_after
+
+
 @dataclass(frozen=True)
 class RootKey:
     key_id: int
@@ -81,7 +85,7 @@ class TrustBundle:
 
     def public_keys(self, now: datetime) -> dict[int, bytes]:
         """The keys still valid at ``now``; a retired key verifies nothing."""
-        return {kid: pub for kid, pub in self.keys.items() if not (self.not_after.get(kid) and now > self.not_after[kid])}  # type: ignore[operator]
+        return {kid: pub for kid, pub in self.keys.items() if not _retired(self.not_after.get(kid), now)}
 
     def verify_signature(self, key_id: int, signature: bytes, message: bytes, now: datetime) -> bool:
         public = self.public_keys(now).get(key_id)
@@ -89,7 +93,7 @@ class TrustBundle:
             return False
         try:
             Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
-        except Exception:  # noqa: BLE001 - InvalidSignature and malformed input alike
+        except Exception:
             return False
         return True
 
@@ -139,7 +143,7 @@ class KeySet:
 
     def prune(self, now: datetime) -> KeySet:
         """Drop retired keys past their ``notAfter``; the active key always stays."""
-        kept = tuple(k for k in self.keys if k.key_id == self.active_id or not (k.not_after and now > k.not_after))
+        kept = tuple(k for k in self.keys if k.key_id == self.active_id or not _retired(k.not_after, now))
         return KeySet(keys=kept, active_id=self.active_id)
 
     def trust_bundle(self) -> TrustBundle:
@@ -149,7 +153,8 @@ class KeySet:
     def to_json(self) -> str:
         keys = [{"id": k.key_id, "public": k.public.hex(), "private": k.private.hex() if k.private else None,
                  "createdAt": _iso(k.created_at), "notAfter": _iso(k.not_after)} for k in self.keys]
-        return json.dumps({"kind": KEYSET_KIND, "active": self.active_id, "keys": keys}, indent=2, sort_keys=True) + "\n"
+        document = {"kind": KEYSET_KIND, "active": self.active_id, "keys": keys}
+        return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> KeySet:

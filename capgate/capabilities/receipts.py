@@ -142,7 +142,7 @@ def verify(receipt: str, *, trust: TrustBundle, correlation: str, capability: st
     try:
         public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(endorsement["pub"])))
         public.verify(signature, payload)
-    except Exception as exc:  # noqa: BLE001 - InvalidSignature or a malformed key alike
+    except Exception as exc:
         raise ReceiptError("bad_signature", "receipt signature does not verify") from exc
     try:
         issued = datetime.fromtimestamp(int(data["iat"]), UTC)

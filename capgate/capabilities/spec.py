@@ -324,7 +324,9 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
     effect = reader.string("effect")
     if effect not in ("allow", "deny"):
         raise SpecError(reader.sub("effect"), "must be 'allow' or 'deny'")
-    upstream = reader.string("upstream", DNS_LABEL, max_len=63, what="an upstream name") if reader.has("upstream") else None
+    upstream = None
+    if reader.has("upstream"):
+        upstream = reader.string("upstream", DNS_LABEL, max_len=63, what="an upstream name")
     if upstream is not None and not any(u.name == upstream for u in upstreams):
         raise SpecError(reader.sub("upstream"), f"names unknown upstream {upstream!r}")
     methods = []
@@ -413,7 +415,8 @@ def parse_capability(obj: Mapping[str, Any]) -> Capability:
     """Parse a whole AgentCapability object (apiVersion, kind, metadata, spec)."""
     top = _Reader(obj, "", ("apiVersion", "kind", "metadata", "spec", "status"))
     if top.data.get("apiVersion") != resources.API_VERSION or top.data.get("kind") != resources.CAPABILITY_KIND:
-        raise SpecError("apiVersion", f"expected apiVersion {resources.API_VERSION} and kind {resources.CAPABILITY_KIND}")
+        raise SpecError("apiVersion",
+                        f"expected apiVersion {resources.API_VERSION} and kind {resources.CAPABILITY_KIND}")
     metadata = top.data.get("metadata")
     if not isinstance(metadata, Mapping):
         raise SpecError("metadata", "must be an object")

@@ -1,0 +1,221 @@
+"""The enforcement core of the sidecar, shared by the proxy and the control API.
+
+Order of the checks — each refusal is final, and the first one wins:
+
+1. a credential is loaded (else 401 ``invalid_token``);
+2. the base credential and, if sent, the narrowed ``X-Capgate-Token`` verify, are unexpired and
+   unrevoked (401, in *every* mode: audit mode never forwards with a bad token);
+3. lockdown (503 for writes, every mode);
+4. the Datalog verdict over both tokens (403; in ``mode: audit`` logged as ``would_deny`` and
+   forwarded anyway);
+5. rate limit and budgets (429; audit mode likewise only logs).
+
+Everything the request path does per call is CPU-bound and sub-millisecond (token verification is
+cached by the core's Verifier, receipt verification here), so it runs inline on the event loop
+rather than paying a thread hop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from capgate.capabilities import decision, tokens
+from capgate.capabilities import receipts as core_receipts
+from capgate.capabilities.errors import TokenError
+from capgate.sidecar import errors
+from capgate.sidecar.audit import AuditLog, Outcome
+from capgate.sidecar.config import Settings
+from capgate.sidecar.credentials import CredentialStore, Loaded
+from capgate.sidecar.limits import Limits
+from capgate.sidecar.metrics import Metrics
+from capgate.sidecar.receipts import Held, ReceiptBook
+from capgate.sidecar.watch import RevocationState
+
+log = logging.getLogger("capgate.sidecar.gate")
+
+ID_PREFIX = 16
+"""Revocation ids are 128 hex characters; 16 identify a credential in logs without bloating them."""
+
+
+@dataclass
+class Trace:
+    """What is known about one request so far; becomes its audit record and metrics."""
+
+    decision_id: str
+    kind: str = "proxy"
+    started: float = field(default_factory=time.perf_counter)
+    capability: str | None = None
+    principal: str | None = None
+    credential: str | None = None
+    narrowed: str | None = None
+    upstream: str | None = None
+    method: str | None = None
+    path: str | None = None
+    action: str | None = None
+    resource: str | None = None
+    correlation: str | None = None
+    rule: str | None = None
+    outcome: Outcome = "error"
+    reason: str = "internal_error"
+    status: int | None = None
+    upstream_status: int | None = None
+    receipts_ignored: list[str] = field(default_factory=list)
+    receipt_minted: bool = False
+    skip: bool = False
+    """Not a decision (whoami, a refused CONNECT still counts); nothing is recorded."""
+    recorded: bool = False
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "decision_id": self.decision_id, "kind": self.kind, "outcome": self.outcome, "reason": self.reason,
+            "status": self.status, "latency_ms": round((time.perf_counter() - self.started) * 1000, 3),
+        }
+        for key in ("capability", "principal", "credential", "narrowed", "upstream", "method", "path", "action",
+                    "resource", "correlation", "rule", "upstream_status"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.receipts_ignored:
+            out["receipts_ignored"] = self.receipts_ignored
+        if self.receipt_minted:
+            out["receipt_minted"] = True
+        return out
+
+
+def new_decision_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Gate:
+    def __init__(self, settings: Settings, store: CredentialStore, revocations: RevocationState, limits: Limits,
+                 book: ReceiptBook, metrics: Metrics, audit: AuditLog) -> None:
+        self.settings = settings
+        self.store = store
+        self.revocations = revocations
+        self.limits = limits
+        self.book = book
+        self.metrics = metrics
+        self.audit = audit
+        self.session_id = f"session-{uuid.uuid4().hex}"
+        """The default correlation: the pod session (DESIGN.md, request flow step 3)."""
+        self._trust_generation = -1
+
+    # -- credentials ---------------------------------------------------------------------------
+    def loaded(self, trace: Trace) -> Loaded:
+        current = self.store.current
+        if current is None:
+            raise errors.SidecarError(401, "invalid_token", "malformed", "the sidecar has no credential loaded")
+        if self.store.generation != self._trust_generation:
+            self.book.forget_verified()
+            self._trust_generation = self.store.generation
+        trace.capability = current.capability.qualified_name
+        trace.principal = current.principal
+        trace.credential = current.credential.id[:ID_PREFIX]
+        return current
+
+    def credentials(self, loaded: Loaded, narrowed: str | None, trace: Trace,
+                    now: datetime) -> list[tokens.Credential]:
+        """The base credential and the narrowed token, verified and valid now (else 401)."""
+        creds = [loaded.credential]
+        if narrowed is not None:
+            verifier = self.store.verifier
+            assert verifier is not None
+            try:
+                cred = verifier.load(narrowed, now)
+            except TokenError as exc:
+                raise errors.SidecarError(401, "invalid_token", exc.reason, _token_message(exc)) from exc
+            # It may descend from another capability (delegation to this pod's identity): both
+            # tokens must allow, and the token's own principal check binds it to this pod.
+            trace.narrowed = cred.revocation_ids[-1][:ID_PREFIX]
+            creds.append(cred)
+        for cred in creds:
+            try:
+                decision.check_validity(cred, now, revoked=self.revocations.revoked_ids)
+            except TokenError as exc:
+                raise errors.SidecarError(401, "invalid_token", exc.reason, _token_message(exc)) from exc
+        return creds
+
+    def check_lockdown(self, loaded: Loaded, method: str | None) -> None:
+        cap = loaded.capability
+        namespace = loaded.principal.partition("/")[0]
+        reason = self.revocations.lockdown_reason(namespace, cap.lockdown_after)
+        self.metrics.lockdown.set(1 if reason else 0)
+        if reason and RevocationState.blocks(method):
+            raise errors.lockdown(f"lockdown ({reason}): only reads are allowed")
+
+    # -- deciding ------------------------------------------------------------------------------
+    def receipt_rules(self, loaded: Loaded, carried: Iterable[str], correlation: str, trace: Trace,
+                      now: datetime) -> frozenset[str]:
+        cap_name = loaded.capability.qualified_name
+        revoked = self.revocations.revoked_ids
+        rules, ignored = self.book.carried_rules(carried, trust=loaded.trust, correlation=correlation,
+                                                 capability=cap_name, revoked=revoked, now=now)
+        trace.receipts_ignored = ignored
+        rules |= self.book.held_rules(correlation, cap_name, now, revoked)
+        return frozenset(rules)
+
+    def decide(self, creds: list[tokens.Credential], request: decision.Request, trace: Trace) -> decision.Decision:
+        started = time.perf_counter()
+        verdict = decision.decide(creds, request, revoked=self.revocations.revoked_ids)
+        self.metrics.decision_seconds.observe(time.perf_counter() - started)
+        trace.rule = verdict.rule
+        trace.reason = verdict.reason
+        return verdict
+
+    def enforce(self, loaded: Loaded, verdict: decision.Decision, trace: Trace) -> None:
+        """Raise for a refusal; in audit mode mark a policy denial as would-deny and let it pass."""
+        if verdict.allowed:
+            trace.outcome = "allowed"
+            return
+        if verdict.code == "denied" and loaded.capability.mode == "audit":
+            trace.outcome = "would_deny"
+            log.info("audit mode, would deny %s: %s", trace.decision_id, verdict.reason)
+            return
+        raise errors.from_decision(verdict)
+
+    def charge(self, loaded: Loaded, upstream: str | None, body: object, trace: Trace) -> None:
+        refusal = self.limits.check(loaded.capability, upstream, body)
+        if refusal is None:
+            return
+        if loaded.capability.mode == "audit":
+            trace.outcome, trace.reason = "would_deny", refusal.reason
+            return
+        raise errors.SidecarError(429, refusal.reason, refusal.reason, refusal.message,
+                                  headers={"Retry-After": str(max(1, round(refusal.retry_after)))})
+
+    def mint_receipt(self, loaded: Loaded, rule: str, correlation: str, trace: Trace) -> str | None:
+        """Sign and hold a receipt for an allowed 2xx call; None when the session key can no longer sign."""
+        now = datetime.now(UTC)
+        session = loaded.session
+        if now > session.not_after + core_receipts.SKEW:
+            log.warning("session key %s expired; no receipt minted for %s", session.key_id, trace.decision_id)
+            return None
+        cap = loaded.capability
+        receipt = core_receipts.mint(session, rule=rule, correlation=correlation, capability=cap.qualified_name,
+                                     credential=loaded.credential.id, ttl=cap.receipt_ttl,
+                                     decision_id=trace.decision_id, now=now)
+        self.book.hold(correlation, Held(rule=rule, capability=cap.qualified_name, credential=loaded.credential.id,
+                                         expires_at=now + cap.receipt_ttl))
+        self.metrics.receipts_minted.inc()
+        trace.receipt_minted = True
+        return receipt
+
+    # -- recording -----------------------------------------------------------------------------
+    def finish(self, trace: Trace) -> None:
+        """One audit record and the decision metric per request (called once, by the middleware)."""
+        if trace.skip or trace.recorded:
+            return
+        trace.recorded = True
+        self.metrics.decision(trace.outcome, trace.reason, trace.upstream)
+        self.audit.write(trace.record())
+
+
+def _token_message(exc: TokenError) -> str:
+    """The core's messages name reasons and revocation-id prefixes only; keep it that way."""
+    return str(exc)
