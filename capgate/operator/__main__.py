@@ -1,0 +1,25 @@
+"""``capgate-operator`` / ``python -m capgate.operator``: run the kopf operator cluster-wide."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import kopf
+
+from capgate.operator import admission, handlers
+from capgate.operator.config import parse
+
+__all__ = ["admission", "handlers", "main"]  # importing them registers their kopf handlers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kopf.run(clusterwide=True, standalone=True, memo=kopf.Memo(capgate=handlers.Context(config=config)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Operator settings, read once at start from flags and ``CAPGATE_*`` environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from capgate.injection import SidecarSettings
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    namespace: str = "capgate-system"
+    """Where the root key, the webhook certificate and the operator itself live (never injected)."""
+    kubeconfig: str | None = None
+    webhook_listen_host: str = "0.0.0.0"
+    webhook_port: int = 9443
+    webhook_url: str | None = None
+    """Development: the API server calls the webhooks at this URL (e.g. https://127.0.0.1:9443)."""
+    webhook_service: str | None = None
+    """In a cluster: the Service in front of the operator's webhook port."""
+    webhook_cert_dir: str | None = None
+    manage_webhook_configs: bool = True
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 8080
+    timer_interval: float = 5.0
+    session_key_lifetime: timedelta = timedelta(minutes=5)
+    root_key_overlap: timedelta = timedelta(days=31)
+    sidecar: SidecarSettings = field(default_factory=SidecarSettings)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"CAPGATE_{name}", default)
+
+
+def parse(argv: Sequence[str] | None = None) -> OperatorConfig:
+    parser = argparse.ArgumentParser(prog="capgate-operator", description="The capgate Kubernetes operator.")
+    parser.add_argument("--namespace", default=_env("OPERATOR_NAMESPACE", "capgate-system"))
+    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    parser.add_argument("--webhook-listen", default=_env("WEBHOOK_LISTEN", "0.0.0.0:9443"))
+    parser.add_argument("--webhook-url", default=_env("WEBHOOK_URL"))
+    parser.add_argument("--webhook-service", default=_env("WEBHOOK_SERVICE"))
+    parser.add_argument("--webhook-cert-dir", default=_env("WEBHOOK_CERT_DIR"))
+    parser.add_argument("--no-manage-webhook-configs", action="store_true",
+                        default=_env("MANAGE_WEBHOOK_CONFIGS", "true") == "false")
+    parser.add_argument("--metrics-listen", default=_env("METRICS_LISTEN", "0.0.0.0:8080"))
+    parser.add_argument("--timer-interval", type=float, default=float(_env("TIMER_INTERVAL", "5") or 5))
+    parser.add_argument("--sidecar-image", default=_env("SIDECAR_IMAGE", SidecarSettings.image))
+    parser.add_argument("--sidecar-image-pull-policy", default=_env("SIDECAR_IMAGE_PULL_POLICY", "IfNotPresent"))
+    args = parser.parse_args(argv)
+    if not args.webhook_url and not args.webhook_service:
+        parser.error("one of --webhook-url (development) or --webhook-service (in a cluster) is required")
+    host, _, port = str(args.webhook_listen).rpartition(":")
+    metrics_host, _, metrics_port = str(args.metrics_listen).rpartition(":")
+    if not port.isdigit() or not metrics_port.isdigit():
+        parser.error("--webhook-listen and --metrics-listen take HOST:PORT")
+    return OperatorConfig(
+        namespace=args.namespace,
+        kubeconfig=args.kubeconfig,
+        webhook_listen_host=host or "0.0.0.0",
+        webhook_port=int(port),
+        webhook_url=args.webhook_url,
+        webhook_service=args.webhook_service,
+        webhook_cert_dir=args.webhook_cert_dir,
+        manage_webhook_configs=not args.no_manage_webhook_configs,
+        metrics_host=metrics_host or "0.0.0.0",
+        metrics_port=int(metrics_port),
+        timer_interval=args.timer_interval,
+        sidecar=SidecarSettings(image=args.sidecar_image, image_pull_policy=args.sidecar_image_pull_policy),
+    )

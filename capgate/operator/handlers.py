@@ -1,0 +1,311 @@
+"""kopf handlers for AgentCapability: mint, rotate, revoke; and the operator's start-up.
+
+Every handler is a thin adapter over one idempotent :func:`reconcile`: read the credential
+Secret, ask :mod:`capgate.operator.minting` what must change, write the Secret in one update,
+push revocations, patch status. Create, update, resume (after an operator restart) and the
+rotation timer all call it, so a crash at any point is repaired by the next call, and a
+per-object lock keeps a timer tick and a spec change from minting twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from capgate import resources, revocation
+from capgate.capabilities import compiler, keys
+from capgate.capabilities.errors import CapabilityError, SpecError
+from capgate.capabilities.spec import Capability
+from capgate.operator import certificates, manifests, minting
+from capgate.operator.config import OperatorConfig
+from capgate.operator.kube import Kube, connect
+from capgate.operator.metrics import OperatorMetrics, ReadyFlag, serve
+
+ROOT_KEY_FILE = "keyset.json"
+KEYSET_CACHE = timedelta(seconds=5)
+"""How stale the operator's view of the root key Secret may be (``capgate keys rotate --cluster``)."""
+WEBHOOK_TLS_SECRET = "capgate-webhook-tls"
+CAPABILITY = (resources.GROUP, resources.VERSION, resources.CAPABILITY_PLURAL)
+
+
+@dataclass
+class Context:
+    """Operator-wide state, created at start-up and shared through kopf's memo."""
+
+    config: OperatorConfig
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    ready: ReadyFlag = field(default_factory=ReadyFlag)
+    kube: Kube | None = None
+    keyset_cache: tuple[datetime, keys.KeySet] | None = None
+
+    def client(self) -> Kube:
+        if self.kube is None:
+            raise kopf.TemporaryError("operator not started yet", delay=1)
+        return self.kube
+
+    async def keyset(self) -> keys.KeySet:
+        now = datetime.now(UTC)
+        if self.keyset_cache and now - self.keyset_cache[0] < KEYSET_CACHE:
+            return self.keyset_cache[1]
+        keyset = await ensure_root_keys(self.client(), self.config.namespace)
+        self.keyset_cache = (now, keyset.prune(now))
+        return self.keyset_cache[1]
+
+
+def context(memo: Any) -> Context:
+    ctx = memo.get("capgate")
+    if not isinstance(ctx, Context):
+        raise kopf.PermanentError("operator started without its context")
+    return ctx
+
+
+async def ensure_root_keys(kube: Kube, namespace: str) -> keys.KeySet:
+    """The root key set, created on first start (a race between replicas keeps the first one)."""
+    stored = await kube.create_secret_if_absent(namespace, resources.ROOT_KEY_SECRET,
+                                                {ROOT_KEY_FILE: keys.KeySet.generate().to_json().encode()})
+    return keys.KeySet.from_json(stored[ROOT_KEY_FILE])
+
+
+# ---------------------------------------------------------------------------------------- start-up
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    ctx = context(memo)
+    settings.persistence.finalizer = f"{resources.GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=resources.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=resources.GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 30
+    ctx.kube = Kube(await connect(ctx.config.kubeconfig))
+    kube = ctx.client()
+    await ctx.keyset()
+    now = datetime.now(UTC)
+    await kube.update_revocation_list(lambda spec: revocation.pruned(spec, now))
+    await kube.apply_cluster_role(manifests.revocation_reader_role())
+    tls = await ensure_webhook_tls(ctx)
+    cert_dir = Path(ctx.config.webhook_cert_dir or tempfile.mkdtemp(prefix="capgate-webhook-"))
+    ca_path, cert_path, key_path = tls.write(cert_dir)
+    settings.admission.server = kopf.WebhookServer(
+        addr=ctx.config.webhook_listen_host, port=ctx.config.webhook_port, certfile=str(cert_path),
+        pkeyfile=str(key_path), cafile=str(ca_path))
+    settings.admission.managed = None  # we keep our own configurations: short timeout, namespace exclusion
+    if ctx.config.manage_webhook_configs:
+        mutating, validating = manifests.webhook_configurations(
+            tls.ca_pem, url=ctx.config.webhook_url, service=ctx.config.webhook_service,
+            namespace=ctx.config.namespace)
+        await kube.apply_webhook_configs(mutating, validating)
+    await serve(ctx.metrics, ctx.config.metrics_host, ctx.config.metrics_port, ctx.ready)
+    ctx.ready.ready = True
+    logger.info("capgate operator ready: namespace %s, webhooks on port %d", ctx.config.namespace,
+                ctx.config.webhook_port)
+
+
+def webhook_hosts(config: OperatorConfig) -> list[str]:
+    hosts = ["127.0.0.1", "localhost"]
+    if config.webhook_service:
+        base = f"{config.webhook_service}.{config.namespace}"
+        hosts = [f"{base}.svc", base, f"{base}.svc.cluster.local", *hosts]
+    return hosts
+
+
+async def ensure_webhook_tls(ctx: Context) -> certificates.WebhookTLS:
+    kube = ctx.client()
+    hosts = webhook_hosts(ctx.config)
+    data = await kube.read_secret(ctx.config.namespace, WEBHOOK_TLS_SECRET)
+    tls = certificates.from_secret_data(data) if data else None
+    if tls is not None and not tls.needs_renewal(hosts, datetime.now(UTC)):
+        return tls
+    tls = certificates.issue(hosts, tls.ca_pem if tls else None, tls.ca_key_pem if tls else None)
+    await kube.write_secret(ctx.config.namespace, WEBHOOK_TLS_SECRET, tls.as_secret_data())
+    return tls
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: Any, **_: Any) -> None:
+    ctx = context(memo)
+    if ctx.kube is not None:
+        await ctx.kube.api.close()
+
+
+# ---------------------------------------------------------------------------------------- AgentCapability
+
+def owner_reference(body: kopf.Body) -> dict[str, Any]:
+    return {"apiVersion": resources.API_VERSION, "kind": resources.CAPABILITY_KIND, "name": body.meta.name,
+            "uid": body.meta.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def condition(status: kopf.Status, ready: bool, reason: str, message: str, generation: int) -> list[dict[str, Any]]:
+    """The Ready condition, keeping lastTransitionTime while the status value does not change."""
+    now = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    value = "True" if ready else "False"
+    previous = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    since = previous["lastTransitionTime"] if previous and previous.get("status") == value else now
+    return [{"type": "Ready", "status": value, "reason": reason, "message": message[:1024],
+             "lastTransitionTime": since, "observedGeneration": generation}]
+
+
+def _lock(memo: Any) -> asyncio.Lock:
+    lock = memo.get("lock")
+    if lock is None:
+        lock = memo["lock"] = asyncio.Lock()
+    return lock  # type: ignore[no-any-return]
+
+
+@kopf.on.resume(*CAPABILITY)
+@kopf.on.create(*CAPABILITY)
+@kopf.on.update(*CAPABILITY, field="spec")
+async def on_change(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
+                    logger: kopf.Logger, **_: Any) -> None:
+    async with _lock(memo):
+        await reconcile(body, status, patch, memo, logger)
+
+
+@kopf.timer(*CAPABILITY, interval=5.0, initial_delay=1.0)
+async def on_tick(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
+                  logger: kopf.Logger, **_: Any) -> None:
+    """Rotation and session keys: cheap when nothing is due (an in-memory deadline check)."""
+    due = memo.get("next_check")
+    if due is not None and datetime.now(UTC) < due:
+        return
+    async with _lock(memo):
+        await reconcile(body, status, patch, memo, logger)
+
+
+async def reconcile(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
+                    logger: kopf.Logger) -> None:
+    ctx = context(memo)
+    generation = int(body.meta.get("generation") or 1)
+    try:
+        cap = compiler.validate_object(body)
+    except SpecError as exc:
+        ctx.metrics.reconcile_errors.labels("invalid_spec").inc()
+        patch.status["conditions"] = condition(status, False, "InvalidSpec", str(exc), generation)
+        patch.status["observedGeneration"] = generation
+        kopf.warn(body, reason="InvalidSpec", message=str(exc))
+        memo["next_check"] = datetime.now(UTC) + timedelta(minutes=5)
+        raise kopf.PermanentError(str(exc)) from exc
+    try:
+        await _reconcile_valid(ctx, cap, body, status, patch, memo, generation, logger)
+    except ApiException as exc:
+        ctx.metrics.reconcile_errors.labels("api").inc()
+        kopf.warn(body, reason="ReconcileFailed", message=f"Kubernetes API error {exc.status}: {exc.reason}")
+        raise kopf.TemporaryError(f"Kubernetes API error {exc.status}", delay=2) from exc
+    except CapabilityError as exc:
+        ctx.metrics.reconcile_errors.labels("mint").inc()
+        patch.status["conditions"] = condition(status, False, "MintFailed", str(exc), generation)
+        kopf.warn(body, reason="MintFailed", message=str(exc))
+        raise kopf.TemporaryError(str(exc), delay=10) from exc
+
+
+async def _reconcile_valid(ctx: Context, cap: Capability, body: kopf.Body, status: kopf.Status, patch: kopf.Patch,
+                           memo: kopf.Memo, generation: int, logger: kopf.Logger) -> None:
+    kube = ctx.client()
+    now = datetime.now(UTC)
+    name = minting.secret_name(cap.name)
+    stored = minting.Stored.read(await kube.read_secret(cap.namespace, name))
+    if cap.revoked:
+        await _revoke(ctx, cap, stored, "revoked", body, status, patch, generation)
+        memo["next_check"] = now + timedelta(seconds=30)
+        return
+    keyset = await ctx.keyset()
+    plan = minting.plan(cap, generation, stored, keyset.active_id, now)
+    if plan.mint or plan.new_session_key or stored.pending:
+        minted = minting.build(cap, generation, stored, plan, keyset, now, ctx.config.session_key_lifetime)
+        await kube.write_secret(cap.namespace, name, minted.data, owner=owner_reference(body))
+        if minted.pending:
+            await kube.update_revocation_list(lambda spec: revocation.with_revoked(spec, minted.pending, now))
+            await kube.write_secret(cap.namespace, name, minting.without_pending(minted.data),
+                                    owner=owner_reference(body))
+            ctx.metrics.revoked.labels("spec_changed").inc(len(minted.pending))
+            kopf.info(body, reason="Revoked", message=f"revoked {len(minted.pending)} id(s) of the previous credential")
+        if plan.new_session_key:
+            ctx.metrics.session_keys.inc()
+        if plan.mint:
+            ctx.metrics.minted.labels(plan.mint).inc()
+            kopf.info(body, reason=plan.mint,
+                      message=f"credential {minted.credential_id[:16]}… valid until {_iso(minted.expires_at)}, "
+                              f"in Secret {name}")
+            logger.info("minted credential %s… for %s (%s)", minted.credential_id[:16], cap.qualified_name,
+                        plan.mint)
+        stored = minting.Stored.read(minted.data)
+    if not memo.get("rbac"):
+        await kube.apply_cluster_role_binding(manifests.revocation_reader_binding(cap.namespace, cap.service_account))
+        memo["rbac"] = True
+    _set_ready(cap, stored, status, patch, generation, name, plan.mint or "Current")
+    memo["next_check"] = _next_check(cap, stored, now)
+
+
+def _set_ready(cap: Capability, stored: minting.Stored, status: kopf.Status, patch: kopf.Patch, generation: int,
+               secret: str, reason: str) -> None:
+    expires = _iso(stored.expires_at) if stored.expires_at else ""
+    patch.status.update({
+        "conditions": condition(status, True, "Issued" if reason == "Current" else reason,
+                                f"credential valid until {expires}", generation),
+        "observedGeneration": generation,
+        "credentialSecret": secret,
+        "issuedAt": _iso(stored.issued_at) if stored.issued_at else None,
+        "expiresAt": expires or None,
+        "revocationIds": list(stored.revocation_ids),
+        "upstreams": len(cap.upstreams),
+        "rules": len(cap.rules),
+    })
+
+
+def _next_check(cap: Capability, stored: minting.Stored, now: datetime) -> datetime:
+    candidates = [now + timedelta(minutes=1)]
+    rotation = minting.rotate_at(cap, stored)
+    if rotation is not None:
+        candidates.append(rotation)
+    if stored.session is not None:
+        candidates.append(stored.session.not_after - minting.SESSION_KEY_RENEW_BEFORE)
+    return min(candidates)
+
+
+async def _revoke(ctx: Context, cap: Capability, stored: minting.Stored, reason: str, body: kopf.Body,
+                  status: kopf.Status, patch: kopf.Patch | None, generation: int) -> None:
+    now = datetime.now(UTC)
+    expires = stored.expires_at or now + cap.credential_ttl
+    entries = [revocation.Entry(id=rid, expires_at=expires, capability=cap.qualified_name, reason=reason)
+               for rid in stored.revocation_ids]
+    entries.extend(stored.pending)
+    if entries:
+        await ctx.client().update_revocation_list(lambda spec: revocation.with_revoked(spec, entries, now))
+    already = any(c.get("reason") == "Revoked" for c in status.get("conditions") or [])
+    if not already:
+        ctx.metrics.revoked.labels(reason).inc(len(entries))
+        kopf.info(body, reason="Revoked", message=f"{len(entries)} revocation id(s) pushed to the RevocationList")
+    if patch is not None:
+        patch.status.update({
+            "conditions": condition(status, False, "Revoked", f"credential {reason}; all its tokens are refused",
+                                    generation),
+            "observedGeneration": generation,
+        })
+
+
+@kopf.on.delete(*CAPABILITY)
+async def on_delete(body: kopf.Body, status: kopf.Status, memo: kopf.Memo, **_: Any) -> None:
+    """Revoke before the object (and, through its owner reference, the Secret) goes away."""
+    ctx = context(memo)
+    name = str(body.meta.name)
+    namespace = str(body.meta.namespace)
+    stored = minting.Stored.read(await ctx.client().read_secret(namespace, minting.secret_name(name)))
+    try:
+        cap = compiler.validate_object(body)
+    except SpecError:
+        return  # never minted: nothing to revoke
+    async with _lock(memo):
+        await _revoke(ctx, cap, stored, "deleted", body, status, None, int(body.meta.get("generation") or 1))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")

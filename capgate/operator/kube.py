@@ -1,0 +1,215 @@
+"""Thin async I/O over the Kubernetes API (kubernetes_asyncio) for what kopf does not do for us.
+
+Every write here is idempotent and conflict-safe: create-or-replace with the object's
+``resourceVersion``, retried on 409, so a restarted operator or two concurrent handlers never
+lose an update. Errors are mapped to kopf's TemporaryError (retry) in the handlers, not here.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from capgate import resources
+
+CONFLICT_RETRIES = 8
+
+
+async def connect(kubeconfig: str | None) -> client.ApiClient:
+    """An API client from ``kubeconfig``, or the in-cluster ServiceAccount when there is none."""
+    if kubeconfig:
+        await config.load_kube_config(config_file=kubeconfig)
+    else:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+@dataclass
+class Kube:
+    api: client.ApiClient
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    @property
+    def rbac(self) -> client.RbacAuthorizationV1Api:
+        return client.RbacAuthorizationV1Api(self.api)
+
+    @property
+    def admission(self) -> client.AdmissionregistrationV1Api:
+        return client.AdmissionregistrationV1Api(self.api)
+
+    # ------------------------------------------------------------------ secrets
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        try:
+            secret = await self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
+
+    async def write_secret(self, namespace: str, name: str, data: Mapping[str, bytes], *,
+                           labels: Mapping[str, str] | None = None,
+                           owner: Mapping[str, Any] | None = None) -> None:
+        body: Any = {
+            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": {resources.MANAGED_BY_LABEL: resources.MANAGED_BY, **(labels or {})}},
+            "data": {key: base64.b64encode(value).decode("ascii") for key, value in data.items()},
+        }
+        if owner is not None:
+            body["metadata"]["ownerReferences"] = [owner]
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                current = await self.core.read_namespaced_secret(name, namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                try:
+                    await self.core.create_namespaced_secret(namespace, body)
+                    return
+                except ApiException as create_exc:
+                    if create_exc.status == 409:
+                        continue
+                    raise
+            body["metadata"]["resourceVersion"] = current.metadata.resource_version
+            try:
+                await self.core.replace_namespaced_secret(name, namespace, body)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        raise RuntimeError(f"Secret {namespace}/{name}: too many write conflicts")
+
+    async def create_secret_if_absent(self, namespace: str, name: str, data: Mapping[str, bytes]) -> dict[str, bytes]:
+        """Create the Secret unless it exists; return what is stored (ours, or the one that won a race)."""
+        existing = await self.read_secret(namespace, name)
+        if existing is not None:
+            return existing
+        body: Any = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": name, "namespace": namespace,
+                             "labels": {resources.MANAGED_BY_LABEL: resources.MANAGED_BY}},
+                "data": {key: base64.b64encode(value).decode("ascii") for key, value in data.items()}}
+        try:
+            await self.core.create_namespaced_secret(namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            stored = await self.read_secret(namespace, name)
+            assert stored is not None
+            return stored
+        return dict(data)
+
+    # ------------------------------------------------------------------ RevocationList
+
+    async def update_revocation_list(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """Apply ``change`` to the RevocationList's spec under optimistic concurrency."""
+        from capgate import revocation
+
+        group, version, plural = resources.GROUP, resources.VERSION, resources.REVOCATION_PLURAL
+        name = resources.REVOCATION_LIST_NAME
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                current = await self.custom.get_cluster_custom_object(group, version, plural, name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                fresh = revocation.empty_list()
+                fresh["spec"] = change(fresh["spec"])
+                try:
+                    return dict(await self.custom.create_cluster_custom_object(group, version, plural, fresh))
+                except ApiException as create_exc:
+                    if create_exc.status == 409:
+                        continue
+                    raise
+            updated = dict(current)
+            updated["spec"] = change(dict(current.get("spec") or {}))
+            if updated["spec"] == current.get("spec"):
+                return dict(current)
+            try:
+                return dict(await self.custom.replace_cluster_custom_object(group, version, plural, name, updated))
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        raise RuntimeError("RevocationList: too many write conflicts")
+
+    # ------------------------------------------------------------------ RBAC and webhooks
+
+    async def apply(self, read: Callable[[], Awaitable[Any]], create: Callable[[], Awaitable[Any]],
+                    replace: Callable[[str], Awaitable[Any]]) -> None:
+        """Create, or replace keeping the resourceVersion: for cluster objects we own outright."""
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                current = await read()
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                try:
+                    await create()
+                    return
+                except ApiException as create_exc:
+                    if create_exc.status == 409:
+                        continue
+                    raise
+            try:
+                await replace(current.metadata.resource_version)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        raise RuntimeError("too many write conflicts")
+
+    async def apply_cluster_role_binding(self, body: Any) -> None:
+        name = body["metadata"]["name"]
+
+        async def replace(version: str) -> Any:
+            body["metadata"]["resourceVersion"] = version
+            return await self.rbac.replace_cluster_role_binding(name, body)
+
+        await self.apply(lambda: self.rbac.read_cluster_role_binding(name),
+                         lambda: self.rbac.create_cluster_role_binding(body), replace)
+
+    async def apply_cluster_role(self, body: Any) -> None:
+        name = body["metadata"]["name"]
+
+        async def replace(version: str) -> Any:
+            body["metadata"]["resourceVersion"] = version
+            return await self.rbac.replace_cluster_role(name, body)
+
+        await self.apply(lambda: self.rbac.read_cluster_role(name), lambda: self.rbac.create_cluster_role(body),
+                         replace)
+
+    async def delete_cluster_role_binding(self, name: str) -> None:
+        try:
+            await self.rbac.delete_cluster_role_binding(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    async def apply_webhook_configs(self, mutating: Any, validating: Any) -> None:
+        m_name, v_name = mutating["metadata"]["name"], validating["metadata"]["name"]
+
+        async def replace_m(version: str) -> Any:
+            mutating["metadata"]["resourceVersion"] = version
+            return await self.admission.replace_mutating_webhook_configuration(m_name, mutating)
+
+        async def replace_v(version: str) -> Any:
+            validating["metadata"]["resourceVersion"] = version
+            return await self.admission.replace_validating_webhook_configuration(v_name, validating)
+
+        await self.apply(lambda: self.admission.read_mutating_webhook_configuration(m_name),
+                         lambda: self.admission.create_mutating_webhook_configuration(mutating), replace_m)
+        await self.apply(lambda: self.admission.read_validating_webhook_configuration(v_name),
+                         lambda: self.admission.create_validating_webhook_configuration(validating), replace_v)

@@ -1,0 +1,160 @@
+"""What a capability's credential Secret should hold, and when it must change (pure, no I/O).
+
+The Secret (mounted into the sidecar container only) holds the Biscuit ``token``, the
+receipt-signing ``session.key`` with its root endorsement, the ``trust.json`` bundle, and
+``settings.json`` (generation, lifetimes, and revocations still to push). Writing all of them in
+one Secret update is what makes minting crash-safe: a sidecar either sees the old set or the new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from capgate import resources, revocation
+from capgate.capabilities import keys, receipts, tokens
+from capgate.capabilities.errors import CapabilityError, KeyFileError
+from capgate.capabilities.spec import Capability
+
+MintReason = Literal["Issued", "Rotated", "SpecChanged", "RootKeyRotated"]
+JITTER_FRACTION = 0.1
+"""Rotation is spread over the last 10% of the rotateBefore window so a fleet does not re-mint at once."""
+SESSION_KEY_RENEW_BEFORE = timedelta(seconds=90)
+
+
+def secret_name(capability_name: str) -> str:
+    return f"{capability_name}{resources.CREDENTIAL_SECRET_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What the credential Secret holds now (anything unreadable reads as absent)."""
+
+    token: str | None = None
+    credential_id: str | None = None
+    root_key_id: int | None = None
+    revocation_ids: tuple[str, ...] = ()
+    issued_at: datetime | None = None
+    expires_at: datetime | None = None
+    generation: int | None = None
+    session: receipts.SessionKey | None = None
+    pending: tuple[revocation.Entry, ...] = ()
+
+    @classmethod
+    def read(cls, data: dict[str, bytes] | None) -> Stored:
+        if not data:
+            return cls()
+        try:
+            settings = json.loads(data.get(resources.SETTINGS_FILE, b"{}"))
+            token = data[resources.TOKEN_FILE].decode("ascii").strip()
+            info = tokens.inspect(token)
+            session = receipts.SessionKey.from_json(data[resources.SESSION_KEY_FILE])
+        except (KeyError, ValueError, CapabilityError, UnicodeDecodeError):
+            return cls()
+        pending = tuple(revocation.Entry(id=str(p["id"]), expires_at=_time(p["expiresAt"]) or datetime.now(UTC),
+                                         capability=str(p.get("capability", "")), reason=str(p.get("reason", "")))
+                        for p in settings.get("pendingRevocations", []) if isinstance(p, dict) and "id" in p)
+        return cls(token=token, credential_id=info["revocationIds"][0], root_key_id=info["rootKeyId"],
+                   revocation_ids=tuple(info["revocationIds"]), issued_at=_time(settings.get("issuedAt")),
+                   expires_at=_time(settings.get("expiresAt")), generation=settings.get("generation"),
+                   session=session, pending=pending)
+
+
+def _time(text: object) -> datetime | None:
+    try:
+        return keys.parse_time(text, "time")
+    except KeyFileError:
+        return None
+
+
+def rotate_at(cap: Capability, stored: Stored) -> datetime | None:
+    """When this credential is due for rotation (deterministic per credential, so restarts agree)."""
+    if stored.expires_at is None or stored.credential_id is None:
+        return None
+    spread = cap.rotate_before.total_seconds() * JITTER_FRACTION
+    fraction = int(hashlib.sha256(stored.credential_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return stored.expires_at - cap.rotate_before - timedelta(seconds=spread * fraction)
+
+
+@dataclass(frozen=True)
+class Plan:
+    mint: MintReason | None
+    revoke_previous: bool
+    new_session_key: bool
+
+
+def plan(cap: Capability, generation: int, stored: Stored, active_root_key: int, now: datetime) -> Plan:
+    """Decide what to change. A spec change revokes the old credential; a rotation does not."""
+    session_due = stored.session is None or stored.session.not_after - SESSION_KEY_RENEW_BEFORE <= now
+    if stored.token is None or stored.expires_at is None:
+        return Plan("Issued", False, True)
+    if stored.generation != generation:
+        return Plan("SpecChanged", True, True)
+    if stored.root_key_id != active_root_key:
+        return Plan("RootKeyRotated", False, True)
+    due = rotate_at(cap, stored)
+    if due is None or due <= now or stored.expires_at <= now:
+        return Plan("Rotated", False, session_due)
+    return Plan(None, False, session_due)
+
+
+@dataclass(frozen=True)
+class Minted:
+    data: dict[str, bytes]
+    token: str | None
+    credential_id: str
+    revocation_ids: tuple[str, ...]
+    issued_at: datetime
+    expires_at: datetime
+    pending: tuple[revocation.Entry, ...] = field(default=())
+
+
+def build(cap: Capability, generation: int, stored: Stored, the_plan: Plan, keyset: keys.KeySet,
+          now: datetime, session_lifetime: timedelta) -> Minted:
+    """The Secret content after ``the_plan``: new token and/or session key, pending revocations."""
+    pending = list(stored.pending)
+    if the_plan.mint is not None:
+        token = tokens.mint(cap, keyset, now=now)
+        credential = tokens.load(token, keyset.trust_bundle(), now=now)
+        if the_plan.revoke_previous and stored.expires_at is not None:
+            pending.extend(revocation.Entry(id=rid, expires_at=stored.expires_at, capability=cap.qualified_name,
+                                            reason="spec changed") for rid in stored.revocation_ids)
+        token_id, ids = credential.id, credential.revocation_ids
+        issued, expires = credential.issued_at, credential.expires_at
+    else:
+        assert stored.token is not None
+        assert stored.issued_at is not None
+        assert stored.expires_at is not None
+        token, token_id, ids = stored.token, stored.credential_id or "", stored.revocation_ids
+        issued, expires = stored.issued_at, stored.expires_at
+    session = stored.session
+    if the_plan.new_session_key or session is None:
+        session = receipts.SessionKey.issue(keyset, now=now, lifetime=session_lifetime, receipt_ttl=cap.receipt_ttl)
+    settings: dict[str, Any] = {
+        "capability": cap.qualified_name, "generation": generation, "credentialId": token_id,
+        "issuedAt": _iso(issued), "expiresAt": _iso(expires), "sessionKeyNotAfter": _iso(session.not_after),
+        "revocationList": resources.REVOCATION_LIST_NAME,
+        "pendingRevocations": [dict(e.as_dict()) for e in pending],
+    }
+    data = {
+        resources.TOKEN_FILE: token.encode("ascii"),
+        resources.SESSION_KEY_FILE: session.to_json().encode("utf-8"),
+        resources.TRUST_BUNDLE_FILE: keyset.trust_bundle().to_json().encode("utf-8"),
+        resources.SETTINGS_FILE: (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+    }
+    return Minted(data=data, token=token, credential_id=token_id, revocation_ids=ids, issued_at=issued,
+                  expires_at=expires, pending=tuple(pending))
+
+
+def without_pending(data: dict[str, bytes]) -> dict[str, bytes]:
+    """The same Secret content once its pending revocations are in the RevocationList."""
+    settings = json.loads(data[resources.SETTINGS_FILE])
+    settings["pendingRevocations"] = []
+    return {**data, resources.SETTINGS_FILE: (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
