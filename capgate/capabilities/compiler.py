@@ -101,7 +101,7 @@ def compile_rule(rule: Rule) -> Iterator[Code]:
             if "resource" in alternative:
                 body.append("resource_match({resource})")
         for index, limit in enumerate(rule.limits):
-            body.append(f"body_num({{field{index}}}, $v{index}), $v{index} <= {{max{index}}}")
+            body.append(f"body_num({{field{index}}}, $v{index}), $v{index} >= 0, $v{index} <= {{max{index}}}")
             params[f"field{index}"] = limit.field
             params[f"max{index}"] = limit.max
         for index, required in enumerate(rule.requires):

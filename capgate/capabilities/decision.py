@@ -13,6 +13,7 @@ runs a little ahead of the operator's does not reject fresh credentials.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import OrderedDict
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,11 @@ from capgate.capabilities.paths import glob_matches, name_glob_matches
 from capgate.capabilities.spec import Capability, Rule, numeric_field
 
 SKEW = timedelta(seconds=30)
+# The exact shapes of capgate's own identity and expiry checks, as Biscuit prints them; a user check
+# that merely mentions principal() or time() is a policy denial, not a token problem.
+_OWNER_CHECK = re.compile(r"^check if principal\(\$p\), \{.*\}\.contains\(\$p\)$")
+_BOUND_CHECK = re.compile(r'^check if principal\("[^"]+"\)$')
+_NARROWED_EXPIRY = re.compile(r"^check if time\(\$t\), \$t <= \S+$")
 
 Code = Literal["allowed", "invalid_token", "denied"]
 Reason = Literal[
@@ -106,21 +112,23 @@ def decide_one(credential: tokens.Credential, request: Request, *, revoked: Cont
                skew: timedelta = SKEW) -> Decision:
     try:
         check_validity(credential, request.now, revoked=revoked, skew=skew)
+        check_holder(credential, request.principal)
     except TokenError as error:
         return _invalid(error)
     cap = credential.capability
     globs = frozenset(matching_globs(cap, request.path)) if request.method is not None and request.path else frozenset()
     result = credential.index.authorize(request.method, request.upstream, globs,
                                         request_facts(cap, request, globs, skew))
+    for check in result.failed_checks:
+        if check.block and _NARROWED_EXPIRY.match(check.source):
+            return Decision(False, "invalid_token", "expired", "narrowed token expired")
+        identity_check = _BOUND_CHECK if check.block else _OWNER_CHECK
+        if check.block is not None and identity_check.match(check.source):
+            return Decision(False, "invalid_token", "identity",
+                            f"token is not valid for identity {request.principal!r}")
     if result.deny_rules:
         rule = _first_in_order(cap, result.deny_rules)
         return _deny("deny_rule", f"denied by rule {rule!r}", rule)
-    for check in result.failed_checks:
-        if check.block is not None and check.block > 0 and "time($t)" in check.source:
-            return Decision(False, "invalid_token", "expired", "narrowed token expired")
-        if "principal(" in check.source:
-            return Decision(False, "invalid_token", "identity",
-                            f"token is not valid for identity {request.principal!r}")
     if result.failed_checks:
         check = result.failed_checks[0]
         where = "the narrowed token forbids this" if check.block else "a capability check failed"
@@ -144,6 +152,14 @@ def check_validity(credential: tokens.Credential, now: datetime, *, revoked: Con
     if credential.depth > credential.capability.delegation.max_depth:
         raise TokenError("too_deep", f"narrowed {credential.depth} times; at most "
                                      f"{credential.capability.delegation.max_depth} allowed")
+
+
+def check_holder(credential: tokens.Credential, principal: str) -> None:
+    """The owner may use its credential; a delegate only a token narrowed *and bound* to it."""
+    if principal == credential.owner:
+        return
+    if principal not in credential.principals or principal not in credential.bound_to:
+        raise TokenError("identity", f"token is not valid for identity {principal!r}")
 
 
 def request_facts(cap: Capability, request: Request, globs: frozenset[str] | None = None,
@@ -172,7 +188,7 @@ def request_facts(cap: Capability, request: Request, globs: frozenset[str] | Non
             for glob in sorted(globs if globs is not None else matching_globs(cap, request.path)):
                 add("path_match({g});", g=glob)
     for kind, value in (("action_match", request.action), ("resource_match", request.resource)):
-        if value is not None:
+        if value is not None and request.method is None:  # a request is HTTP or an action, never both
             for glob in _name_globs(cap, kind):
                 if name_glob_matches(glob, value):
                     add(f"{kind}({{g}});", g=glob)
@@ -212,7 +228,7 @@ def scope_matches(rule: Rule, request: Request) -> bool:
                 and (not rule.paths or any(glob_matches(g, request.path or "") for g in rule.paths)))
     return ((not rule.actions or any(name_glob_matches(g, request.action or "\0") for g in rule.actions))
             and (not rule.resources or any(name_glob_matches(g, request.resource or "\0") for g in rule.resources))
-            and request.action is not None)
+            and request.action is not None and request.method is None)
 
 
 def explain_denial(cap: Capability, request: Request) -> Decision:
@@ -232,6 +248,9 @@ def explain_denial(cap: Capability, request: Request) -> Decision:
             if value > limit.max:
                 return _deny("limit_exceeded", f"{limit.field} {value} exceeds the limit {limit.max} of rule "
                                                f"{rule.name!r}", rule.name)
+            if value < 0:
+                return _deny("limit_exceeded", f"{limit.field} {value} is negative (rule {rule.name!r} allows "
+                                               f"0 to {limit.max})", rule.name)
     if candidates:
         return _deny("check_failed", f"rule {candidates[0].name!r} did not allow the request", candidates[0].name)
     return _deny("no_matching_rule", f"no rule allows {request.describe()}")
@@ -248,10 +267,11 @@ class Verifier:
     def load(self, token: str, now: datetime | None = None) -> tokens.Credential:
         key = token.strip()
         cached = self._cache.get(key)
-        if cached is not None:
+        moment = now or datetime.now(UTC)
+        if cached is not None and cached.root_key_id in self.trust.public_keys(moment):
             self._cache.move_to_end(key)
             return cached
-        credential = tokens.load(key, self.trust, now=now)
+        credential = tokens.load(key, self.trust, now=moment)
         self._cache[key] = credential
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -179,14 +179,14 @@ class KeySet:
         return cls.from_json(_read(path))
 
     def write(self, directory: str | Path) -> tuple[Path, Path]:
-        """Write ``root.key`` (mode 0600, created that way: never briefly world-readable) and ``root.pub``."""
+        """Write ``root.key`` (mode 0600 before any byte is written) and ``root.pub``."""
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         private_path = folder / "root.key"
         fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT: tighten it before writing
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(self.to_json())
-        os.chmod(private_path, 0o600)
         public_path = folder / "root.pub"
         public_path.write_text(self.trust_bundle().to_json(), encoding="utf-8")
         return private_path, public_path

@@ -6,7 +6,8 @@ read differently is refused (400), never "cleaned up": dot segments, empty segme
 slashes, dots and backslashes, NUL and control bytes, double encoding, and ``;`` path parameters
 (which Java servers strip). What is left decodes one way only, and rules match that decoding.
 
-Globs: ``*`` is exactly one whole segment, ``**`` is any number of segments (zero included). They
+Globs: ``*`` is exactly one whole, non-empty segment (``/users/*`` does not match the listing
+``/users/``), ``**`` is any number of segments (zero included). They
 are checked when a capability is loaded, so a bad glob is a spec error, not a runtime surprise.
 """
 
@@ -97,7 +98,7 @@ def compile_glob(glob: str) -> re.Pattern[str]:
         if segment == "**":
             parts.append(r"(?:/[^/]*)*")
         elif segment == "*":
-            parts.append(r"/[^/]*")
+            parts.append(r"/[^/]+")
         else:
             parts.append("/" + re.escape(segment))
     return re.compile("^" + "".join(parts) + "$")

@@ -158,7 +158,7 @@ def parse_duration(text: object, path: str) -> timedelta:
     """Parse ``90s``, ``5m``, ``1h30m``, ``2d`` (Kubernetes-style, no fractions)."""
     if not isinstance(text, str) or not text:
         raise SpecError(path, "must be a duration such as '30s', '5m', '1h' or '1h30m'")
-    match = DURATION.match(text)
+    match = DURATION.fullmatch(text)
     if not match or not any(match.groups()):
         raise SpecError(path, f"{text!r} is not a duration such as '30s', '5m', '1h' or '1h30m'")
     days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
@@ -204,7 +204,7 @@ class _Reader:
             raise SpecError(self.sub(key), "must be a string")
         if len(value) > max_len:
             raise SpecError(self.sub(key), f"must be at most {max_len} characters")
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise SpecError(self.sub(key), f"{value!r} is not {what or 'valid'}")
         return value
 
@@ -357,6 +357,9 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
         raise SpecError(path, "a rule must name at least one of upstream, methods, paths, actions, resources")
     if not rule.is_http and (rule.methods or rule.paths):
         raise SpecError(path, "a rule uses either methods/paths (HTTP) or actions/resources, not both")
+    if not rule.is_http and rule.upstream:
+        raise SpecError(f"{path}.upstream", "action rules name their upstream in the resource "
+                                            "(mcp://<upstream>/<tool>), not in 'upstream'")
     if rule.effect == "deny" and (rule.requires or rule.limits):
         raise SpecError(path, "requires and limits only apply to allow rules")
     return rule
@@ -389,7 +392,7 @@ def _parse_delegation(spec: _Reader, namespace: str) -> Delegation:
     for path, value in reader.strings("serviceAccounts"):
         ns, _, sa = value.rpartition("/")
         ns = ns or namespace
-        if not DNS_LABEL.match(ns) or not DNS_SUBDOMAIN.match(sa):
+        if not DNS_LABEL.fullmatch(ns) or not DNS_SUBDOMAIN.fullmatch(sa):
             raise SpecError(path, f"{value!r} is not 'serviceaccount' or 'namespace/serviceaccount'")
         principals.append(f"{ns}/{sa}")
     return Delegation(principals=tuple(principals), max_depth=reader.integer("maxDepth", maximum=8, default=3))
@@ -421,10 +424,10 @@ def parse_capability(obj: Mapping[str, Any]) -> Capability:
     if not isinstance(metadata, Mapping):
         raise SpecError("metadata", "must be an object")
     name = metadata.get("name")
-    if not isinstance(name, str) or not DNS_SUBDOMAIN.match(name) or len(name) > 253:
+    if not isinstance(name, str) or not DNS_SUBDOMAIN.fullmatch(name) or len(name) > 253:
         raise SpecError("metadata.name", "must be a DNS subdomain name")
     namespace = metadata.get("namespace") or "default"
-    if not isinstance(namespace, str) or not DNS_LABEL.match(namespace) or len(namespace) > 63:
+    if not isinstance(namespace, str) or not DNS_LABEL.fullmatch(namespace) or len(namespace) > 63:
         raise SpecError("metadata.namespace", "must be a DNS label")
     return parse_spec(top.data.get("spec"), name=name, namespace=namespace)
 
@@ -529,7 +532,8 @@ def to_spec(cap: Capability) -> dict[str, Any]:
 def numeric_field(body: object, dotted: str) -> int | None:
     """The integer a limit compares, or None when the field is missing or not a finite number.
 
-    Non-integral numbers round *up*, so ``400.01`` never passes a ``max: 400`` limit.
+    Non-integral numbers round away from zero, so ``400.01`` never passes a ``max: 400`` limit and
+    ``-0.5`` stays negative (negative amounts never pass a limit).
     """
     value: object = body
     for part in dotted.split("."):
@@ -541,7 +545,7 @@ def numeric_field(body: object, dotted: str) -> int | None:
     if isinstance(value, float):
         if not math.isfinite(value):
             return None
-        value = math.ceil(value)
+        value = math.ceil(value) if value > 0 else math.floor(value)
     if not -MAX_INT64 <= value <= MAX_INT64:
         return None
     return int(value)

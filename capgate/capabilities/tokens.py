@@ -12,6 +12,7 @@ validation here only turns "would be pointless" into a clear error for the perso
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -72,6 +73,12 @@ class Credential:
     expires_at: datetime
     principals: frozenset[str]
     index: DecisionIndex
+    bound_to: frozenset[str] = frozenset()
+    """Principals a narrowing block binds this token to; a delegate may only use a token bound to it."""
+
+    @property
+    def owner(self) -> str:
+        return self.capability.principal
 
     @property
     def id(self) -> str:
@@ -126,12 +133,34 @@ def load(token: str, trust: TrustBundle, *, now: datetime | None = None) -> Cred
         raise TokenError("malformed", "unreadable capability in authority block") from exc
     if issued is None or expires is None:
         raise TokenError("malformed", "credential without lifetime")
+    narrowed = [parsed.block_source(index) for index in range(1, parsed.block_count)]
+    expires = min([expires, *(_block_expiries(narrowed))])
     code: list[_biscuit.Code] | None = None
     if parsed.block_count == 1:
         regenerated = compiler.compile_authority(capability, issued, expires)
         code = regenerated if parsed.authority_equals(regenerated) else None
     return Credential(token=token.strip(), parsed=parsed, capability=capability, issued_at=issued,
-                      expires_at=expires, principals=principals, index=DecisionIndex(parsed, code))
+                      expires_at=expires, principals=principals, index=DecisionIndex(parsed, code),
+                      bound_to=frozenset(_block_bindings(narrowed)))
+
+
+_EXPIRY_CHECK = re.compile(r"^check if time\(\$t\), \$t <= (\S+);$", re.MULTILINE)
+_BINDING_CHECK = re.compile(r'^check if principal\("([^"]+)"\);$', re.MULTILINE)
+
+
+def _block_expiries(sources: list[str]) -> list[datetime]:
+    """Expiries that narrowing blocks enforce in Datalog, read back so callers can show and pre-check them."""
+    found = []
+    for source in sources:
+        for match in _EXPIRY_CHECK.finditer(source):
+            moment = parse_time(match.group(1), "expiry")
+            if moment is not None:
+                found.append(moment)
+    return found
+
+
+def _block_bindings(sources: list[str]) -> list[str]:
+    return [match.group(1) for source in sources for match in _BINDING_CHECK.finditer(source)]
 
 
 def attenuate(
@@ -173,7 +202,7 @@ def attenuate(
             current = next((lim.max for lim in rule.limits if lim.field == field), None)
             if current is not None and maximum > current:
                 raise AttenuationError(f"limit {rule_name}.{field}={maximum} is above the parent's {current}")
-            code.append(("check if allow_match($r), $r != {rule} or body_num({field}, $v), $v <= {max};",
+            code.append(("check if allow_match($r), $r != {rule} or body_num({field}, $v), $v >= 0, $v <= {max};",
                          {"rule": rule_name, "field": field, "max": maximum}))
             description.setdefault("limits", {}).setdefault(rule_name, {})[field] = maximum
     moment = (now or datetime.now(UTC)).replace(microsecond=0)

@@ -45,8 +45,8 @@ def both_paths(request: decision.Request) -> tuple[object, object]:
     facts = decision.request_facts(CAP, request, globs)
     indexed = CREDENTIAL.index.authorize(request.method, request.upstream, globs, facts)
     exact = CREDENTIAL.parsed.authorize([facts])
-    return (indexed.allowed, indexed.allow_rules, indexed.deny_rules), (exact.allowed, exact.allow_rules,
-                                                                         exact.deny_rules)
+    return ((indexed.allowed, set(indexed.allow_rules), set(indexed.deny_rules)),
+            (exact.allowed, set(exact.allow_rules), set(exact.deny_rules)))
 
 
 def test_fresh_credentials_use_the_index() -> None:
