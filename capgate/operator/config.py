@@ -7,8 +7,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Literal, cast
 
 from capgate.injection import SidecarSettings
+
+WebhookConfigs = Literal["create", "patch-ca", "none"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,10 @@ class OperatorConfig:
     webhook_service: str | None = None
     """In a cluster: the Service in front of the operator's webhook port."""
     webhook_cert_dir: str | None = None
-    manage_webhook_configs: bool = True
+    """Serving certificate from here (tls.crt, tls.key, ca.crt: e.g. cert-manager); else the operator's own CA."""
+    webhook_configs: WebhookConfigs = "create"
+    """create: the operator writes both webhook configurations (development); patch-ca: they come from the
+    Helm chart and the operator only fills in caBundle; none: someone else (cert-manager's cainjector) does."""
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 8080
     timer_interval: float = 5.0
@@ -44,8 +50,8 @@ def parse(argv: Sequence[str] | None = None) -> OperatorConfig:
     parser.add_argument("--webhook-url", default=_env("WEBHOOK_URL"))
     parser.add_argument("--webhook-service", default=_env("WEBHOOK_SERVICE"))
     parser.add_argument("--webhook-cert-dir", default=_env("WEBHOOK_CERT_DIR"))
-    parser.add_argument("--no-manage-webhook-configs", action="store_true",
-                        default=_env("MANAGE_WEBHOOK_CONFIGS", "true") == "false")
+    parser.add_argument("--webhook-configs", choices=("create", "patch-ca", "none"),
+                        default=_env("WEBHOOK_CONFIGS", "create"))
     parser.add_argument("--metrics-listen", default=_env("METRICS_LISTEN", "0.0.0.0:8080"))
     parser.add_argument("--timer-interval", type=float, default=float(_env("TIMER_INTERVAL", "5") or 5))
     parser.add_argument("--sidecar-image", default=_env("SIDECAR_IMAGE", SidecarSettings.image))
@@ -65,7 +71,7 @@ def parse(argv: Sequence[str] | None = None) -> OperatorConfig:
         webhook_url=args.webhook_url,
         webhook_service=args.webhook_service,
         webhook_cert_dir=args.webhook_cert_dir,
-        manage_webhook_configs=not args.no_manage_webhook_configs,
+        webhook_configs=cast(WebhookConfigs, args.webhook_configs),
         metrics_host=metrics_host or "0.0.0.0",
         metrics_port=int(metrics_port),
         timer_interval=args.timer_interval,

@@ -92,18 +92,17 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     now = datetime.now(UTC)
     await kube.update_revocation_list(lambda spec: revocation.pruned(spec, now))
     await kube.apply_cluster_role(manifests.revocation_reader_role())
-    tls = await ensure_webhook_tls(ctx)
-    cert_dir = Path(ctx.config.webhook_cert_dir or tempfile.mkdtemp(prefix="capgate-webhook-"))
-    ca_path, cert_path, key_path = tls.write(cert_dir)
+    ca_path, cert_path, key_path, ca_pem = await webhook_certificate(ctx)
     settings.admission.server = kopf.WebhookServer(
         addr=ctx.config.webhook_listen_host, port=ctx.config.webhook_port, certfile=str(cert_path),
         pkeyfile=str(key_path), cafile=str(ca_path))
     settings.admission.managed = None  # we keep our own configurations: short timeout, namespace exclusion
-    if ctx.config.manage_webhook_configs:
+    if ctx.config.webhook_configs == "create":
         mutating, validating = manifests.webhook_configurations(
-            tls.ca_pem, url=ctx.config.webhook_url, service=ctx.config.webhook_service,
-            namespace=ctx.config.namespace)
+            ca_pem, url=ctx.config.webhook_url, service=ctx.config.webhook_service, namespace=ctx.config.namespace)
         await kube.apply_webhook_configs(mutating, validating)
+    elif ctx.config.webhook_configs == "patch-ca":
+        await kube.patch_webhook_ca(manifests.MUTATING_CONFIG, manifests.VALIDATING_CONFIG, ca_pem)
     await serve(ctx.metrics, ctx.config.metrics_host, ctx.config.metrics_port, ctx.ready)
     ctx.ready.ready = True
     logger.info("capgate operator ready: namespace %s, webhooks on port %d", ctx.config.namespace,
@@ -116,6 +115,17 @@ def webhook_hosts(config: OperatorConfig) -> list[str]:
         base = f"{config.webhook_service}.{config.namespace}"
         hosts = [f"{base}.svc", base, f"{base}.svc.cluster.local", *hosts]
     return hosts
+
+
+async def webhook_certificate(ctx: Context) -> tuple[Path, Path, Path, bytes]:
+    """(ca, cert, key, ca PEM): mounted files when given (cert-manager), else the operator's own CA."""
+    given = Path(ctx.config.webhook_cert_dir) if ctx.config.webhook_cert_dir else None
+    if given is not None and (given / "tls.crt").exists() and (given / "tls.key").exists():
+        ca_path = given / "ca.crt"
+        return ca_path, given / "tls.crt", given / "tls.key", ca_path.read_bytes() if ca_path.exists() else b""
+    tls = await ensure_webhook_tls(ctx)
+    ca_path, cert_path, key_path = tls.write(given or Path(tempfile.mkdtemp(prefix="capgate-webhook-")))
+    return ca_path, cert_path, key_path, tls.ca_pem
 
 
 async def ensure_webhook_tls(ctx: Context) -> certificates.WebhookTLS:

@@ -213,3 +213,18 @@ class Kube:
                          lambda: self.admission.create_mutating_webhook_configuration(mutating), replace_m)
         await self.apply(lambda: self.admission.read_validating_webhook_configuration(v_name),
                          lambda: self.admission.create_validating_webhook_configuration(validating), replace_v)
+
+    async def patch_webhook_ca(self, mutating: str, validating: str, ca_pem: bytes) -> None:
+        """Fill in caBundle of chart-owned configurations, leaving everything else to Helm."""
+        bundle = base64.b64encode(ca_pem).decode("ascii")
+        for read, patch, name in (
+                (self.admission.read_mutating_webhook_configuration,
+                 self.admission.patch_mutating_webhook_configuration, mutating),
+                (self.admission.read_validating_webhook_configuration,
+                 self.admission.patch_validating_webhook_configuration, validating)):
+            current = await read(name)
+            ops = [{"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": bundle}
+                   for index in range(len(current.webhooks or []))]
+            if ops:
+                await patch(name, ops)
+
