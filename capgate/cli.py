@@ -24,6 +24,7 @@ import yaml
 
 from capgate.capabilities import decision, keys, paths, spec, tokens
 from capgate.capabilities.errors import CapabilityError, RequestError
+from capgate.cluster import ClusterError
 
 EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
 
@@ -45,6 +46,12 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from capgate import cluster
+
+        return cluster.cmd_keys_rotate_cluster(args)
+    if not args.dir:
+        raise UsageError("give --dir DIR (a local key set) or --cluster")
     path = Path(args.dir) / "root.key"
     keyset = keys.KeySet.from_file(path)
     rotated = keyset.rotate(spec.parse_duration(args.keep_old_for, "--keep-old-for")).prune(datetime.now(UTC))
@@ -292,8 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true")
     init.set_defaults(func=cmd_keys_init)
     rotate = keys_parser.add_parser("rotate", help="add a new active root key; old keys keep verifying")
-    rotate.add_argument("--dir", required=True)
-    rotate.add_argument("--keep-old-for", default="30d")
+    rotate.add_argument("--dir")
+    rotate.add_argument("--cluster", action="store_true", help="rotate the operator's root key Secret")
+    rotate.add_argument("--operator-namespace", default="capgate-system")
+    rotate.add_argument("--kubeconfig")
+    rotate.add_argument("--keep-old-for", default="31d")
     rotate.set_defaults(func=cmd_keys_rotate)
 
     mint = sub.add_parser("mint", help="mint a credential for an AgentCapability file")
@@ -337,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("file")
     verify.add_argument("--trust", help="root.pub to verify checkpoint signatures")
     verify.set_defaults(func=cmd_audit_verify)
+    from capgate import cluster
+
+    cluster.register(sub)
     return parser
 
 
@@ -345,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (UsageError, CapabilityError, OSError) as exc:
+    except (UsageError, CapabilityError, OSError, ClusterError) as exc:
         print(f"capgate: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -103,7 +103,7 @@ class Token:
                 builder.add_code(source, _convert(params))
             builder.set_limits(_limits(builder))
             authorizer = builder.build(self._biscuit)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any library failure fails closed
             return AuthzResult(False, (), (), (), f"authorizer setup failed: {type(exc).__name__}")
         return _run(authorizer)
 
@@ -114,7 +114,7 @@ class Token:
             for source, params in code:
                 probe.add_code(source, _convert(params))
             return str(probe.build(ba.KeyPair().private_key).block_source(0)) == self.block_source(0)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any library failure fails closed
             return False
 
 
@@ -141,7 +141,7 @@ class Prepared:
             for source, params in facts:
                 builder.add_code(source, _convert(params))
             authorizer = builder.build_unauthenticated()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any library failure fails closed
             return AuthzResult(False, (), (), (), f"authorizer setup failed: {type(exc).__name__}")
         return _run(authorizer)
 
@@ -151,7 +151,7 @@ def _run(authorizer: Any) -> AuthzResult:
     try:
         authorizer.authorize()
         allowed = True
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any library failure fails closed
         allowed = False
         error = str(exc.args[0]) if exc.args else type(exc).__name__
     # Only ask what the outcome can contain: an allow names its rule, a deny policy names its rule.
@@ -159,7 +159,7 @@ def _run(authorizer: Any) -> AuthzResult:
         allow_rules = tuple(str(f.terms[0]) for f in authorizer.query(_ALLOW_QUERY)) if allowed else ()
         deny_rules = (tuple(str(f.terms[0]) for f in authorizer.query(_DENY_QUERY))
                       if error and "deny policy matched" in error else ())
-    except Exception:
+    except Exception:  # noqa: BLE001 - any library failure fails closed
         return AuthzResult(False, (), (), (), error or "query failed")
     return AuthzResult(allowed, allow_rules, deny_rules, _failed_checks(error), error)
 
@@ -245,7 +245,7 @@ def parse_error(source: str) -> str | None:
     """Why ``source`` is not valid block Datalog, or None."""
     try:
         ba.BlockBuilder(source)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any library failure fails closed
         return str(exc.args[0]) if exc.args else type(exc).__name__
     return None
 

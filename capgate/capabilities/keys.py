@@ -93,7 +93,7 @@ class TrustBundle:
             return False
         try:
             Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any library failure fails closed
             return False
         return True
 
