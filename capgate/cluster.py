@@ -30,7 +30,7 @@ def _api(kubeconfig: str | None) -> Any:
     from kubernetes import client, config
 
     try:
-        config.load_kube_config(config_file=kubeconfig)
+        config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
     except Exception as exc:  # noqa: BLE001 - kubeconfig problems come in many types
         try:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
