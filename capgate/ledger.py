@@ -70,12 +70,16 @@ class Chain:
     head: str = GENESIS
 
     def seal(self, record: dict[str, Any]) -> str:
-        """Return the line (with newline) for ``record``, advancing the chain."""
-        sealed = {**record, "seq": self.seq + 1, "prev": self.head}
-        sealed["hash"] = record_hash(sealed)
+        """Return the line (with newline) for ``record``, advancing the chain.
+
+        The canonical bytes are serialised once and hashed; ``hash`` is appended as the last key
+        (lines need not be key-sorted: verification re-serialises canonically).
+        """
+        body = canonical({**record, "seq": self.seq + 1, "prev": self.head})
+        digest = hashlib.sha256(body).hexdigest()
         self.seq += 1
-        self.head = sealed["hash"]
-        return json.dumps(sealed, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
+        self.head = digest
+        return body[:-1].decode("ascii") + ',"hash":"' + digest + '"}\n'
 
     def checkpoint(self, *, time: str, session_key_id: str, endorsement: str,
                    sign: Callable[[bytes], bytes]) -> str:
@@ -119,6 +123,8 @@ class LedgerReport:
     unsigned: int = 0
     """Lines after the last valid checkpoint: cannot be told apart from a truncated or rewritten tail."""
     problems: list[str] = field(default_factory=list)
+    unverified_checkpoints: int = 0
+    """Checkpoints seen without a trust bundle to check them against (``--trust`` not given)."""
 
     def problem(self, text: str) -> None:
         self.ok = False
@@ -128,15 +134,18 @@ class LedgerReport:
         return {"ok": self.ok, "records": self.records, "checkpoints": self.checkpoints,
                 "signedThrough": self.signed_through, "unsigned": self.unsigned, "problems": self.problems}
 
-    def render(self) -> str:
+    def summary(self) -> str:
         status = "OK" if self.ok else "TAMPERED"
         lines = [f"{status}: {self.records} records, {self.checkpoints} valid checkpoints, "
                  f"signed through seq {self.signed_through}, {self.unsigned} unsigned at the end"]
+        if self.unverified_checkpoints:
+            lines.append(f"  note: {self.unverified_checkpoints} checkpoints not verified (give --trust root.pub); "
+                         "without them the chain proves order, not authorship")
         lines += [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
 
 
-def verify(path: str | Path, trust: TrustBundle) -> LedgerReport:
+def verify(path: str | Path, trust: TrustBundle | None) -> LedgerReport:
     """Check every line's hash and link, and every checkpoint's signature against ``trust``."""
     try:
         with Path(path).open("rb") as handle:
@@ -147,7 +156,7 @@ def verify(path: str | Path, trust: TrustBundle) -> LedgerReport:
         return report
 
 
-def verify_lines(lines: Iterable[bytes], trust: TrustBundle) -> LedgerReport:
+def verify_lines(lines: Iterable[bytes], trust: TrustBundle | None) -> LedgerReport:
     report = LedgerReport()
     prev_hash: str | None = None
     prev_seq: int | None = None
@@ -170,6 +179,9 @@ def verify_lines(lines: Iterable[bytes], trust: TrustBundle) -> LedgerReport:
         prev_hash, prev_seq = str(record.get("hash")), seq if isinstance(seq, int) else None
         if record.get("type") != CHECKPOINT:
             report.unsigned += 1
+            continue
+        if trust is None:
+            report.unverified_checkpoints += 1
             continue
         problem = check_checkpoint(record, trust)
         if problem:
@@ -224,7 +236,7 @@ def check_checkpoint(record: dict[str, Any], trust: TrustBundle) -> str | None:
             signature, checkpoint_message(record))
     except (KeyError, ValueError, TypeError, binascii.Error):
         return "checkpoint is malformed"
-    except Exception:  # noqa: BLE001 - InvalidSignature and key errors alike
+    except Exception:  # noqa: BLE001 - any failure here fails closed and is logged
         return "checkpoint signature does not verify (edited)"
     return None
 

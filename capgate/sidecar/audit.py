@@ -96,5 +96,5 @@ class AuditLog:
             await asyncio.sleep(interval)
             try:
                 self.checkpoint()
-            except Exception as exc:  # noqa: BLE001 - keep checkpointing alive
+            except Exception as exc:  # noqa: BLE001 - any failure here fails closed and is logged
                 log.error("audit checkpoint failed: %s", type(exc).__name__)

@@ -302,7 +302,7 @@ def load(argv: Sequence[str] | None, env: Mapping[str, str]) -> Settings:
     for option in OPTIONS:
         cli = getattr(args, option.attr)
         if cli is not None:
-            raw: Any = cli if option.repeatable else cli
+            raw: Any = cli
             source = option.flag
         elif option.env in env:
             raw, source = env[option.env], option.env

@@ -22,10 +22,13 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from capgate import resources
 from capgate.capabilities import decision, keys, receipts, spec, tokens
@@ -36,6 +39,26 @@ log = logging.getLogger("capgate.sidecar.credentials")
 
 SESSION_KEY_REFRESH = timedelta(seconds=60)
 """Standalone: issue a new session key this long before the old one stops signing."""
+
+
+@dataclass(frozen=True)
+class CachedSessionKey(receipts.SessionKey):
+    """A session key that builds its Ed25519 key object once.
+
+    The core's ``SessionKey.sign`` rebuilds the private key from bytes on every call, which costs
+    as much as the signature itself; the sidecar signs on every allowed 2xx, so it keeps the object.
+    """
+
+    @cached_property
+    def _signer(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self.private)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._signer.sign(message)
+
+    @classmethod
+    def of(cls, session: receipts.SessionKey) -> CachedSessionKey:
+        return cls(**{f.name: getattr(session, f.name) for f in fields(session)})
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,8 @@ class CredentialStore:
         self._capability: spec.Capability | None = None
         self._signature: tuple[object, ...] | None = None
         self.generation = 0
+        self.changed = asyncio.Event()
+        """Set (and replaced) whenever a new generation is installed: lets tests and watchers await reloads."""
 
     # -- loading -------------------------------------------------------------------------------
     def load_initial(self) -> None:
@@ -79,7 +104,8 @@ class CredentialStore:
                 raise ConfigError("--credential-dir", _safe(exc)) from exc
 
     def _load_standalone_inputs(self) -> None:
-        assert self.settings.capability is not None and self.settings.root_key is not None
+        assert self.settings.capability is not None
+        assert self.settings.root_key is not None
         try:
             cap = spec.load_capability_file(self.settings.capability)
         except (CapabilityError, OSError, UnicodeDecodeError) as exc:
@@ -92,7 +118,8 @@ class CredentialStore:
                                    service_account=self.settings.service_account or cap.service_account)
 
     def _mint_standalone(self, now: datetime) -> Loaded:
-        assert self._keyset is not None and self._capability is not None
+        assert self._keyset is not None
+        assert self._capability is not None
         cap = self._capability
         trust = self._keyset.trust_bundle()
         try:
@@ -125,9 +152,11 @@ class CredentialStore:
             self.verifier = decision.Verifier(loaded.trust)
         elif self.current is None or loaded.trust != self.current.trust:
             self.verifier.replace_trust(loaded.trust)
-        self.current = loaded
+        self.current = replace(loaded, session=CachedSessionKey.of(loaded.session))
         self.error = None
         self.generation += 1
+        self.changed.set()
+        self.changed = asyncio.Event()
         log.info("credential loaded: capability=%s id=%s… expires=%s session_key=%s",
                  loaded.capability.qualified_name, loaded.credential.id[:16],
                  loaded.credential.expires_at.isoformat(), loaded.session.key_id)
@@ -174,7 +203,7 @@ class CredentialStore:
             await asyncio.sleep(interval)
             try:
                 self.refresh()
-            except Exception as exc:  # noqa: BLE001 - the poller must survive; the old credential stays
+            except Exception as exc:  # noqa: BLE001 - any failure here fails closed and is logged
                 log.warning("credential refresh failed: %s", _safe(exc))
 
     def ready(self, now: datetime | None = None) -> tuple[bool, str]:

@@ -49,8 +49,15 @@ class KubeSource:
         return client.ApiClient()
 
     async def run(self, state: RevocationState) -> None:
-        state.has_source = True
-        api = await self._client()
+        state.has_source = True  # from here on, silence ages into lockdown
+        while True:
+            try:
+                api = await self._client()
+                break
+            except (config.ConfigException, OSError) as exc:
+                log.error("no Kubernetes API access for the RevocationList watch (%s); locking down after "
+                          "lockdownAfter and retrying", exc)
+                await asyncio.sleep(RETRY_DELAY * 5)
         try:
             custom = client.CustomObjectsApi(api)
             while True:

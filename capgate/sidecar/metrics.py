@@ -32,8 +32,21 @@ class Metrics:
         self.credential_expiry = Gauge("capgate_credential_expiry_timestamp_seconds",
                                        "Unix time the base credential expires", registry=self.registry)
 
+        self._children: dict[tuple[str, str, str], Counter] = {}
+        self._upstream_children: dict[str, Histogram] = {}
+
     def decision(self, outcome: str, reason: str, upstream: str | None) -> None:
-        self.decisions.labels(outcome=outcome, reason=reason, upstream=upstream or UNKNOWN_UPSTREAM).inc()
+        key = (outcome, reason, upstream or UNKNOWN_UPSTREAM)
+        child = self._children.get(key)
+        if child is None:  # labels() costs a lock and a tuple build per call; the set is small and closed
+            child = self._children[key] = self.decisions.labels(*key)
+        child.inc()
+
+    def upstream_time(self, upstream: str, seconds: float) -> None:
+        child = self._upstream_children.get(upstream)
+        if child is None:
+            child = self._upstream_children[upstream] = self.upstream_seconds.labels(upstream)
+        child.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -98,7 +98,8 @@ class ReceiptBook:
         if now > cached.expires_at + SKEW:
             raise ReceiptError("expired", f"receipt of rule {cached.rule!r} expired")
         if cached.credential in revoked:
-            raise ReceiptError("wrong_credential", f"receipt of rule {cached.rule!r} was issued to a revoked credential")
+            raise ReceiptError("wrong_credential",
+                               f"receipt of rule {cached.rule!r} was issued to a revoked credential")
         return cached
 
     def forget_verified(self) -> None:

@@ -1,0 +1,71 @@
+"""``capgate-sidecar`` / ``python -m capgate.sidecar``: parse settings, load the credential, serve.
+
+A bad setting or unusable credential material exits with code 2 and one line naming the setting
+(no traceback): the process never starts half-configured. SIGTERM/SIGINT shut down gracefully,
+which also writes a final signed checkpoint to the audit ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from capgate.sidecar import config
+from capgate.sidecar.app import create_apps
+
+log = logging.getLogger("capgate.sidecar")
+
+
+async def serve(settings: config.Settings, agent: web.Application, admin: web.Application) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    runners = [web.AppRunner(agent, access_log=None), web.AppRunner(admin, access_log=None)]
+    try:
+        for runner, address in zip(runners, (settings.listen, settings.admin_listen), strict=True):
+            await runner.setup()
+            await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+        log.info("capgate-sidecar listening on http://%s (agent) and http://%s (admin)",
+                 settings.listen, settings.admin_listen)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = config.load(sys.argv[1:] if argv is None else argv, os.environ)
+    except config.ConfigError as exc:
+        print(f"capgate-sidecar: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level_number, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    try:
+        agent, admin = create_apps(settings)
+    except config.ConfigError as exc:
+        print(f"capgate-sidecar: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings, agent, admin))
+    except OSError as exc:
+        print(f"capgate-sidecar: error: cannot listen: {exc.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""capgate on the local control plane: the operator as a local process, and "pods" without a kubelet.
+
+There is no kubelet here, so :class:`PodSidecar` plays its part for the one container that matters:
+it reads the *mutated* pod back from the API server, lays out the Secret files exactly where the
+pod spec mounts them (re-syncing them like the kubelet does, atomically), resolves the downward-API
+env, and starts the injected sidecar's own command with the pod spec's args. Two things differ, both
+because there is no cluster network: the listen addresses are free loopback ports, and each upstream
+URL (a ``*.svc`` name) is pointed at a loopback test server with ``--upstream-url``. The sidecar talks
+to the API server with a token of the pod's ServiceAccount, so it has exactly the pod's RBAC.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client as k8s
+
+from capgate import injection
+from e2e.controlplane import ControlPlane
+
+ROOT = Path(__file__).resolve().parents[1]
+OPERATOR_NAMESPACE = "capgate-system"
+SECRET_SYNC_SECONDS = 0.25
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None,
+              log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-4000:] if log and log.exists() else ""
+            raise RuntimeError(f"process exited with {process.returncode} before {url} answered:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    tail = log.read_text()[-4000:] if log and log.exists() else ""
+    raise RuntimeError(f"{url} did not answer 200 within {timeout}s:\n{tail}")
+
+
+class Operator:
+    """``capgate-operator`` as a local process against the control plane, webhooks on 127.0.0.1."""
+
+    def __init__(self, plane: ControlPlane, workdir: Path, namespace: str = OPERATOR_NAMESPACE) -> None:
+        self.plane = plane
+        self.namespace = namespace
+        self.workdir = workdir
+        self.webhook_port = free_port()
+        self.metrics_port = free_port()
+        self.log = workdir / "operator.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def start(self, timeout: float = 60) -> None:
+        self.plane.create_namespace(self.namespace)
+        env = dict(os.environ, KUBECONFIG=str(self.plane.kubeconfig), PYTHONUNBUFFERED="1")
+        argv = [sys.executable, "-m", "capgate.operator", "--namespace", self.namespace,
+                "--webhook-listen", f"127.0.0.1:{self.webhook_port}",
+                "--webhook-url", f"https://127.0.0.1:{self.webhook_port}",
+                "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--webhook-configs", "create"]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                            start_new_session=True)
+        wait_http(f"{self.metrics_url}/readyz", timeout, self.process, self.log)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup handlers run, as when a node dies mid-rotation."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(5)
+            self.process = None
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+
+def install_crds(plane: ControlPlane) -> None:
+    plane.kubectl("apply", "-f", str(ROOT / "crds"))
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                  "crd/agentcapabilities.capgate.dev", "crd/revocationlists.capgate.dev")
+
+
+class SecretSync:
+    """Keeps Secret keys as files under a directory, swapping them atomically like the kubelet."""
+
+    def __init__(self, core: k8s.CoreV1Api, namespace: str, files: list[injection.SecretFile], root: Path) -> None:
+        self.core = core
+        self.namespace = namespace
+        self.files = files
+        self.root = root
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def local(self, mount_path: str) -> Path:
+        return self.root / mount_path.lstrip("/")
+
+    def sync_once(self) -> None:
+        for item in self.files:
+            try:
+                secret = self.core.read_namespaced_secret(item.secret, self.namespace)
+            except k8s.ApiException as exc:
+                if exc.status == 404:
+                    continue  # a deleted Secret: the kubelet keeps the last files too
+                raise
+            data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+            target = self.local(item.directory)
+            target.mkdir(parents=True, exist_ok=True)
+            wanted = {item.path or "": data.get(item.key or "", b"")} if item.key else data
+            for name, value in wanted.items():
+                path = target / name
+                if path.exists() and path.read_bytes() == value:
+                    continue
+                temporary = path.with_name(f".{name}.tmp")
+                temporary.write_bytes(value)
+                temporary.replace(path)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(SECRET_SYNC_SECONDS):
+            try:
+                self.sync_once()
+            except Exception:  # noqa: BLE001 - the API server may be down in fault tests; keep the files
+                continue
+
+    def start(self) -> None:
+        self.sync_once()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class PodSidecar:
+    """The injected sidecar of one pod, run locally with the pod's args, env, Secret files and RBAC."""
+
+    def __init__(self, plane: ControlPlane, namespace: str, pod_name: str, upstream_urls: dict[str, str],
+                 workdir: Path) -> None:
+        self.plane = plane
+        self.namespace = namespace
+        self.pod_name = pod_name
+        self.workdir = workdir
+        self.upstream_urls = upstream_urls
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.log = workdir / f"sidecar-{pod_name}.log"
+        self.audit = workdir / f"audit-{pod_name}.jsonl"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.sync: SecretSync | None = None
+        self.pod: dict[str, Any] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def _read_pod(self) -> dict[str, Any]:
+        api = self.plane.client()
+        try:
+            raw: Any = k8s.CoreV1Api(api).read_namespaced_pod(self.pod_name, self.namespace, _preload_content=False)
+            return dict(json.loads(raw.data))
+        finally:
+            api.close()  # type: ignore[no-untyped-call]
+
+    def command(self, root: Path) -> tuple[list[str], dict[str, str]]:
+        invocation = injection.sidecar_invocation(self.pod, field_values={"spec.nodeName": "local"})
+        args = list(invocation.args)
+        for mount in invocation.mounts.values():
+            args = [str(root / mount.lstrip("/")) if arg == mount else arg for arg in args]
+        args = _replace_flag(args, "--listen", f"127.0.0.1:{self.port}")
+        args = _replace_flag(args, "--admin-listen", f"127.0.0.1:{self.admin_port}")
+        for name, url in self.upstream_urls.items():
+            args += ["--upstream-url", f"{name}={url}"]
+        args += ["--audit-log", str(self.audit)]
+        service_account = self.pod["spec"].get("serviceAccountName", "default")
+        kubeconfig = self.plane.kubeconfig_for_service_account(self.namespace, service_account)
+        env = {**invocation.env, "KUBECONFIG": str(kubeconfig), "CAPGATE_KUBECONFIG": str(kubeconfig)}
+        return args, env
+
+    def start(self, timeout: float = 30) -> None:
+        self.pod = self._read_pod()
+        root = Path(tempfile.mkdtemp(prefix="pod-", dir=self.workdir))
+        api = self.plane.client()
+        self.sync = SecretSync(k8s.CoreV1Api(api), self.namespace, injection.sidecar_secret_files(self.pod), root)
+        self.sync.start()
+        args, env = self.command(root)
+        container = next(c for c in self.pod["spec"]["initContainers"] if c["name"] == injection.DEFAULT_CONTAINER_NAME)
+        argv = [*container["command"], *args]
+        argv[0] = shutil.which(argv[0]) or str(Path(sys.executable).with_name(argv[0]))
+        full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", **env}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        wait_http(f"{self.admin_url}/readyz", timeout, self.process, self.log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+            self.process = None
+        if self.sync is not None:
+            self.sync.stop()
+            self.sync = None
+
+
+def _replace_flag(args: list[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    for index, arg in enumerate(out):
+        if arg == flag and index + 1 < len(out):
+            out[index + 1] = value
+            return out
+        if arg.startswith(flag + "="):
+            out[index] = f"{flag}={value}"
+            return out
+    return [*out, flag, value]
+
+
+@contextmanager
+def pod_sidecar(plane: ControlPlane, namespace: str, pod_name: str, upstream_urls: dict[str, str],
+                workdir: Path) -> Iterator[PodSidecar]:
+    sidecar = PodSidecar(plane, namespace, pod_name, upstream_urls, workdir)
+    try:
+        sidecar.start()
+        yield sidecar
+    finally:
+        sidecar.stop()
+
+
+def agent_pod(name: str, namespace: str, capability: str, service_account: str) -> dict[str, Any]:
+    """An agent pod as a user would write it: a label opts in, nothing else about capgate."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"capgate.dev/capability": capability}},
+            "spec": {"serviceAccountName": service_account,
+                     "containers": [{"name": "agent", "image": "python:3.12-slim",
+                                     "command": ["python", "-m", "my_agent"]}]}}
