@@ -1,0 +1,311 @@
+"""The operator end to end on the real API server: mint, inject, enforce, rotate, revoke, lock down.
+
+The operator runs as a local process; the API server calls its webhooks over TLS on 127.0.0.1.
+Pods are admitted and mutated by the real admission chain; with no kubelet, the injected sidecar is
+started locally with the pod spec's own command, args, env and Secret files (see e2e/cluster.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+
+from capgate import resources
+from e2e.cluster import Operator, PodSidecar, agent_pod, install_crds
+from e2e.controlplane import ControlPlane
+from e2e.upstream import RecordingUpstream
+from tests.crd_samples import SAMPLES, Sample
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMESPACE = "travel"
+API_KEY = "sk_live_e2e_4f9a1c0b7d2e"
+EXAMPLE = yaml.safe_load((ROOT / "examples" / "booking-agent.yaml").read_text())
+
+
+def capability(name: str, **spec_changes: Any) -> dict[str, Any]:
+    obj = copy.deepcopy(EXAMPLE)
+    obj["metadata"]["name"] = name
+    # The example's own Datalog expires the capability on 2027-01-01; these tests must outlive it.
+    obj["spec"].pop("datalog", None)
+    obj["spec"].update(spec_changes)
+    return obj
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Cluster:
+    def __init__(self, plane: ControlPlane, operator: Operator, upstream: RecordingUpstream, workdir: Path) -> None:
+        self.plane = plane
+        self.operator = operator
+        self.upstream = upstream
+        self.workdir = workdir
+
+    def apply(self, obj: dict[str, Any], check: bool = True) -> Any:
+        return self.plane.kubectl("apply", "-f", "-", input=json.dumps(obj), check=check)
+
+    def get_capability(self, name: str) -> dict[str, Any]:
+        result = self.plane.kubectl("get", "acap", name, "-n", NAMESPACE, "-o", "json")
+        return dict(json.loads(result.stdout))
+
+    def ready(self, name: str) -> dict[str, Any] | None:
+        obj = self.get_capability(name)
+        status = obj.get("status") or {}
+        cond = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), None)
+        if cond and cond["status"] == "True" and status.get("observedGeneration") == obj["metadata"]["generation"]:
+            return status
+        return None
+
+    def wait_ready(self, name: str, timeout: float = 30) -> dict[str, Any]:
+        return dict(wait_for(lambda: self.ready(name), timeout, f"AgentCapability {name} Ready"))
+
+    def secret(self, name: str) -> dict[str, bytes]:
+        api = self.plane.client()
+        try:
+            secret = k8s.CoreV1Api(api).read_namespaced_secret(name, NAMESPACE)
+        finally:
+            api.close()  # type: ignore[no-untyped-call]
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    def create_pod(self, name: str, cap: str, service_account: str = "booking-agent") -> Any:
+        return self.apply(agent_pod(name, NAMESPACE, cap, service_account), check=False)
+
+    def sidecar(self, pod: str) -> PodSidecar:
+        sidecar = PodSidecar(self.plane, NAMESPACE, pod, {"flights": self.upstream.url,
+                                                          "payments": self.upstream.url}, self.workdir)
+        sidecar.start()
+        return sidecar
+
+
+@pytest.fixture(scope="module")
+def cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    workdir = tmp_path_factory.mktemp("operator")
+    install_crds(control_plane)
+    control_plane.create_namespace(NAMESPACE)
+    control_plane.kubectl("create", "serviceaccount", "booking-agent", "-n", NAMESPACE, check=False)
+    control_plane.kubectl("create", "secret", "generic", "payments-api-key", "-n", NAMESPACE,
+                          f"--from-literal=token={API_KEY}", check=False)
+    operator = Operator(control_plane, workdir)
+    operator.start()
+    upstream = RecordingUpstream()
+    upstream.start()
+    try:
+        yield Cluster(control_plane, operator, upstream, workdir)
+    finally:
+        upstream.stop()
+        operator.stop()
+        # Leave no webhook behind for other e2e modules: it would refuse their pods.
+        control_plane.kubectl("delete", "mutatingwebhookconfiguration", "capgate-sidecar-injector",
+                              "--ignore-not-found")
+        control_plane.kubectl("delete", "validatingwebhookconfiguration", "capgate-capability-validator",
+                              "--ignore-not-found")
+
+
+def call(sidecar: PodSidecar, method: str, path: str, body: Any = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{sidecar.url}{path}", data=data, method=method,  # noqa: S310 - loopback
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+            return response.status, json.loads(response.read() or b"{}"), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
+
+
+# ------------------------------------------------------------------------------------------ minting
+
+def test_applying_the_example_mints_a_credential_and_reports_ready(cluster: Cluster) -> None:
+    cluster.apply(capability("booking-agent"))
+    status = cluster.wait_ready("booking-agent")
+
+    secret = cluster.secret(status["credentialSecret"])
+    assert set(secret) == {resources.TOKEN_FILE, resources.SESSION_KEY_FILE, resources.TRUST_BUNDLE_FILE,
+                           resources.SETTINGS_FILE}
+    assert status["revocationIds"] and status["expiresAt"] and status["issuedAt"]
+    assert status["upstreams"] == 2 and status["rules"] == 3
+    token = secret[resources.TOKEN_FILE].decode()
+    assert token not in json.dumps(cluster.get_capability("booking-agent"))
+    table = cluster.plane.kubectl("get", "acap", "-n", NAMESPACE).stdout
+    assert "READY" in table and "UPSTREAMS" in table and "EXPIRES" in table
+    assert "booking-agent" in table and "True" in table
+
+
+def test_the_credential_secret_is_owned_by_the_capability(cluster: Cluster) -> None:
+    obj = cluster.get_capability("booking-agent")
+    result = cluster.plane.kubectl("get", "secret", "booking-agent-capgate-credential", "-n", NAMESPACE, "-o", "json")
+    owners = json.loads(result.stdout)["metadata"]["ownerReferences"]
+    assert owners[0]["uid"] == obj["metadata"]["uid"]
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: s.name)
+def test_the_api_server_and_webhook_decide_each_sample_as_the_model_does(cluster: Cluster, sample: Sample) -> None:
+    obj = sample.build()
+    obj["metadata"]["name"] = "sample-" + "".join(c if c.isalnum() else "-" for c in sample.name.lower())[:40]
+    obj["spec"].pop("datalog", None) if "datalog" not in sample.name else None
+    result = cluster.apply(obj, check=False)
+    try:
+        assert (result.returncode == 0) == sample.model_accepts, result.stderr
+        if not sample.model_accepts and sample.webhook:
+            assert "validate.capgate.dev" in result.stderr  # refused by our webhook, with its message
+    finally:
+        cluster.plane.kubectl("delete", "acap", obj["metadata"]["name"], "-n", NAMESPACE, "--ignore-not-found",
+                              "--wait=false")
+
+
+def test_a_bad_glob_is_rejected_at_apply_with_the_field_path(cluster: Cluster) -> None:
+    bad = capability("bad-glob")
+    bad["spec"]["rules"][0]["paths"] = ["/search/../admin"]
+    result = cluster.apply(bad, check=False)
+    assert result.returncode != 0
+    assert "spec.rules[0].paths[0]: '..' segments are not allowed" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ injection
+
+def test_a_labelled_pod_gets_the_native_sidecar_and_proxy_settings(cluster: Cluster) -> None:
+    result = cluster.create_pod("agent-1", "booking-agent")
+    assert result.returncode == 0, result.stderr
+    pod = json.loads(cluster.plane.kubectl("get", "pod", "agent-1", "-n", NAMESPACE, "-o", "json").stdout)
+    sidecar = pod["spec"]["initContainers"][0]
+    assert sidecar["name"] == "capgate-sidecar" and sidecar["restartPolicy"] == "Always"
+    agent_env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert agent_env["HTTP_PROXY"] == "http://127.0.0.1:15080"
+    assert agent_env["CAPGATE_UPSTREAM_PAYMENTS_URL"] == "http://127.0.0.1:15080/payments"
+    mounted = {m["name"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts") or []}
+    assert not any(name.startswith("capgate-") for name in mounted)
+
+
+def test_a_pod_with_the_wrong_service_account_is_refused(cluster: Cluster) -> None:
+    result = cluster.create_pod("intruder", "booking-agent", service_account="default")
+    assert result.returncode != 0
+    assert "pod runs as ServiceAccount 'default'" in result.stderr
+
+
+def test_a_pod_naming_an_unknown_capability_is_refused(cluster: Cluster) -> None:
+    result = cluster.create_pod("lost", "no-such-capability")
+    assert result.returncode != 0
+    assert "AgentCapability travel/no-such-capability" in result.stderr
+
+
+def test_pods_without_the_label_are_not_touched(cluster: Cluster) -> None:
+    pod = agent_pod("plain", NAMESPACE, "x", "default")
+    del pod["metadata"]["labels"]
+    assert cluster.apply(pod).returncode == 0
+    created = json.loads(cluster.plane.kubectl("get", "pod", "plain", "-n", NAMESPACE, "-o", "json").stdout)
+    assert not created["spec"].get("initContainers")
+
+
+# ------------------------------------------------------------------------------------------ enforcement
+
+def test_the_injected_sidecar_enforces_the_capability(cluster: Cluster) -> None:
+    sidecar = cluster.sidecar("agent-1")
+    try:
+        status, _, headers = call(sidecar, "GET", "/flights/search?from=SFO", headers={"Authorization": "Bearer agent"})
+        assert status == 200 and "X-Capgate-Receipt" in headers
+        status, _, _ = call(sidecar, "POST", "/payments/v1/charges", {"amount": 30000})
+        assert status == 200  # the receipt the sidecar holds for this pod's session satisfies "requires"
+        status, body, _ = call(sidecar, "POST", "/payments/v1/charges", {"amount": 500000})
+        assert (status, body["error"], body["reason"]) == (403, "denied", "limit_exceeded")
+        status, body, _ = call(sidecar, "DELETE", "/flights/search/1")
+        assert (status, body["rule"]) == (403, "no-deletes")
+        charges = [s for s in cluster.upstream.seen if s.path == "/v1/charges"]
+        assert charges and all(s.headers.get("Authorization") == f"Bearer {API_KEY}" for s in charges)
+        assert not any(h.lower().startswith("x-capgate") for s in cluster.upstream.seen for h in s.headers)
+        assert not any(s.headers.get("Authorization") == "Bearer agent" for s in cluster.upstream.seen)
+    finally:
+        sidecar.stop()
+
+
+def test_revoking_a_capability_denies_within_a_second(cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    cluster.apply(capability("revocable"))
+    cluster.wait_ready("revocable")
+    assert cluster.create_pod("agent-revocable", "revocable").returncode == 0
+    sidecar = cluster.sidecar("agent-revocable")
+    try:
+        assert call(sidecar, "GET", "/flights/search")[0] == 200
+        started = time.monotonic()
+        cluster.plane.kubectl("patch", "acap", "revocable", "-n", NAMESPACE, "--type=merge",
+                              "-p", '{"spec":{"revoked":true}}')
+        status, body, _ = wait_for(lambda: (r := call(sidecar, "GET", "/flights/search"))[0] == 401 and r,
+                                   10, "the revocation to reach the sidecar", interval=0.01)
+        elapsed = time.monotonic() - started
+        assert body["reason"] == "revoked"
+        with capsys.disabled():
+            print(f"\n    revocation propagation (kubectl patch → sidecar denies): {elapsed * 1000:.0f} ms")
+    finally:
+        sidecar.stop()
+    status_now = cluster.get_capability("revocable")["status"]
+    assert status_now["conditions"][0]["reason"] == "Revoked"
+
+
+def test_a_spec_change_mints_a_new_credential_and_revokes_the_old(cluster: Cluster) -> None:
+    cluster.apply(capability("changing"))
+    first = cluster.wait_ready("changing")["revocationIds"]
+    changed = capability("changing")
+    changed["spec"]["rules"][1]["limits"][0]["max"] = 1000
+    cluster.apply(changed)
+    second = cluster.wait_ready("changing")["revocationIds"]
+    assert second != first
+    listed = json.loads(cluster.plane.kubectl("get", "revocationlist", "capgate", "-o", "json").stdout)
+    assert first[0] in {e["id"] for e in listed["spec"]["revokedIds"]}
+
+
+def test_a_short_lived_credential_rotates_without_interrupting_requests(cluster: Cluster) -> None:
+    cluster.apply(capability("short", credential={"ttl": "20s", "rotateBefore": "12s"}))
+    first = cluster.wait_ready("short")["revocationIds"][0]
+    assert cluster.create_pod("agent-short", "short").returncode == 0
+    sidecar = cluster.sidecar("agent-short")
+    try:
+        statuses = []
+        deadline = time.monotonic() + 16
+        while time.monotonic() < deadline:
+            statuses.append(call(sidecar, "GET", "/flights/search")[0])
+            time.sleep(0.2)
+        current = cluster.get_capability("short")["status"]["revocationIds"][0]
+    finally:
+        sidecar.stop()
+    assert current != first, "the operator rotated the credential"
+    assert set(statuses) == {200}, f"every request during rotation was allowed: {sorted(set(statuses))}"
+
+
+def test_an_operator_restart_keeps_credentials_and_keeps_reconciling(cluster: Cluster) -> None:
+    before = cluster.wait_ready("booking-agent")["revocationIds"]
+    cluster.operator.kill()
+    cluster.operator.start()
+    cluster.apply(capability("after-restart"))
+    cluster.wait_ready("after-restart")
+    assert cluster.wait_ready("booking-agent")["revocationIds"] == before
+
+
+def test_deleting_a_capability_revokes_its_credential(cluster: Cluster) -> None:
+    cluster.apply(capability("short-lived-object"))
+    ids = cluster.wait_ready("short-lived-object")["revocationIds"]
+    cluster.plane.kubectl("delete", "acap", "short-lived-object", "-n", NAMESPACE, "--timeout=30s")
+    listed = json.loads(cluster.plane.kubectl("get", "revocationlist", "capgate", "-o", "json").stdout)
+    assert ids[0] in {e["id"] for e in listed["spec"]["revokedIds"]}
+
+
+def test_the_operator_exports_metrics(cluster: Cluster) -> None:
+    text = cluster.operator.metrics()
+    assert "capgate_operator_credentials_minted_total" in text
+    assert "capgate_operator_webhook_seconds_bucket" in text
+    assert API_KEY not in text
