@@ -122,10 +122,10 @@ def cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
 def call(sidecar: PodSidecar, method: str, path: str, body: Any = None,
          headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{sidecar.url}{path}", data=data, method=method,  # noqa: S310 - loopback
+    request = urllib.request.Request(f"{sidecar.url}{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read() or b"{}"), dict(response.headers)
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
