@@ -245,7 +245,7 @@ def test_revoking_a_capability_denies_within_a_second(cluster: Cluster, capsys: 
         started = time.monotonic()
         cluster.plane.kubectl("patch", "acap", "revocable", "-n", NAMESPACE, "--type=merge",
                               "-p", '{"spec":{"revoked":true}}')
-        status, body, _ = wait_for(lambda: (r := call(sidecar, "GET", "/flights/search"))[0] == 401 and r,
+        _, body, _ = wait_for(lambda: (r := call(sidecar, "GET", "/flights/search"))[0] == 401 and r,
                                    10, "the revocation to reach the sidecar", interval=0.01)
         elapsed = time.monotonic() - started
         assert body["reason"] == "revoked"
