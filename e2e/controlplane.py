@@ -104,6 +104,14 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return f"<cannot read {path}: {error}>"
 
 
+def _direct_opener(context: ssl.SSLContext | None = None) -> urllib.request.OpenerDirector:
+    """An opener that ignores HTTP(S)_PROXY: urllib would send even 127.0.0.1 through a proxy."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers)
+
+
 def _parent_death_signal() -> Callable[[], None] | None:
     """A preexec_fn asking the kernel to SIGKILL the child when the starting thread dies (Linux)."""
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
@@ -327,7 +335,7 @@ class ControlPlane:
 
     def _launch(self, bin_dir: Path) -> None:
         work = self._require_workdir()
-        pki = work / "pki"
+        certs = work / "pki"
         etcd_client, etcd_peer, self._port = _free_ports(3)
         etcd_url = f"http://127.0.0.1:{etcd_client}"
         data_dir = work / "etcd"
@@ -358,13 +366,13 @@ class ControlPlane:
                 "--advertise-address=127.0.0.1",
                 f"--secure-port={self._port}",
                 f"--cert-dir={work / 'apiserver'}",
-                f"--tls-cert-file={pki / 'apiserver.crt'}",
-                f"--tls-private-key-file={pki / 'apiserver.key'}",
-                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--tls-cert-file={certs / 'apiserver.crt'}",
+                f"--tls-private-key-file={certs / 'apiserver.key'}",
+                f"--client-ca-file={certs / 'ca.crt'}",
                 "--authorization-mode=RBAC",
                 f"--service-account-issuer={self.service_account_issuer}",
-                f"--service-account-key-file={pki / 'sa.pub'}",
-                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                f"--service-account-key-file={certs / 'sa.pub'}",
+                f"--service-account-signing-key-file={certs / 'sa.key'}",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 "--allow-privileged=true",
                 "--profiling=false",
@@ -393,17 +401,17 @@ class ControlPlane:
     @staticmethod
     def _etcd_healthy(url: str) -> bool:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+            with _direct_opener().open(f"{url}/health", timeout=1) as response:
                 return bool(json.load(response).get("health") == "true")
         except (OSError, ValueError):
             return False
 
     def _apiserver_ready(self) -> bool:
         context = ssl.create_default_context(cafile=str(self.ca_path))
-        pki = self._require_workdir() / "pki"
-        context.load_cert_chain(pki / "admin.crt", pki / "admin.key")
+        certs = self._require_workdir() / "pki"
+        context.load_cert_chain(certs / "admin.crt", certs / "admin.key")
         try:
-            with urllib.request.urlopen(f"{self.server}/readyz", timeout=2, context=context) as response:
+            with _direct_opener(context).open(f"{self.server}/readyz", timeout=2) as response:
                 return bool(response.status == 200)
         except urllib.error.HTTPError as error:
             error.close()
@@ -412,8 +420,8 @@ class ControlPlane:
             return False
 
     def _write_admin_kubeconfig(self) -> None:
-        pki = self._require_workdir() / "pki"
-        user = {"client-certificate": str(pki / "admin.crt"), "client-key": str(pki / "admin.key")}
+        certs = self._require_workdir() / "pki"
+        user = {"client-certificate": str(certs / "admin.crt"), "client-key": str(certs / "admin.key")}
         self._write_kubeconfig(self.kubeconfig, "admin", user)
 
     def _write_kubeconfig(self, path: Path, user_name: str, user: dict[str, str]) -> Path:
@@ -475,11 +483,12 @@ class ControlPlane:
 
     def client(self, token: str | None = None) -> k8s.ApiClient:
         """A ``kubernetes`` ApiClient: admin by default, or authenticated with a bearer ``token``."""
-        pki = self._require_workdir() / "pki"
-        configuration = k8s.Configuration(host=self.server, ssl_ca_cert=str(self.ca_path))
+        certs = self._require_workdir() / "pki"
+        # no_proxy: the client reads HTTP(S)_PROXY from the environment, even for 127.0.0.1.
+        configuration = k8s.Configuration(host=self.server, ssl_ca_cert=str(self.ca_path), no_proxy="*")
         if token is None:
-            configuration.cert_file = str(pki / "admin.crt")
-            configuration.key_file = str(pki / "admin.key")
+            configuration.cert_file = str(certs / "admin.crt")
+            configuration.key_file = str(certs / "admin.key")
         else:
             configuration.api_key = {"BearerToken": token}
             configuration.api_key_prefix = {"BearerToken": "Bearer"}
@@ -555,9 +564,7 @@ class ControlPlane:
         argv = [str(self.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         return self._run(argv, input=input, check=check)
 
-    def helm(
-        self, *args: str, kubeconfig: Path | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def helm(self, *args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run helm against this control plane, with helm's cache/config/data kept in the workdir."""
         work = self._require_workdir()
         env = {
@@ -597,6 +604,8 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _up(control_plane: ControlPlane) -> int:
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then leaves it so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_interrupt)
     started = time.monotonic()

@@ -38,12 +38,12 @@ def say(text: str) -> None:
 
 def request(url: str, method: str, body: Any = None) -> tuple[int, dict[str, Any], dict[str, str], float]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,  # noqa: S310 - loopback demo
+    req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json",
                                           "Authorization": "Bearer agent-made-this-up"})
     started = time.perf_counter()
     try:
-        with urllib.request.urlopen(req, timeout=10) as response:  # noqa: S310 - loopback demo
+        with urllib.request.urlopen(req, timeout=10) as response:
             payload, status, headers = response.read(), response.status, dict(response.headers)
     except urllib.error.HTTPError as error:
         payload, status, headers = error.read(), error.code, dict(error.headers)

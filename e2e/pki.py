@@ -119,9 +119,7 @@ class CertificateAuthority:
             )
         )
         if hosts:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([_san(host) for host in hosts]), critical=False
-            )
+            builder = builder.add_extension(x509.SubjectAlternativeName([_san(host) for host in hosts]), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         return pem_key(key), cert.public_bytes(serialization.Encoding.PEM)
 
@@ -144,7 +142,5 @@ def write(path: Path, data: bytes, *, private: bool = False) -> Path:
 def service_account_key_pair() -> tuple[bytes, bytes]:
     """(private key PEM, public key PEM) for signing and verifying ServiceAccount tokens (ES256)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return pem_key(key), public

@@ -139,9 +139,7 @@ def reader(control_plane: ControlPlane, kube_api: k8s.ApiClient) -> Reader:
         core.create_namespaced_config_map(
             namespace, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name=name), data={"generation": "1"})
         )
-    core.create_namespaced_service_account(
-        namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name="reader"))
-    )
+    core.create_namespaced_service_account(namespace, k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name="reader")))
     rbac.create_namespaced_role(
         namespace,
         k8s.V1Role(
@@ -183,9 +181,7 @@ def review(kube_api: k8s.ApiClient, reader: Reader, verb: str, resource: str, na
             namespace=reader.namespace, verb=verb, resource=resource, name=name
         ),
     )
-    result = k8s.AuthorizationV1Api(kube_api).create_subject_access_review(
-        k8s.V1SubjectAccessReview(spec=spec)
-    )
+    result = k8s.AuthorizationV1Api(kube_api).create_subject_access_review(k8s.V1SubjectAccessReview(spec=spec))
     assert result.status is not None
     return result.status.allowed
 
@@ -296,7 +292,7 @@ class LabellingWebhook:
     def _run(self) -> None:
         try:
             asyncio.run(self._serve())
-        except BaseException as error:  # reported to the test thread by __enter__
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread, which re-raises it in __enter__
             self._error = error
             self._started.set()
 
@@ -319,9 +315,7 @@ class LabellingWebhook:
     async def _mutate(self, request: web.Request) -> web.Response:
         review: dict[str, Any] = await request.json()
         self.reviews.append(review)
-        patch = [
-            {"op": "add", "path": "/metadata/labels/" + WEBHOOK_LABEL.replace("/", "~1"), "value": "yes"}
-        ]
+        patch = [{"op": "add", "path": "/metadata/labels/" + WEBHOOK_LABEL.replace("/", "~1"), "value": "yes"}]
         return web.json_response(
             {
                 "apiVersion": "admission.k8s.io/v1",
@@ -336,9 +330,7 @@ class LabellingWebhook:
         )
 
 
-def webhook_configuration(
-    name: str, webhook: LabellingWebhook, namespace: str
-) -> k8s.V1MutatingWebhookConfiguration:
+def webhook_configuration(name: str, webhook: LabellingWebhook, namespace: str) -> k8s.V1MutatingWebhookConfiguration:
     return k8s.V1MutatingWebhookConfiguration(
         metadata=k8s.V1ObjectMeta(name=name),
         webhooks=[
@@ -353,9 +345,7 @@ def webhook_configuration(
                     )
                 ],
                 # Only this test's namespace: the control plane is shared by the whole session.
-                namespace_selector=k8s.V1LabelSelector(
-                    match_labels={"kubernetes.io/metadata.name": namespace}
-                ),
+                namespace_selector=k8s.V1LabelSelector(match_labels={"kubernetes.io/metadata.name": namespace}),
                 admission_review_versions=["v1"],
                 side_effects="None",
                 failure_policy="Fail",
@@ -388,22 +378,14 @@ def test_api_server_calls_the_mutating_webhook_over_tls_and_stores_its_patch(
     core = k8s.CoreV1Api(kube_api)
     registrations = k8s.AdmissionregistrationV1Api(kube_api)
     with LabellingWebhook(control_plane.issue_serving_cert("labelling-webhook")) as webhook:
-        registrations.create_mutating_webhook_configuration(
-            webhook_configuration("e2e-labeller", webhook, namespace)
-        )
+        registrations.create_mutating_webhook_configuration(webhook_configuration("e2e-labeller", webhook, namespace))
         try:
             wait_until_webhook_is_active(core, namespace)
 
             created = core.create_namespaced_pod(namespace, pod("agent"))
 
-            seen = [
-                r["request"]
-                for r in webhook.reviews
-                if r["request"]["object"]["metadata"].get("name") == "agent"
-            ]
-            assert [(r["operation"], r["dryRun"], r["namespace"]) for r in seen] == [
-                ("CREATE", False, namespace)
-            ]
+            seen = [r["request"] for r in webhook.reviews if r["request"]["object"]["metadata"].get("name") == "agent"]
+            assert [(r["operation"], r["dryRun"], r["namespace"]) for r in seen] == [("CREATE", False, namespace)]
             assert created.metadata is not None
             assert created.metadata.labels == {"app": "agent", WEBHOOK_LABEL: "yes"}
             stored = core.read_namespaced_pod("agent", namespace)

@@ -1,0 +1,278 @@
+"""The Helm chart against a real API server: install, what the API server accepts, RBAC, uninstall.
+
+There is no kubelet (nor controller-manager), so the operator pod is never created; the release is
+installed with ``--wait=false`` and the tests look at what the API server stored and what RBAC
+allows. Nothing of the release may outlive this module: its webhook configurations fail closed and
+share their (fixed) names with those an e2e operator process creates, so objects of those names that
+exist before the install are set aside and put back afterwards, and the CRDs (which other tests'
+AgentCapabilities live in) are adopted by the release rather than replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+
+from capgate import resources
+from capgate.operator import manifests
+from e2e.controlplane import ControlPlane
+
+CHART = Path(__file__).resolve().parents[1] / "helm" / "capgate"
+RELEASE = "capgate"
+CRDS = (f"{resources.CAPABILITY_PLURAL}.{resources.GROUP}", f"{resources.REVOCATION_PLURAL}.{resources.GROUP}")
+# Cluster-scoped objects of the chart that an e2e operator process (or an earlier run) may have made.
+SHARED = (("mutatingwebhookconfiguration", manifests.MUTATING_CONFIG),
+          ("validatingwebhookconfiguration", manifests.VALIDATING_CONFIG),
+          ("clusterrole", manifests.REVOCATION_READER_ROLE), ("clusterrole", "capgate-admin"),
+          ("clusterrole", "capgate-viewer"), ("clusterrole", f"{RELEASE}-operator"),
+          ("clusterrolebinding", f"{RELEASE}-operator"))
+KEEP_METADATA = ("name", "labels", "annotations")
+
+
+@dataclass
+class Release:
+    plane: ControlPlane
+    namespace: str
+    installed: bool = False
+    set_aside: list[dict[str, Any]] = field(default_factory=list)
+
+    def _get(self, kind: str, name: str) -> dict[str, Any] | None:
+        result = self.plane.kubectl("get", kind, name, "-o", "json", "--ignore-not-found")
+        return json.loads(result.stdout) if result.stdout.strip() else None
+
+    def prepare(self) -> None:
+        """Adopt existing CRDs into the release; set aside the other shared objects (restored later)."""
+        for crd in CRDS:
+            if self._get("customresourcedefinition", crd) is not None:
+                self.plane.kubectl("label", "--overwrite", "customresourcedefinition", crd,
+                                   "app.kubernetes.io/managed-by=Helm")
+                self.plane.kubectl("annotate", "--overwrite", "customresourcedefinition", crd,
+                                   f"meta.helm.sh/release-name={RELEASE}",
+                                   f"meta.helm.sh/release-namespace={self.namespace}")
+        for kind, name in SHARED:
+            existing = self._get(kind, name)
+            if existing is not None:
+                existing["metadata"] = {k: v for k, v in existing["metadata"].items() if k in KEEP_METADATA}
+                self.set_aside.append(existing)
+                self.plane.kubectl("delete", kind, name, "--wait=true")
+
+    def restore(self) -> None:
+        for obj in self.set_aside:
+            self.plane.kubectl("create", "-f", "-", input=json.dumps(obj))
+        self.set_aside.clear()
+
+    def install(self) -> None:
+        if not self.installed:
+            self.plane.helm("install", RELEASE, str(CHART), "--namespace", self.namespace, "--create-namespace",
+                            "--wait=false")
+            self.installed = True
+
+    def uninstall(self) -> str:
+        self.installed = False
+        return self.plane.helm("uninstall", RELEASE, "--namespace", self.namespace, "--wait").stdout
+
+
+@pytest.fixture(scope="module")
+def release(control_plane: ControlPlane) -> Iterator[Release]:
+    """The chart installed into a namespace of its own; uninstalled, and shared objects restored, at the end."""
+    the_release = Release(control_plane, f"capgate-helm-{uuid.uuid4().hex[:8]}")
+    try:
+        the_release.prepare()
+        the_release.install()
+        yield the_release
+    finally:
+        try:
+            if control_plane.helm("status", RELEASE, "-n", the_release.namespace, check=False).returncode == 0:
+                the_release.uninstall()
+        finally:
+            the_release.restore()
+
+
+@pytest.fixture
+def installed(release: Release) -> Release:
+    release.install()  # again, if a test before this one uninstalled it
+    return release
+
+
+@pytest.fixture(scope="module")
+def api(control_plane: ControlPlane) -> Iterator[k8s.ApiClient]:
+    with control_plane.client() as client:
+        yield client
+
+
+def allowed(api: k8s.ApiClient, user: str, verb: str, group: str, resource: str, *, namespace: str | None = None,
+            name: str | None = None, groups: list[str] | None = None) -> bool:
+    """What the API server's RBAC authorizer answers for ``user`` (a SubjectAccessReview)."""
+    review = k8s.V1SubjectAccessReview(spec=k8s.V1SubjectAccessReviewSpec(
+        user=user, groups=[*(groups or []), "system:authenticated"],
+        resource_attributes=k8s.V1ResourceAttributes(verb=verb, group=group, resource=resource,
+                                                     namespace=namespace, name=name)))
+    status = k8s.AuthorizationV1Api(api).create_subject_access_review(review).status
+    return bool(status.allowed)
+
+
+# ------------------------------------------------------------------------------------------------ install
+
+
+def test_crds_are_established(installed: Release, api: k8s.ApiClient) -> None:
+    for crd in CRDS:
+        installed.plane.kubectl("wait", "--for=condition=Established", f"customresourcedefinition/{crd}",
+                                "--timeout=60s")
+    crd = k8s.ApiextensionsV1Api(api).read_custom_resource_definition(CRDS[0])
+    assert crd.metadata.annotations["helm.sh/resource-policy"] == "keep"
+    assert crd.spec.names.short_names == [resources.CAPABILITY_SHORT_NAME]
+
+
+def test_operator_deployment_and_service_account_are_created(installed: Release, api: k8s.ApiClient) -> None:
+    deployment = k8s.AppsV1Api(api).read_namespaced_deployment(RELEASE, installed.namespace)
+    pod = deployment.spec.template.spec
+    assert deployment.spec.replicas == 1
+    assert pod.service_account_name == RELEASE
+    (container,) = pod.containers
+    assert container.image == "ghcr.io/capgate/capgate:0.1.0"
+    assert "--webhook-configs=patch-ca" in container.args
+    assert container.security_context.read_only_root_filesystem is True
+    assert pod.security_context.run_as_non_root is True
+    core = k8s.CoreV1Api(api)
+    assert core.read_namespaced_service_account(RELEASE, installed.namespace).metadata.name == RELEASE
+    service = core.read_namespaced_service(f"{RELEASE}-webhook", installed.namespace)
+    assert [(p.port, p.target_port) for p in service.spec.ports] == [(443, "https-webhook")]
+
+
+def test_cluster_roles_are_created(installed: Release, api: k8s.ApiClient) -> None:
+    rbac = k8s.RbacAuthorizationV1Api(api)
+    for name in (f"{RELEASE}-operator", manifests.REVOCATION_READER_ROLE, "capgate-admin", "capgate-viewer"):
+        assert rbac.read_cluster_role(name).metadata.labels["app.kubernetes.io/instance"] == RELEASE
+    reader = rbac.read_cluster_role(manifests.REVOCATION_READER_ROLE)
+    assert api.sanitize_for_serialization(reader.rules) == manifests.revocation_reader_role()["rules"]
+
+
+def test_webhook_configurations_are_accepted_with_fail_closed_selectors(installed: Release,
+                                                                         api: k8s.ApiClient) -> None:
+    admission = k8s.AdmissionregistrationV1Api(api)
+    (inject,) = admission.read_mutating_webhook_configuration(manifests.MUTATING_CONFIG).webhooks
+    assert inject.name == "inject.capgate.dev"
+    assert inject.failure_policy == "Fail"
+    assert inject.side_effects == "None"
+    assert inject.reinvocation_policy == "IfNeeded"
+    assert inject.timeout_seconds == manifests.WEBHOOK_TIMEOUT_SECONDS
+    assert api.sanitize_for_serialization(inject.object_selector) == {
+        "matchExpressions": [{"key": resources.CAPABILITY_LABEL, "operator": "Exists"}]}
+    assert api.sanitize_for_serialization(inject.namespace_selector) == {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [installed.namespace]}]}
+    service = inject.client_config.service
+    assert (service.name, service.namespace, service.path, service.port) == (
+        f"{RELEASE}-webhook", installed.namespace, "/inject-sidecar", 443)
+    assert inject.client_config.ca_bundle is None  # the operator patches it in when it starts
+    (validate,) = admission.read_validating_webhook_configuration(manifests.VALIDATING_CONFIG).webhooks
+    assert validate.name == "validate.capgate.dev"
+    assert validate.failure_policy == "Fail"
+    assert validate.client_config.service.path == "/validate-capability"
+    assert validate.rules[0].resources == [resources.CAPABILITY_PLURAL]
+
+
+# --------------------------------------------------------------------------------------------------- RBAC
+
+
+def test_operator_service_account_has_exactly_the_access_it_needs(installed: Release, api: k8s.ApiClient) -> None:
+    user = f"system:serviceaccount:{installed.namespace}:{RELEASE}"
+    groups = ["system:serviceaccounts", f"system:serviceaccounts:{installed.namespace}"]
+
+    def can(verb: str, group: str, resource: str, namespace: str | None = None, name: str | None = None) -> bool:
+        return allowed(api, user, verb, group, resource, namespace=namespace, name=name, groups=groups)
+
+    assert can("create", "", "secrets", "travel")
+    assert can("get", "", "secrets", installed.namespace, resources.ROOT_KEY_SECRET)
+    assert can("update", resources.GROUP, resources.REVOCATION_PLURAL, name=resources.REVOCATION_LIST_NAME)
+    assert can("watch", resources.GROUP, resources.CAPABILITY_PLURAL)
+    assert can("patch", resources.GROUP, f"{resources.CAPABILITY_PLURAL}/status", "travel")
+    assert can("create", "", "events", "travel")
+    assert can("bind", "rbac.authorization.k8s.io", "clusterroles", name=manifests.REVOCATION_READER_ROLE)
+    assert can("patch", "admissionregistration.k8s.io", "mutatingwebhookconfigurations",
+               name=manifests.MUTATING_CONFIG)
+    assert not can("delete", "", "namespaces", name="travel")
+    assert not can("list", "", "secrets", "travel")
+    assert not can("bind", "rbac.authorization.k8s.io", "clusterroles", name="cluster-admin")
+    assert not can("update", "rbac.authorization.k8s.io", "clusterroles", name="admin")
+    assert not can("patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", name="other")
+    assert not can("create", "", "pods", "travel")
+
+
+def test_operator_can_bind_sidecars_to_the_revocation_reader_and_nothing_else(installed: Release) -> None:
+    """The API server's escalation check, for real: bind is what lets the operator grant this role."""
+    plane = installed.plane
+    kubeconfig = plane.kubeconfig_for_service_account(installed.namespace, RELEASE)
+    binding = manifests.revocation_reader_binding("travel", "booking-agent")
+    name = binding["metadata"]["name"]
+    try:
+        plane.kubectl("create", "-f", "-", kubeconfig=kubeconfig, input=json.dumps(binding))
+        escalation = {**binding, "metadata": {"name": "capgate-e2e-escalation"},
+                      "roleRef": {**binding["roleRef"], "name": "cluster-admin"}}
+        refused = plane.kubectl("create", "-f", "-", kubeconfig=kubeconfig, input=json.dumps(escalation), check=False)
+        assert refused.returncode != 0
+        assert "forbidden" in refused.stderr.lower()
+        # What --webhook-configs patch-ca does at start.
+        patch = [{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": "Y2E="}]
+        plane.kubectl("patch", "mutatingwebhookconfiguration", manifests.MUTATING_CONFIG, "--type=json",
+                      "-p", json.dumps(patch), kubeconfig=kubeconfig)
+    finally:
+        plane.kubectl("delete", "clusterrolebinding", name, "capgate-e2e-escalation", "--ignore-not-found")
+
+
+@pytest.mark.parametrize(("role", "may", "may_not"), [
+    ("capgate-viewer",
+     [("list", resources.CAPABILITY_PLURAL, "travel"), ("watch", resources.REVOCATION_PLURAL, None)],
+     [("create", resources.CAPABILITY_PLURAL, "travel"), ("update", resources.REVOCATION_PLURAL, None),
+      ("delete", resources.CAPABILITY_PLURAL, "travel")]),
+    ("capgate-admin",
+     [("create", resources.CAPABILITY_PLURAL, "travel"), ("delete", resources.CAPABILITY_PLURAL, "travel"),
+      ("patch", resources.REVOCATION_PLURAL, None)],
+     [("delete", resources.REVOCATION_PLURAL, None)]),
+])
+def test_people_roles_grant_what_their_names_say(installed: Release, api: k8s.ApiClient, role: str,
+                                                 may: list[tuple[str, str, str | None]],
+                                                 may_not: list[tuple[str, str, str | None]]) -> None:
+    user = f"{role}-e2e-user"
+    rbac = k8s.RbacAuthorizationV1Api(api)
+    rbac.create_cluster_role_binding(k8s.V1ClusterRoleBinding(
+        metadata=k8s.V1ObjectMeta(name=user),
+        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="ClusterRole", name=role),
+        subjects=[k8s.RbacV1Subject(api_group="rbac.authorization.k8s.io", kind="User", name=user)]))
+    try:
+        for verb, resource, namespace in may:
+            assert allowed(api, user, verb, resources.GROUP, resource, namespace=namespace), (verb, resource)
+        for verb, resource, namespace in may_not:
+            assert not allowed(api, user, verb, resources.GROUP, resource, namespace=namespace), (verb, resource)
+        assert not allowed(api, user, "get", "", "secrets", namespace="travel")
+    finally:
+        rbac.delete_cluster_role_binding(user)
+
+
+# ---------------------------------------------------------------------------------------------- uninstall
+
+
+def test_uninstall_leaves_nothing_but_the_kept_crds(installed: Release, api: k8s.ApiClient) -> None:
+    installed.uninstall()
+    plane, namespace = installed.plane, installed.namespace
+    assert plane.helm("list", "--namespace", namespace, "--short").stdout.strip() == ""
+    selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/managed-by=Helm"
+    leftovers = plane.kubectl("get", "deployments,services,serviceaccounts,secrets,poddisruptionbudgets",
+                              "-n", namespace, "-l", selector, "-o", "name").stdout.split()
+    leftovers += plane.kubectl("get", "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,"
+                               "validatingwebhookconfigurations", "-l", selector, "-o", "name").stdout.split()
+    assert leftovers == []
+    for kind, name in SHARED:
+        assert plane.kubectl("get", kind, name, "--ignore-not-found", "-o", "name").stdout == "", (kind, name)
+    releases = plane.kubectl("get", "secrets", "-n", namespace, "-l", "owner=helm", "-o", "name").stdout
+    assert releases == ""
+    extensions = k8s.ApiextensionsV1Api(api)
+    for crd in CRDS:  # kept, and still serving: AgentCapabilities survive an uninstall
+        assert extensions.read_custom_resource_definition(crd).metadata.annotations[
+            "helm.sh/resource-policy"] == "keep"
