@@ -40,6 +40,43 @@ ba: Any = _biscuit_auth
 """The library's shipped stubs lag its API (limits, Algorithm, build_unauthenticated), so it is
 typed as Any here, and only here."""
 
+_INERT = re.compile(r"[A-Za-z0-9._:/*@=+~-]{0,256}")
+"""Strings that cannot leave a Datalog string literal: no quote, no backslash, no control or space."""
+
+
+class Facts:
+    """Request facts for an authorizer, assembled here so every value is encoded in one place.
+
+    Binding a parameter costs this library ~7 µs per value, more than the rest of a decision's
+    fact loading, so values that provably cannot escape a literal (:data:`_INERT` strings,
+    integers, UTC datetimes) are written as literals; anything else still goes in as a parameter.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._params: dict[str, Term] = {}
+
+    def add(self, predicate: str, *values: str | int | datetime) -> None:
+        rendered = []
+        for value in values:
+            if isinstance(value, bool):
+                rendered.append("true" if value else "false")
+            elif isinstance(value, int):
+                rendered.append(str(value))
+            elif isinstance(value, datetime) and value.utcoffset() == timedelta(0):
+                rendered.append(value.replace(microsecond=0, tzinfo=None).isoformat() + "Z")
+            elif isinstance(value, str) and _INERT.fullmatch(value):
+                rendered.append(f'"{value}"')
+            else:
+                name = f"p{len(self._params)}"
+                self._params[name] = value
+                rendered.append("{" + name + "}")
+        self._parts.append(f"{predicate}({', '.join(rendered)});")
+
+    def code(self) -> Code:
+        return " ".join(self._parts), dict(self._params)
+
+
 _CHECK_RE = re.compile(r"Check n°(\d+) in (?:block n°(\d+)|(authorizer)): ")
 
 

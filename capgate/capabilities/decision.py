@@ -12,7 +12,6 @@ runs a little ahead of the operator's does not reject fresh credentials.
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections import OrderedDict
 from collections.abc import Container, Sequence
@@ -116,7 +115,7 @@ def decide_one(credential: tokens.Credential, request: Request, *, revoked: Cont
     except TokenError as error:
         return _invalid(error)
     cap = credential.capability
-    globs = frozenset(matching_globs(cap, request.path)) if request.method is not None and request.path else frozenset()
+    globs = credential.index.globs_for(request.path) if request.method is not None and request.path else frozenset()
     result = credential.index.authorize(request.method, request.upstream, globs,
                                         request_facts(cap, request, globs, skew))
     for check in result.failed_checks:
@@ -165,46 +164,35 @@ def check_holder(credential: tokens.Credential, principal: str) -> None:
 def request_facts(cap: Capability, request: Request, globs: frozenset[str] | None = None,
                   skew: timedelta = SKEW) -> _biscuit.Code:
     """The authorizer facts for ``request`` (see :mod:`capgate.capabilities.compiler`)."""
-    parts = ["principal({principal});", "time({time});"]
-    params: dict[str, _biscuit.Term] = {"principal": request.principal,
-                                        "time": (request.now - skew).replace(microsecond=0)}
+    facts = _biscuit.Facts()
+    facts.add("principal", request.principal)
+    facts.add("time", request.now - skew)
     required = cap.required_rules
     if required or cap.datalog:
-        parts.append("correlation({correlation});")
-        params["correlation"] = request.correlation
-    counter = itertools.count()
-
-    def add(template: str, **values: _biscuit.Term) -> None:
-        index = next(counter)
-        source = template
-        for key, value in values.items():
-            source = source.replace("{" + key + "}", "{" + f"{key}{index}" + "}")
-            params[f"{key}{index}"] = value
-        parts.append(source)
-
+        facts.add("correlation", request.correlation)
     if request.method is not None and request.upstream is not None:
-        add("req({m}, {u});", m=request.method, u=request.upstream)
+        facts.add("req", request.method, request.upstream)
         if request.path is not None:
             for glob in sorted(globs if globs is not None else matching_globs(cap, request.path)):
-                add("path_match({g});", g=glob)
+                facts.add("path_match", glob)
     for kind, value in (("action_match", request.action), ("resource_match", request.resource)):
         if value is not None and request.method is None:  # a request is HTTP or an action, never both
-            for glob in _name_globs(cap, kind):
+            for glob in sorted(_name_globs(cap, kind)):
                 if name_glob_matches(glob, value):
-                    add(f"{kind}({{g}});", g=glob)
+                    facts.add(kind, glob)
     for rule_name in sorted(request.receipts):
         if rule_name in required or cap.datalog:
-            add("receipt({r}, {c});", r=rule_name, c=request.correlation)
+            facts.add("receipt", rule_name, request.correlation)
     if request.body is not None:
         for field_path in sorted(cap.limit_fields):
             number = numeric_field(request.body, field_path)
             if number is not None:
-                add("body_num({f}, {v});", f=field_path, v=number)
-    return " ".join(parts), params
+                facts.add("body_num", field_path, number)
+    return facts.code()
 
 
 def matching_globs(cap: Capability, path: str) -> list[str]:
-    return [glob for glob in sorted(cap.globs) if glob_matches(glob, path)]
+    return [glob for glob in cap.sorted_globs if glob_matches(glob, path)]
 
 
 def _name_globs(cap: Capability, kind: str) -> set[str]:

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -137,19 +138,23 @@ class Capability:
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
 
-    @property
+    @cached_property
     def limit_fields(self) -> frozenset[str]:
         """Body fields some rule or budget reads; only these are ever extracted from a body."""
         found = {lim.field for rule in self.rules for lim in rule.limits}
         found.update(budget.field for budget in self.budgets)
         return frozenset(found)
 
-    @property
+    @cached_property
     def required_rules(self) -> frozenset[str]:
         """Rules some other rule requires a receipt of."""
         return frozenset(name for rule in self.rules for name in rule.requires)
 
-    @property
+    @cached_property
+    def sorted_globs(self) -> tuple[str, ...]:
+        return tuple(sorted(self.globs))
+
+    @cached_property
     def globs(self) -> frozenset[str]:
         return frozenset(glob for rule in self.rules for glob in rule.paths)
 

@@ -21,6 +21,7 @@ from typing import Any
 from capgate.capabilities import _biscuit, compiler
 from capgate.capabilities.errors import AttenuationError, SpecError, TokenError
 from capgate.capabilities.keys import KeySet, TrustBundle, parse_time
+from capgate.capabilities.paths import glob_matches
 from capgate.capabilities.spec import Capability, parse_spec
 
 
@@ -35,17 +36,30 @@ class DecisionIndex:
     and any credential whose regenerated code differs, always take the exact path.
     """
 
+    MAX_PATHS = 4096
     MAX_ENTRIES = 256
     """Bounds memory when an agent sprays methods and upstream names; beyond it, the exact path."""
 
-    def __init__(self, parsed: _biscuit.Token, code: list[_biscuit.Code] | None) -> None:
+    def __init__(self, parsed: _biscuit.Token, code: list[_biscuit.Code] | None, capability: Capability) -> None:
         self._parsed = parsed
         self._code = code
+        self._capability = capability
+        self._globs: dict[str, frozenset[str]] = {}
         self._prepared: dict[tuple[str | None, str | None, frozenset[str]], _biscuit.Prepared] = {}
 
     @property
     def exact_only(self) -> bool:
         return self._code is None
+
+    def globs_for(self, path: str) -> frozenset[str]:
+        """The capability's globs that match ``path`` (agents repeat paths, so this is remembered)."""
+        found = self._globs.get(path)
+        if found is None:
+            found = frozenset(glob for glob in self._capability.sorted_globs if glob_matches(glob, path))
+            if len(self._globs) >= self.MAX_PATHS:
+                self._globs.clear()
+            self._globs[path] = found
+        return found
 
     def authorize(self, method: str | None, upstream: str | None, globs: frozenset[str],
                   facts: _biscuit.Code) -> _biscuit.AuthzResult:
@@ -140,7 +154,7 @@ def load(token: str, trust: TrustBundle, *, now: datetime | None = None) -> Cred
         regenerated = compiler.compile_authority(capability, issued, expires)
         code = regenerated if parsed.authority_equals(regenerated) else None
     return Credential(token=token.strip(), parsed=parsed, capability=capability, issued_at=issued,
-                      expires_at=expires, principals=principals, index=DecisionIndex(parsed, code),
+                      expires_at=expires, principals=principals, index=DecisionIndex(parsed, code, capability),
                       bound_to=frozenset(_block_bindings(narrowed)))
 
 
