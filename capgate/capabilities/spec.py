@@ -13,8 +13,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
