@@ -22,6 +22,7 @@ import json
 import secrets
 from collections.abc import Container
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -81,8 +82,12 @@ class SessionKey:
         endorsement = f"{_b64(body)}.{_b64(keyset.active.sign(body))}"
         return cls(key_id=key_id, private=raw_private, not_after=not_after, endorsement=endorsement)
 
+    @cached_property
+    def _signer(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self.private)
+
     def sign(self, message: bytes) -> bytes:
-        return Ed25519PrivateKey.from_private_bytes(self.private).sign(message)
+        return self._signer.sign(message)
 
     def to_json(self) -> str:
         return json.dumps({"kind": SESSION_KEY_KIND, "id": self.key_id, "private": self.private.hex(),

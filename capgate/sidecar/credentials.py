@@ -22,13 +22,10 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
 from pathlib import Path
 from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from capgate import resources
 from capgate.capabilities import decision, keys, receipts, spec, tokens
@@ -39,26 +36,6 @@ log = logging.getLogger("capgate.sidecar.credentials")
 
 SESSION_KEY_REFRESH = timedelta(seconds=60)
 """Standalone: issue a new session key this long before the old one stops signing."""
-
-
-@dataclass(frozen=True)
-class CachedSessionKey(receipts.SessionKey):
-    """A session key that builds its Ed25519 key object once.
-
-    The core's ``SessionKey.sign`` rebuilds the private key from bytes on every call, which costs
-    as much as the signature itself; the sidecar signs on every allowed 2xx, so it keeps the object.
-    """
-
-    @cached_property
-    def _signer(self) -> Ed25519PrivateKey:
-        return Ed25519PrivateKey.from_private_bytes(self.private)
-
-    def sign(self, message: bytes) -> bytes:
-        return self._signer.sign(message)
-
-    @classmethod
-    def of(cls, session: receipts.SessionKey) -> CachedSessionKey:
-        return cls(**{f.name: getattr(session, f.name) for f in fields(session)})
 
 
 @dataclass(frozen=True)
@@ -152,7 +129,7 @@ class CredentialStore:
             self.verifier = decision.Verifier(loaded.trust)
         elif self.current is None or loaded.trust != self.current.trust:
             self.verifier.replace_trust(loaded.trust)
-        self.current = replace(loaded, session=CachedSessionKey.of(loaded.session))
+        self.current = loaded
         self.error = None
         self.generation += 1
         self.changed.set()
