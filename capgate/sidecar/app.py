@@ -33,7 +33,6 @@ from capgate.sidecar.audit import AuditLog
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded, UpstreamSecrets
 from capgate.sidecar.gate import Gate, Trace, new_decision_id
-from capgate.sidecar.kubewatch import KubeSource
 from capgate.sidecar.limits import Limits
 from capgate.sidecar.metrics import Metrics
 from capgate.sidecar.receipts import ReceiptBook, split_header
@@ -69,6 +68,8 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     if source is None and settings.credential_dir is not None:
         # In a pod the RevocationList watch is the revocation feed and the heartbeat.
         assert store.current is not None
+        from capgate.sidecar.kubewatch import KubeSource  # the Kubernetes client only where it is used
+
         source = KubeSource((env or os.environ).get("KUBECONFIG"), store.current.capability.lockdown_after)
 
     agent = web.Application(middlewares=[outcome_middleware], client_max_size=settings.max_body_bytes)
@@ -80,8 +81,9 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent.router.add_post("/_capgate/v1/authorize", _control(control.authorize))
     agent.router.add_post("/_capgate/v1/attenuate", _control(control.attenuate))
     agent.router.add_get("/_capgate/v1/whoami", _control(control.whoami))
-    agent.router.add_route("*", "/_capgate/{tail:.*}", _control(unknown_control))
-    agent.router.add_route("*", "/{tail:.*}", handle_proxy)
+    # [\s\S], not '.': a decoded path may hold a newline (%0a), which must reach routing (400), not 404.
+    agent.router.add_route("*", r"/_capgate/{tail:[\s\S]*}", _control(unknown_control))
+    agent.router.add_route("*", r"/{tail:[\s\S]*}", handle_proxy)
 
     admin = web.Application()
     admin[GATE] = gate

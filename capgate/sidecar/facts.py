@@ -85,11 +85,29 @@ async def read_body(request: web.Request, limit: int) -> Body:
     return Body(raw=raw, parsed=parse_json(raw))
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    if len({key for key, _ in pairs}) != len(pairs):
+        raise _DuplicateKey
+    return dict(pairs)
+
+
 def parse_json(raw: bytes) -> object:
+    """The JSON document, None when not JSON; 400 when a key repeats.
+
+    ``{"amount": 99999, "amount": 1}`` reads as 1 here (last wins) but as 99999 to a first-wins
+    upstream parser: like an ambiguous path, an ambiguous body is refused, never read "leniently".
+    """
     if not raw:
         return None
     try:
-        return json.loads(raw)
+        return json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey:
+        raise errors.bad_request("ambiguous_body", "the JSON body repeats a key, which parsers read differently") \
+            from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
