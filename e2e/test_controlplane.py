@@ -268,6 +268,7 @@ class LabellingWebhook:
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._connections: set[asyncio.Transport] = set()
         self._thread = threading.Thread(target=self._run, name="labelling-webhook", daemon=True)
 
     @property
@@ -309,12 +310,18 @@ class LabellingWebhook:
             self._stop = asyncio.Event()
             self._started.set()
             await self._stop.wait()
+            # The API server keeps its connections alive. Closing TLS gracefully could outlive this
+            # event loop (an "unclosed transport" ResourceWarning); the test is over, so drop them.
+            for connection in self._connections:
+                connection.abort()
         finally:
             await runner.cleanup()
 
     async def _mutate(self, request: web.Request) -> web.Response:
         review: dict[str, Any] = await request.json()
         self.reviews.append(review)
+        if request.transport is not None:
+            self._connections.add(request.transport)
         patch = [{"op": "add", "path": "/metadata/labels/" + WEBHOOK_LABEL.replace("/", "~1"), "value": "yes"}]
         return web.json_response(
             {

@@ -143,7 +143,7 @@ build_one() {
 		;;
 	helm)
 		pkg=helm.sh/helm/v3/cmd/helm
-		ldflags="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+		ldflags=" -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 		ldflags+=" -X helm.sh/helm/v3/internal/version.gitCommit=$HELM_COMMIT"
 		ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 		local p
