@@ -117,11 +117,15 @@ def _trust(path: str) -> keys.TrustBundle:
 
 
 def _read_token(value: str) -> str:
+    """A token given inline, as ``-`` (stdin), or as a file name; a token is never echoed in an error."""
     if value == "-":
         return sys.stdin.read().strip()
-    candidate = Path(value)
-    if len(value) < 4096 and candidate.is_file():
-        return candidate.read_text(encoding="utf-8").strip()
+    try:
+        candidate = Path(value)
+        if len(value) < 1024 and candidate.is_file():
+            return candidate.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the token file: {exc.strerror}") from exc
     return value.strip()
 
 
