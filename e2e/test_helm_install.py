@@ -11,6 +11,14 @@ AgentCapabilities live in) are adopted by the release rather than replaced.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +32,8 @@ from capgate import resources
 from capgate.operator import manifests
 from e2e.controlplane import ControlPlane
 
-CHART = Path(__file__).resolve().parents[1] / "helm" / "capgate"
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "capgate"
 RELEASE = "capgate"
 CRDS = (f"{resources.CAPABILITY_PLURAL}.{resources.GROUP}", f"{resources.REVOCATION_PLURAL}.{resources.GROUP}")
 # Cluster-scoped objects of the chart that an e2e operator process (or an earlier run) may have made.
@@ -41,6 +50,7 @@ class Release:
     plane: ControlPlane
     namespace: str
     installed: bool = False
+    notes: str = ""
     set_aside: list[dict[str, Any]] = field(default_factory=list)
 
     def _get(self, kind: str, name: str) -> dict[str, Any] | None:
@@ -70,8 +80,8 @@ class Release:
 
     def install(self) -> None:
         if not self.installed:
-            self.plane.helm("install", RELEASE, str(CHART), "--namespace", self.namespace, "--create-namespace",
-                            "--wait=false")
+            self.notes = self.plane.helm("install", RELEASE, str(CHART), "--namespace", self.namespace,
+                                         "--create-namespace", "--wait=false").stdout
             self.installed = True
 
     def uninstall(self) -> str:
@@ -146,6 +156,13 @@ def test_operator_deployment_and_service_account_are_created(installed: Release,
     assert [(p.port, p.target_port) for p in service.spec.ports] == [(443, "https-webhook")]
 
 
+def test_install_notes_tell_the_next_step(installed: Release) -> None:
+    assert f"kubectl -n {installed.namespace} rollout status deployment/{RELEASE}" in installed.notes
+    assert "kubectl apply -f examples/booking-agent.yaml" in installed.notes
+    assert "capgate.dev/capability: booking-agent" in installed.notes
+    assert "kubectl get acap -A" in installed.notes
+
+
 def test_cluster_roles_are_created(installed: Release, api: k8s.ApiClient) -> None:
     rbac = k8s.RbacAuthorizationV1Api(api)
     for name in (f"{RELEASE}-operator", manifests.REVOCATION_READER_ROLE, "capgate-admin", "capgate-viewer"):
@@ -209,7 +226,7 @@ def test_operator_can_bind_sidecars_to_the_revocation_reader_and_nothing_else(in
     """The API server's escalation check, for real: bind is what lets the operator grant this role."""
     plane = installed.plane
     kubeconfig = plane.kubeconfig_for_service_account(installed.namespace, RELEASE)
-    binding = manifests.revocation_reader_binding("travel", "booking-agent")
+    binding = manifests.revocation_reader_binding(installed.namespace, f"agent-{uuid.uuid4().hex[:8]}")
     name = binding["metadata"]["name"]
     try:
         plane.kubectl("create", "-f", "-", kubeconfig=kubeconfig, input=json.dumps(binding))
@@ -276,3 +293,83 @@ def test_uninstall_leaves_nothing_but_the_kept_crds(installed: Release, api: k8s
     for crd in CRDS:  # kept, and still serving: AgentCapabilities survive an uninstall
         assert extensions.read_custom_resource_definition(crd).metadata.annotations[
             "helm.sh/resource-policy"] == "keep"
+
+
+# ------------------------------------------------------------------------- the operator under the chart's RBAC
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the operator exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)  # polling a local port: there is no event to wait on
+    pytest.fail(f"the operator was not ready within {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def test_operator_runs_with_exactly_the_charts_rbac(tmp_path: Path) -> None:
+    """capgate-operator with the chart's arguments, authenticated as the chart's ServiceAccount, does its job.
+
+    The operator runs as a local process (there is no kubelet) on a control plane of its own, because
+    kopf would otherwise reconcile other tests' AgentCapabilities with this release's root key. Its
+    webhook Service is unreachable without a cluster network, so after start-up (which patches the
+    caBundle) the webhook configurations are removed and a capability goes through mint and revoke.
+    """
+    with ControlPlane() as plane:
+        release = Release(plane, "capgate-system")
+        release.install()
+        plane.kubectl("wait", "--for=condition=Established", *[f"customresourcedefinition/{c}" for c in CRDS])
+        kubeconfig = plane.kubeconfig_for_service_account(release.namespace, RELEASE)
+        metrics = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAPGATE_")}
+        env.update(KUBECONFIG=str(kubeconfig), CAPGATE_OPERATOR_NAMESPACE=release.namespace, PYTHONUNBUFFERED="1")
+        args = [sys.executable, "-m", "capgate.operator", "--webhook-service", f"{RELEASE}-webhook",
+                "--webhook-configs", "patch-ca", "--webhook-listen", f"127.0.0.1:{_free_port()}",
+                "--metrics-listen", f"127.0.0.1:{metrics}"]
+        log = tmp_path / "operator.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                       start_new_session=True)
+        try:
+            _wait_ready(f"http://127.0.0.1:{metrics}/readyz", process, log)
+            for kind, name in (("mutatingwebhookconfiguration", manifests.MUTATING_CONFIG),
+                               ("validatingwebhookconfiguration", manifests.VALIDATING_CONFIG)):
+                bundle = plane.kubectl("get", kind, name, "-o", "jsonpath={.webhooks[0].clientConfig.caBundle}")
+                assert bundle.stdout, f"{kind} {name}: caBundle not patched"
+                plane.kubectl("delete", kind, name)
+            secrets = plane.kubectl("get", "secrets", "-n", release.namespace, "-o", "name").stdout.split()
+            assert f"secret/{resources.ROOT_KEY_SECRET}" in secrets
+            plane.create_namespace("travel")
+            example = str(REPO / "examples" / "booking-agent.yaml")
+            plane.kubectl("apply", "-f", example)
+            plane.kubectl("wait", "--for=condition=Ready", "-n", "travel", "agentcapability/booking-agent",
+                          "--timeout=60s")
+            plane.kubectl("get", "secret", "-n", "travel", f"booking-agent{resources.CREDENTIAL_SECRET_SUFFIX}")
+            plane.kubectl("get", "clusterrolebinding", manifests.revocation_reader_binding_name("travel",
+                                                                                                "booking-agent"))
+            plane.kubectl("delete", "-f", example, "--timeout=60s")  # the operator revokes, then lets go
+            revoked = plane.kubectl("get", resources.REVOCATION_PLURAL, resources.REVOCATION_LIST_NAME, "-o",
+                                    "jsonpath={.spec.revokedIds[*].capability}").stdout
+            assert "travel/booking-agent" in revoked
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        text = log.read_text()
+        assert "Forbidden" not in text, text[-4000:]
+        assert " 403" not in text, text[-4000:]

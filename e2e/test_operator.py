@@ -108,7 +108,13 @@ def cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
     upstream = RecordingUpstream()
     upstream.start()
     try:
-        yield Cluster(control_plane, operator, upstream, workdir)
+        ready = Cluster(control_plane, operator, upstream, workdir)
+        # Every test may lean on the example capability and one agent pod, whatever runs first.
+        ready.apply(capability("booking-agent"))
+        ready.wait_ready("booking-agent")
+        result = ready.create_pod("agent-1", "booking-agent")
+        assert result.returncode == 0, result.stderr
+        yield ready
     finally:
         upstream.stop()
         operator.stop()
@@ -134,7 +140,6 @@ def call(sidecar: PodSidecar, method: str, path: str, body: Any = None,
 # ------------------------------------------------------------------------------------------ minting
 
 def test_applying_the_example_mints_a_credential_and_reports_ready(cluster: Cluster) -> None:
-    cluster.apply(capability("booking-agent"))
     status = cluster.wait_ready("booking-agent")
 
     secret = cluster.secret(status["credentialSecret"])
@@ -182,8 +187,6 @@ def test_a_bad_glob_is_rejected_at_apply_with_the_field_path(cluster: Cluster) -
 # ------------------------------------------------------------------------------------------ injection
 
 def test_a_labelled_pod_gets_the_native_sidecar_and_proxy_settings(cluster: Cluster) -> None:
-    result = cluster.create_pod("agent-1", "booking-agent")
-    assert result.returncode == 0, result.stderr
     pod = json.loads(cluster.plane.kubectl("get", "pod", "agent-1", "-n", NAMESPACE, "-o", "json").stdout)
     sidecar = pod["spec"]["initContainers"][0]
     assert sidecar["name"] == "capgate-sidecar" and sidecar["restartPolicy"] == "Always"
@@ -309,3 +312,75 @@ def test_the_operator_exports_metrics(cluster: Cluster) -> None:
     assert "capgate_operator_credentials_minted_total" in text
     assert "capgate_operator_webhook_seconds_bucket" in text
     assert API_KEY not in text
+
+
+# ------------------------------------------------------------------------------------------ the capgate CLI
+
+def capgate_cli(cluster: Cluster, *args: str) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "capgate.cli", *args, "--kubeconfig", str(cluster.plane.kubeconfig)],
+                          capture_output=True, text=True, check=False, cwd=ROOT)
+
+
+def test_capgate_revoke_token_refuses_a_narrowed_token_but_not_its_parent(cluster: Cluster) -> None:
+    sidecar = cluster.sidecar("agent-1")
+    try:
+        status, narrowed, _ = call(sidecar, "POST", "/_capgate/v1/attenuate", {"rules": ["search"], "ttl": "5m"})
+        assert status == 200, narrowed
+        token = {"X-Capgate-Token": narrowed["token"]}
+        assert call(sidecar, "GET", "/flights/search", headers=token)[0] == 200
+        result = capgate_cli(cluster, "revoke", "--token", narrowed["revocationIds"][-1])
+        assert result.returncode == 0, result.stderr
+        status, body, _ = wait_for(lambda: (r := call(sidecar, "GET", "/flights/search", headers=token))[0] == 401
+                                   and r, 10, "the narrowed token's revocation")
+        assert body["reason"] == "revoked"
+        assert call(sidecar, "GET", "/flights/search")[0] == 200  # the pod's own credential still works
+    finally:
+        sidecar.stop()
+
+
+def test_capgate_lockdown_refuses_writes_until_lifted(cluster: Cluster) -> None:
+    sidecar = cluster.sidecar("agent-1")
+    try:
+        assert capgate_cli(cluster, "lockdown", "--namespace", NAMESPACE).returncode == 0
+        status, body, _ = wait_for(lambda: (r := call(sidecar, "POST", "/payments/v1/charges", {"amount": 100}))[0]
+                                   == 503 and r, 10, "the lockdown to reach the sidecar")
+        assert body["error"] == "lockdown"
+        assert call(sidecar, "GET", "/flights/search")[0] == 200  # reads are still decided by policy
+        assert capgate_cli(cluster, "lockdown", "--namespace", NAMESPACE, "--off").returncode == 0
+        wait_for(lambda: call(sidecar, "POST", "/payments/v1/charges", {"amount": 100})[0] == 200, 10,
+                 "the lockdown to be lifted")
+    finally:
+        sidecar.stop()
+
+
+def test_rotating_the_root_key_re_mints_credentials_under_the_new_key(cluster: Cluster) -> None:
+    before = cluster.wait_ready("booking-agent")["revocationIds"]
+    result = capgate_cli(cluster, "keys", "rotate", "--cluster", "--operator-namespace", "capgate-system")
+    assert result.returncode == 0, result.stderr
+    status = wait_for(lambda: (s := cluster.ready("booking-agent")) and s["revocationIds"] != before and s, 30,
+                      "a credential under the new root key")
+    assert status["conditions"][0]["reason"] in ("RootKeyRotated", "Issued")
+    trust = json.loads(cluster.secret(status["credentialSecret"])[resources.TRUST_BUNDLE_FILE])
+    assert len(trust["keys"]) == 2  # the old key keeps verifying tokens it signed until its notAfter
+
+
+@pytest.mark.parametrize(("verb", "resource", "name", "allowed"), [
+    ("get", "secrets", "booking-agent-capgate-credential", False),
+    ("list", "secrets", "", False),
+    ("watch", "revocationlists", "capgate", True),
+    ("get", "revocationlists", "capgate", True),
+    ("update", "revocationlists", "capgate", False),
+])
+def test_the_agent_service_account_reads_revocations_and_never_its_credential(
+        cluster: Cluster, verb: str, resource: str, name: str, allowed: bool) -> None:
+    group = resources.GROUP if resource == "revocationlists" else ""
+    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+              "spec": {"user": f"system:serviceaccount:{NAMESPACE}:booking-agent",
+                       "groups": ["system:serviceaccounts", f"system:serviceaccounts:{NAMESPACE}"],
+                       "resourceAttributes": {"verb": verb, "resource": resource, "group": group, "name": name,
+                                              "namespace": "" if group else NAMESPACE}}}
+    result = cluster.plane.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review))
+    assert json.loads(result.stdout)["status"].get("allowed", False) is allowed

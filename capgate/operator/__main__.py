@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +17,8 @@ __all__ = ["admission", "handlers", "main"]  # importing them registers their ko
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse(argv)
+    if config.kubeconfig:
+        os.environ["KUBECONFIG"] = config.kubeconfig  # kopf's own login reads only the environment
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kopf.run(clusterwide=True, standalone=True, memo=kopf.Memo(capgate=handlers.Context(config=config)))
     return 0

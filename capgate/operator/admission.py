@@ -22,9 +22,11 @@ from capgate.operator import manifests, minting
 from capgate.operator.handlers import CAPABILITY, context
 
 
+# The handlers here are async although they never await: they are pure CPU work of about a millisecond,
+# and a sync handler would cost a thread-pool round trip per call (kopf runs those in an executor).
 @kopf.index(*CAPABILITY)
-def capabilities_by_name(body: kopf.Body, namespace: str | None, name: str | None,
-                         **_: Any) -> dict[tuple[str, str], Capability | str]:
+async def capabilities_by_name(body: kopf.Body, namespace: str | None, name: str | None,
+                               **_: Any) -> dict[tuple[str, str], Capability | str]:
     """(namespace, name) → the parsed capability, or why it does not parse."""
     try:
         value: Capability | str = compiler.validate_object(body)
@@ -34,8 +36,8 @@ def capabilities_by_name(body: kopf.Body, namespace: str | None, name: str | Non
 
 
 @kopf.on.validate(*CAPABILITY, id=manifests.VALIDATE_HANDLER)
-def validate_capability(body: kopf.Body, memo: Any, old: kopf.Body | None = None, operation: str | None = None,
-                        **_: Any) -> None:
+async def validate_capability(body: kopf.Body, memo: Any, old: kopf.Body | None = None,
+                              operation: str | None = None, **_: Any) -> None:
     started = time.perf_counter()
     outcome = "allowed"
     try:
@@ -54,9 +56,9 @@ def validate_capability(body: kopf.Body, memo: Any, old: kopf.Body | None = None
 
 @kopf.on.mutate("", "v1", "pods", id=manifests.INJECT_HANDLER, operation="CREATE",
                 labels={resources.CAPABILITY_LABEL: kopf.PRESENT})
-def inject_sidecar(body: kopf.Body, patch: kopf.Patch, memo: Any,
-                   capabilities_by_name: kopf.Index[tuple[str, str], Capability | str] | None = None,
-                   **_: Any) -> None:
+async def inject_sidecar(body: kopf.Body, patch: kopf.Patch, memo: Any,
+                         capabilities_by_name: kopf.Index[tuple[str, str], Capability | str] | None = None,
+                         **_: Any) -> None:
     started = time.perf_counter()
     outcome = "rejected"
     ctx = context(memo)

@@ -75,5 +75,21 @@ def parse(argv: Sequence[str] | None = None) -> OperatorConfig:
         metrics_host=metrics_host or "0.0.0.0",
         metrics_port=int(metrics_port),
         timer_interval=args.timer_interval,
-        sidecar=SidecarSettings(image=args.sidecar_image, image_pull_policy=args.sidecar_image_pull_policy),
+        sidecar=_sidecar_settings(args.sidecar_image, args.sidecar_image_pull_policy),
     )
+
+
+def _sidecar_settings(image: str, pull_policy: str) -> SidecarSettings:
+    """Sidecar defaults from the chart (``CAPGATE_SIDECAR_*``); unset values keep the built-in defaults."""
+    defaults = SidecarSettings()
+    ports = {}
+    for name in ("listen_port", "admin_port"):
+        value = _env(f"SIDECAR_{name.upper()}")
+        if value is not None:
+            if not value.isdigit() or not 0 < int(value) < 65536:
+                raise SystemExit(f"capgate-operator: CAPGATE_SIDECAR_{name.upper()} must be a port number")
+            ports[name] = int(value)
+    resources = {name: _env(f"SIDECAR_{name.upper()}") or getattr(defaults, name)
+                 for name in ("cpu_request", "memory_request", "cpu_limit", "memory_limit")}
+    return SidecarSettings(image=image, image_pull_policy=pull_policy, **ports, **resources)  # type: ignore[arg-type]
+

@@ -185,7 +185,8 @@ async def on_tick(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo:
                   logger: kopf.Logger, **_: Any) -> None:
     """Rotation and session keys: cheap when nothing is due (an in-memory deadline check)."""
     due = memo.get("next_check")
-    if due is not None and datetime.now(UTC) < due:
+    root_changed = memo.get("root_key_id") != (await context(memo).keyset()).active_id
+    if due is not None and datetime.now(UTC) < due and not root_changed:
         return
     async with _lock(memo):
         await reconcile(body, status, patch, memo, logger)
@@ -253,6 +254,7 @@ async def _reconcile_valid(ctx: Context, cap: Capability, body: kopf.Body, statu
         memo["rbac"] = True
     _set_ready(cap, stored, status, patch, generation, name, plan.mint or "Current")
     memo["next_check"] = _next_check(cap, stored, now)
+    memo["root_key_id"] = keyset.active_id
 
 
 def _set_ready(cap: Capability, stored: minting.Stored, status: kopf.Status, patch: kopf.Patch, generation: int,
@@ -315,6 +317,18 @@ async def on_delete(body: kopf.Body, status: kopf.Status, memo: kopf.Memo, **_: 
         return  # never minted: nothing to revoke
     async with _lock(memo):
         await _revoke(ctx, cap, stored, "deleted", body, status, None, int(body.meta.get("generation") or 1))
+    await _release_binding(ctx, cap)
+
+
+async def _release_binding(ctx: Context, cap: Capability) -> None:
+    """Drop the RevocationList read binding once no other capability in the namespace uses the account."""
+    listing = await ctx.client().custom.list_namespaced_custom_object(*CAPABILITY[:2], cap.namespace, CAPABILITY[2])
+    others = [item for item in listing.get("items", [])
+              if item["metadata"]["name"] != cap.name and not item["metadata"].get("deletionTimestamp")
+              and (item.get("spec") or {}).get("serviceAccountName") == cap.service_account]
+    if not others:
+        await ctx.client().delete_cluster_role_binding(
+            manifests.revocation_reader_binding_name(cap.namespace, cap.service_account))
 
 
 def _iso(moment: datetime) -> str:

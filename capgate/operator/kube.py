@@ -148,8 +148,13 @@ class Kube:
     # ------------------------------------------------------------------ RBAC and webhooks
 
     async def apply(self, read: Callable[[], Awaitable[Any]], create: Callable[[], Awaitable[Any]],
-                    replace: Callable[[str], Awaitable[Any]]) -> None:
-        """Create, or replace keeping the resourceVersion: for cluster objects we own outright."""
+                    replace: Callable[[str], Awaitable[Any]],
+                    desired: Mapping[str, Any] | None = None) -> None:
+        """Create, or replace keeping the resourceVersion: for cluster objects we own outright.
+
+        With ``desired``, an existing object that already holds every field of it is left alone: many
+        capabilities share one binding, and rewriting it on every reconcile only makes write conflicts.
+        """
         for _ in range(CONFLICT_RETRIES):
             try:
                 current = await read()
@@ -163,6 +168,8 @@ class Kube:
                     if create_exc.status == 409:
                         continue
                     raise
+            if desired is not None and _covers(self.api.sanitize_for_serialization(current), desired):
+                return
             try:
                 await replace(current.metadata.resource_version)
                 return
@@ -178,15 +185,17 @@ class Kube:
             body["metadata"]["resourceVersion"] = version
             return await self.rbac.replace_cluster_role_binding(name, body)
 
+        wanted = {"metadata": {"labels": body["metadata"].get("labels") or {}}, "roleRef": body["roleRef"],
+                  "subjects": body["subjects"]}
         await self.apply(lambda: self.rbac.read_cluster_role_binding(name),
-                         lambda: self.rbac.create_cluster_role_binding(body), replace)
+                         lambda: self.rbac.create_cluster_role_binding(body), replace, desired=wanted)
 
     async def apply_cluster_role(self, body: Any) -> None:
+        """Create the role, or make its rules ours again, keeping whoever else labelled it (e.g. Helm)."""
         name = body["metadata"]["name"]
 
         async def replace(version: str) -> Any:
-            body["metadata"]["resourceVersion"] = version
-            return await self.rbac.replace_cluster_role(name, body)
+            return await self.rbac.patch_cluster_role(name, {"rules": body["rules"]})
 
         await self.apply(lambda: self.rbac.read_cluster_role(name), lambda: self.rbac.create_cluster_role(body),
                          replace)
@@ -228,3 +237,12 @@ class Kube:
             if ops:
                 await patch(name, ops)
 
+
+def _covers(current: Any, desired: Any) -> bool:
+    """Every field of ``desired`` is in ``current`` with the same value (lists: same length, item by item)."""
+    if isinstance(desired, Mapping):
+        return isinstance(current, Mapping) and all(k in current and _covers(current[k], v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (isinstance(current, list) and len(current) == len(desired)
+                and all(_covers(c, d) for c, d in zip(current, desired, strict=True)))
+    return bool(current == desired)
