@@ -270,5 +270,10 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
-    ready, why = request.app[GATE].store.ready()
+    """Ready once the credential is valid and, with a revocation feed, the feed has been heard from:
+    a pod must not start its agent before the sidecar knows what is revoked."""
+    gate = request.app[GATE]
+    ready, why = gate.store.ready()
+    if ready and gate.revocations.has_source and gate.revocations.last_contact is None:
+        ready, why = False, "waiting for the first RevocationList read"
     return web.json_response({"ready": ready, "reason": why}, status=200 if ready else 503)

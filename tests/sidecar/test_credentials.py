@@ -119,3 +119,16 @@ async def test_a_pod_mode_sidecar_that_never_heard_from_the_control_plane_refuse
     assert response.status == 503
     assert (await response.json())["error"] == "lockdown"
 
+
+
+async def test_a_pod_mode_sidecar_is_not_ready_until_it_has_read_the_revocation_list(
+        sidecar: MakeSidecar, keyset: keys.KeySet, tmp_path: Path) -> None:
+    folder = tmp_path / "credential"
+    write_credential_dir(folder, keyset)
+    silent = await sidecar(capability=None, root_key=None, credential_dir=folder,
+                           env={"KUBECONFIG": str(tmp_path / "none")})
+    response = await silent.admin.get("/readyz")
+    assert response.status == 503
+    assert "RevocationList" in (await response.json())["reason"]
+    heard = await sidecar(capability=None, root_key=None, credential_dir=folder, revocation_source=HeardOnce())
+    assert (await heard.admin.get("/readyz")).status == 200
