@@ -83,7 +83,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=resources.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=resources.GROUP, key="last-handled-configuration")
-    settings.posting.level = logging.INFO
+    # kopf would post each of its own log lines as an Event (one API write each); our Events are posted
+    # explicitly (kopf.info/warn), so only warnings and errors of the framework become Events.
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
     ctx.kube = Kube(await connect(ctx.config.kubeconfig))
@@ -103,6 +105,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         await kube.apply_webhook_configs(mutating, validating)
     elif ctx.config.webhook_configs == "patch-ca":
         await kube.patch_webhook_ca(manifests.MUTATING_CONFIG, manifests.VALIDATING_CONFIG, ca_pem)
+    ctx.ready.webhook = ("127.0.0.1" if ctx.config.webhook_listen_host in ("0.0.0.0", "") else
+                         ctx.config.webhook_listen_host, ctx.config.webhook_port)
     await serve(ctx.metrics, ctx.config.metrics_host, ctx.config.metrics_port, ctx.ready)
     ctx.ready.ready = True
     logger.info("capgate operator ready: namespace %s, webhooks on port %d", ctx.config.namespace,

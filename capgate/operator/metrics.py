@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -36,7 +37,7 @@ async def serve(metrics: OperatorMetrics, host: str, port: int, ready: ReadyFlag
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        if ready.ready:
+        if await ready.check():
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "starting"}, status=503)
 
@@ -53,3 +54,19 @@ async def serve(metrics: OperatorMetrics, host: str, port: int, ready: ReadyFlag
 @dataclass
 class ReadyFlag:
     ready: bool = False
+    webhook: tuple[str, int] | None = None
+    """Readiness also needs kopf's webhook server to accept connections: with failurePolicy Fail, an
+    operator that says "ready" before it listens would get the first pods and capabilities refused."""
+
+    async def check(self) -> bool:
+        if not self.ready:
+            return False
+        if self.webhook is None:
+            return True
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(*self.webhook), timeout=1)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        await writer.wait_closed()
+        return True
