@@ -345,7 +345,7 @@ def test_capgate_lockdown_refuses_writes_until_lifted(cluster: Cluster) -> None:
     sidecar = cluster.sidecar("agent-1")
     try:
         assert capgate_cli(cluster, "lockdown", "--namespace", NAMESPACE).returncode == 0
-        status, body, _ = wait_for(lambda: (r := call(sidecar, "POST", "/payments/v1/charges", {"amount": 100}))[0]
+        _, body, _ = wait_for(lambda: (r := call(sidecar, "POST", "/payments/v1/charges", {"amount": 100}))[0]
                                    == 503 and r, 10, "the lockdown to reach the sidecar")
         assert body["error"] == "lockdown"
         assert call(sidecar, "GET", "/flights/search")[0] == 200  # reads are still decided by policy

@@ -22,8 +22,8 @@ import json
 import secrets
 from collections.abc import Container
 from dataclasses import dataclass
-from functools import cached_property
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
