@@ -21,6 +21,6 @@ def test_the_demo_plays_the_whole_story_and_leaves_nothing_running() -> None:
     assert "capgate-headers=none" in output
     assert "Bearer agent-made-this-up" not in output  # the agent's own Authorization never reached the upstream
     assert "every decision as expected" in output
-    leftovers = subprocess.run(["pgrep", "-f", "capgate-sidecar --credential-dir"], capture_output=True, text=True,
-                               check=False)
+    # Everything the demo starts runs with its temporary directory on the command line.
+    leftovers = subprocess.run(["pgrep", "-f", "capgate-demo-"], capture_output=True, text=True, check=False)
     assert leftovers.stdout.strip() == ""
