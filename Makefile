@@ -12,6 +12,7 @@ bench:  ## benchmark tables quoted in the README (each operator benchmark starts
 	python3 bench/revocation.py
 	python3 bench/admission.py
 	python3 bench/minting.py
+	python3 bench/adversarial.py
 
 lint:
 	ruff check capgate tests e2e bench examples && mypy capgate && lint-imports

@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -278,3 +278,126 @@ def agent_pod(name: str, namespace: str, capability: str, service_account: str) 
             "spec": {"serviceAccountName": service_account,
                      "containers": [{"name": "agent", "image": "python:3.12-slim",
                                      "command": ["python", "-m", "my_agent"]}]}}
+
+
+# ---------------------------------------------------------------------------------------- test environments
+
+EXAMPLE_PATH = ROOT / "examples" / "booking-agent.yaml"
+
+
+def example_capability(name: str, namespace: str, **spec_changes: Any) -> dict[str, Any]:
+    """examples/booking-agent.yaml renamed; its own Datalog check (ending on 2027-01-01) left out."""
+    import yaml
+
+    obj: dict[str, Any] = yaml.safe_load(EXAMPLE_PATH.read_text())
+    obj["metadata"].update(name=name, namespace=namespace)
+    obj["spec"].pop("datalog", None)
+    obj["spec"].update(spec_changes)
+    return obj
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll another process until ``predicate`` is truthy (there is no event to wait on across processes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def call(sidecar: PodSidecar, method: str, path: str, body: Any = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """One agent request to a sidecar: status, JSON body, headers (never through an HTTP proxy)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{sidecar.url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"{}"), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
+
+
+class Environment:
+    """capgate installed on a control plane: CRDs, the operator, a namespace with an agent account,
+    the payments API key Secret and a recording upstream; pods' sidecars run locally."""
+
+    def __init__(self, plane: ControlPlane, operator: Operator, upstream: Any, workdir: Path, namespace: str) -> None:
+        self.plane = plane
+        self.operator = operator
+        self.upstream = upstream
+        self.workdir = workdir
+        self.namespace = namespace
+        self.sidecars: list[PodSidecar] = []
+
+    def apply(self, obj: dict[str, Any], check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.plane.kubectl("apply", "-f", "-", input=json.dumps(obj), check=check)
+
+    def get_capability(self, name: str) -> dict[str, Any]:
+        result = self.plane.kubectl("get", "acap", name, "-n", self.namespace, "-o", "json")
+        return dict(json.loads(result.stdout))
+
+    def ready(self, name: str) -> dict[str, Any] | None:
+        """The status when Ready=True for the current generation, else None."""
+        obj = self.get_capability(name)
+        status = obj.get("status") or {}
+        cond = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), None)
+        if cond and cond["status"] == "True" and status.get("observedGeneration") == obj["metadata"]["generation"]:
+            return dict(status)
+        return None
+
+    def wait_ready(self, name: str, timeout: float = 30) -> dict[str, Any]:
+        return dict(wait_for(lambda: self.ready(name), timeout, f"AgentCapability {name} Ready"))
+
+    def secret(self, name: str) -> dict[str, bytes] | None:
+        api = self.plane.client()
+        try:
+            secret = k8s.CoreV1Api(api).read_namespaced_secret(name, self.namespace)
+        except k8s.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        finally:
+            api.close()  # type: ignore[no-untyped-call]
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    def create_pod(self, name: str, capability: str,
+                   service_account: str = "booking-agent") -> subprocess.CompletedProcess[str]:
+        return self.apply(agent_pod(name, self.namespace, capability, service_account), check=False)
+
+    def sidecar(self, pod: str) -> PodSidecar:
+        """Start the injected sidecar of ``pod``; stopped with the environment (or earlier by the caller)."""
+        sidecar = PodSidecar(self.plane, self.namespace, pod, {"flights": self.upstream.url,
+                                                               "payments": self.upstream.url}, self.workdir)
+        sidecar.start()
+        self.sidecars.append(sidecar)
+        return sidecar
+
+
+@contextmanager
+def environment(plane: ControlPlane, workdir: Path, namespace: str, api_key: str) -> Iterator[Environment]:
+    from e2e.upstream import RecordingUpstream
+
+    install_crds(plane)
+    plane.create_namespace(namespace)
+    plane.kubectl("create", "serviceaccount", "booking-agent", "-n", namespace, check=False)
+    plane.kubectl("create", "secret", "generic", "payments-api-key", "-n", namespace,
+                  f"--from-literal=token={api_key}", check=False)
+    operator = Operator(plane, workdir)
+    operator.start()
+    upstream = RecordingUpstream()
+    upstream.start()
+    env = Environment(plane, operator, upstream, workdir, namespace)
+    try:
+        yield env
+    finally:
+        for sidecar in env.sidecars:
+            sidecar.stop()
+        upstream.stop()
+        operator.stop()
+        # Leave no webhook behind for other e2e modules: with failurePolicy Fail it would refuse their pods.
+        plane.kubectl("delete", "mutatingwebhookconfiguration", "capgate-sidecar-injector", "--ignore-not-found")
+        plane.kubectl("delete", "validatingwebhookconfiguration", "capgate-capability-validator", "--ignore-not-found")

@@ -303,6 +303,25 @@ class ControlPlane:
             if not self._children:
                 raise ControlPlaneError("control plane not started")
 
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver only, keeping etcd and its data: for fault tests (see ``start_apiserver``)."""
+        self._child("kube-apiserver").stop()
+
+    def start_apiserver(self) -> None:
+        """Start a stopped kube-apiserver again: same argv, so the same port, certificates and etcd data."""
+        child = self._child("kube-apiserver")
+        if child.process.poll() is None:
+            return
+        self._children.remove(child)
+        restarted = self._spawn(child.name, [str(arg) for arg in child.process.args])  # type: ignore[union-attr]
+        self._wait_until(time.monotonic() + self.startup_timeout, restarted, self._apiserver_ready)
+
+    def _child(self, name: str) -> _Child:
+        for child in self._children:
+            if child.name == name:
+                return child
+        raise ControlPlaneError(f"{name} is not part of this control plane (not started?)")
+
     def _write_pki(self) -> None:
         work = self._require_workdir()
         self._ca = ca = pki.CertificateAuthority("capgate-e2e-ca")

@@ -7,134 +7,38 @@ started locally with the pod spec's own command, args, env and Secret files (see
 
 from __future__ import annotations
 
-import base64
-import copy
 import json
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from kubernetes import client as k8s
 
 from capgate import resources
-from e2e.cluster import Operator, PodSidecar, agent_pod, install_crds
+from e2e.cluster import Environment, agent_pod, call, environment, example_capability, wait_for
 from e2e.controlplane import ControlPlane
-from e2e.upstream import RecordingUpstream
 from tests.crd_samples import SAMPLES, Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "travel"
 API_KEY = "sk_live_e2e_4f9a1c0b7d2e"
-EXAMPLE = yaml.safe_load((ROOT / "examples" / "booking-agent.yaml").read_text())
+Cluster = Environment
 
 
 def capability(name: str, **spec_changes: Any) -> dict[str, Any]:
-    obj = copy.deepcopy(EXAMPLE)
-    obj["metadata"]["name"] = name
-    # The example's own Datalog expires the capability on 2027-01-01; these tests must outlive it.
-    obj["spec"].pop("datalog", None)
-    obj["spec"].update(spec_changes)
-    return obj
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Cluster:
-    def __init__(self, plane: ControlPlane, operator: Operator, upstream: RecordingUpstream, workdir: Path) -> None:
-        self.plane = plane
-        self.operator = operator
-        self.upstream = upstream
-        self.workdir = workdir
-
-    def apply(self, obj: dict[str, Any], check: bool = True) -> Any:
-        return self.plane.kubectl("apply", "-f", "-", input=json.dumps(obj), check=check)
-
-    def get_capability(self, name: str) -> dict[str, Any]:
-        result = self.plane.kubectl("get", "acap", name, "-n", NAMESPACE, "-o", "json")
-        return dict(json.loads(result.stdout))
-
-    def ready(self, name: str) -> dict[str, Any] | None:
-        obj = self.get_capability(name)
-        status = obj.get("status") or {}
-        cond = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), None)
-        if cond and cond["status"] == "True" and status.get("observedGeneration") == obj["metadata"]["generation"]:
-            return status
-        return None
-
-    def wait_ready(self, name: str, timeout: float = 30) -> dict[str, Any]:
-        return dict(wait_for(lambda: self.ready(name), timeout, f"AgentCapability {name} Ready"))
-
-    def secret(self, name: str) -> dict[str, bytes]:
-        api = self.plane.client()
-        try:
-            secret = k8s.CoreV1Api(api).read_namespaced_secret(name, NAMESPACE)
-        finally:
-            api.close()  # type: ignore[no-untyped-call]
-        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
-
-    def create_pod(self, name: str, cap: str, service_account: str = "booking-agent") -> Any:
-        return self.apply(agent_pod(name, NAMESPACE, cap, service_account), check=False)
-
-    def sidecar(self, pod: str) -> PodSidecar:
-        sidecar = PodSidecar(self.plane, NAMESPACE, pod, {"flights": self.upstream.url,
-                                                          "payments": self.upstream.url}, self.workdir)
-        sidecar.start()
-        return sidecar
+    return example_capability(name, NAMESPACE, **spec_changes)
 
 
 @pytest.fixture(scope="module")
-def cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    workdir = tmp_path_factory.mktemp("operator")
-    install_crds(control_plane)
-    control_plane.create_namespace(NAMESPACE)
-    control_plane.kubectl("create", "serviceaccount", "booking-agent", "-n", NAMESPACE, check=False)
-    control_plane.kubectl("create", "secret", "generic", "payments-api-key", "-n", NAMESPACE,
-                          f"--from-literal=token={API_KEY}", check=False)
-    operator = Operator(control_plane, workdir)
-    operator.start()
-    upstream = RecordingUpstream()
-    upstream.start()
-    try:
-        ready = Cluster(control_plane, operator, upstream, workdir)
+def cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
+    with environment(control_plane, tmp_path_factory.mktemp("operator"), NAMESPACE, API_KEY) as env:
         # Every test may lean on the example capability and one agent pod, whatever runs first.
-        ready.apply(capability("booking-agent"))
-        ready.wait_ready("booking-agent")
-        result = ready.create_pod("agent-1", "booking-agent")
+        env.apply(capability("booking-agent"))
+        env.wait_ready("booking-agent")
+        result = env.create_pod("agent-1", "booking-agent")
         assert result.returncode == 0, result.stderr
-        yield ready
-    finally:
-        upstream.stop()
-        operator.stop()
-        # Leave no webhook behind for other e2e modules: it would refuse their pods.
-        control_plane.kubectl("delete", "mutatingwebhookconfiguration", "capgate-sidecar-injector",
-                              "--ignore-not-found")
-        control_plane.kubectl("delete", "validatingwebhookconfiguration", "capgate-capability-validator",
-                              "--ignore-not-found")
-
-
-def call(sidecar: PodSidecar, method: str, path: str, body: Any = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{sidecar.url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"{}"), dict(response.headers)
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
+        yield env
 
 
 # ------------------------------------------------------------------------------------------ minting
@@ -143,6 +47,7 @@ def test_applying_the_example_mints_a_credential_and_reports_ready(cluster: Clus
     status = cluster.wait_ready("booking-agent")
 
     secret = cluster.secret(status["credentialSecret"])
+    assert secret is not None
     assert set(secret) == {resources.TOKEN_FILE, resources.SESSION_KEY_FILE, resources.TRUST_BUNDLE_FILE,
                            resources.SETTINGS_FILE}
     assert status["revocationIds"] and status["expiresAt"] and status["issuedAt"]
@@ -363,7 +268,9 @@ def test_rotating_the_root_key_re_mints_credentials_under_the_new_key(cluster: C
     status = wait_for(lambda: (s := cluster.ready("booking-agent")) and s["revocationIds"] != before and s, 30,
                       "a credential under the new root key")
     assert status["conditions"][0]["reason"] in ("RootKeyRotated", "Issued")
-    trust = json.loads(cluster.secret(status["credentialSecret"])[resources.TRUST_BUNDLE_FILE])
+    secret = cluster.secret(status["credentialSecret"])
+    assert secret is not None
+    trust = json.loads(secret[resources.TRUST_BUNDLE_FILE])
     assert len(trust["keys"]) == 2  # the old key keeps verifying tokens it signed until its notAfter
 
 

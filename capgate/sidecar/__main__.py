@@ -22,6 +22,10 @@ from capgate.sidecar.app import create_apps
 
 log = logging.getLogger("capgate.sidecar")
 
+BACKLOG = 1024
+"""Pending connections the kernel queues for us. aiohttp's default of 128 overflows when hundreds of
+agent connections open at once, and the kernel then resets some of them (measured: bench/adversarial.py)."""
+
 
 async def serve(settings: config.Settings, agent: web.Application, admin: web.Application) -> None:
     stop = asyncio.Event()
@@ -33,7 +37,7 @@ async def serve(settings: config.Settings, agent: web.Application, admin: web.Ap
     try:
         for runner, address in zip(runners, (settings.listen, settings.admin_listen), strict=True):
             await runner.setup()
-            await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+            await web.TCPSite(runner, address.host, address.port, reuse_address=True, backlog=BACKLOG).start()
         log.info("capgate-sidecar listening on http://%s (agent) and http://%s (admin)",
                  settings.listen, settings.admin_listen)
         await stop.wait()

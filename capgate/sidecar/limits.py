@@ -91,7 +91,13 @@ class Limits:
         for index, budget in enumerate(cap.budgets):
             if budget.upstream != upstream:
                 continue
-            amount = max(0, spec.numeric_field(body, budget.field) or 0)
+            value = spec.numeric_field(body, budget.field)
+            if value is None and _present(body, budget.field):
+                # 1e300, 2**64, "500", NaN: not countable here, yet an upstream may read it as a big charge.
+                return Refusal("budget_exhausted", f"budget {budget.upstream}.{budget.field}: the body's "
+                                                   f"{budget.field} is not a number the budget can count",
+                               budget.per.total_seconds())
+            amount = max(0, value or 0)
             window = self._budgets.setdefault((cap.qualified_name, index), BudgetWindow(budget))
             window.expire(moment)
             if window.total + amount > budget.max:
@@ -117,3 +123,13 @@ class Limits:
                                  updated=now)
             self._buckets[cap.qualified_name] = bucket
         return bucket.take(now)
+
+
+def _present(body: object, dotted: str) -> bool:
+    """Whether the dotted field exists at all (a budget counts a missing field as 0, never a present one)."""
+    value = body
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True

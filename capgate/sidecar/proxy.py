@@ -85,7 +85,10 @@ def incoming_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 def timeout(settings: Settings) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=settings.total_timeout, connect=settings.connect_timeout,
+    # sock_connect, not connect: aiohttp's ``connect`` also counts waiting for a free pooled
+    # connection, so under load (more agent requests in flight than the pool holds) healthy calls
+    # failed with 504 after --connect-timeout. Waiting for the pool is bounded by --total-timeout.
+    return aiohttp.ClientTimeout(total=settings.total_timeout, sock_connect=settings.connect_timeout,
                                  sock_read=settings.read_timeout)
 
 
