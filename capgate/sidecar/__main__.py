@@ -21,6 +21,7 @@ from capgate.sidecar import config
 from capgate.sidecar.app import create_apps
 
 log = logging.getLogger("capgate.sidecar")
+MAX_HEADER_BYTES = 64 * 1024 + 1024
 
 BACKLOG = 1024
 """Pending connections the kernel queues for us. aiohttp's default of 128 overflows when hundreds of
@@ -33,7 +34,11 @@ async def serve(settings: config.Settings, agent: web.Application, admin: web.Ap
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    runners = [web.AppRunner(agent, access_log=None), web.AppRunner(admin, access_log=None)]
+    # A narrowed token of a large capability outgrows aiohttp's 8 KiB header default; the sidecar
+    # itself accepts X-Capgate-Token up to 64 KiB, so the agent port parses headers that long.
+    agent_runner = web.AppRunner(agent, access_log=None,
+                                 handler_args={"max_field_size": MAX_HEADER_BYTES, "max_line_size": MAX_HEADER_BYTES})
+    runners = [agent_runner, web.AppRunner(admin, access_log=None)]
     try:
         for runner, address in zip(runners, (settings.listen, settings.admin_listen), strict=True):
             await runner.setup()

@@ -71,6 +71,12 @@ async def test_capgate_sidecar_command_runs_standalone_and_allows_a_search(tmp_p
                 assert response.headers["X-Capgate-Receipt"].startswith("v1.")
             async with session.get(f"http://127.0.0.1:{admin}/readyz") as ready:
                 assert ready.status == 200
+            # A narrowed token of a large capability is longer than aiohttp's 8 KiB header default:
+            # the sidecar must read it and judge it (here: not a token), not refuse the header line.
+            big = {"X-Capgate-Token": "A" * 20_000}
+            async with session.get(f"http://127.0.0.1:{listen}/flights/search", headers=big) as response:
+                assert response.status == 401
+                assert (await response.json())["reason"] == "malformed"
         assert upstream.seen[-1].path == "/search?from=SFO"
     finally:
         if process.returncode is None:
