@@ -291,3 +291,13 @@ def test_the_agent_service_account_reads_revocations_and_never_its_credential(
                                               "namespace": "" if group else NAMESPACE}}}
     result = cluster.plane.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review))
     assert json.loads(result.stdout)["status"].get("allowed", False) is allowed
+
+
+def test_an_ephemeral_debug_container_may_not_target_the_sidecar(cluster: Cluster) -> None:
+    refused = cluster.plane.kubectl("debug", "agent-1", "-n", NAMESPACE, "--image=busybox",
+                                    "--target=capgate-sidecar", "--container=peek", check=False)
+    assert refused.returncode != 0
+    assert "ephemeral.capgate.dev" in refused.stderr
+    allowed = cluster.plane.kubectl("debug", "agent-1", "-n", NAMESPACE, "--image=busybox", "--target=agent",
+                                    "--container=debug-agent", check=False)
+    assert allowed.returncode == 0, allowed.stderr

@@ -105,3 +105,28 @@ def _replace_with(target: dict[str, Any]) -> Any:
         body.update(copy.deepcopy(target))
 
     return apply
+
+
+@kopf.on.validate("", "v1", "pods", id=manifests.GUARD_HANDLER, subresource="ephemeralcontainers",
+                  labels={resources.CAPABILITY_LABEL: kopf.PRESENT})
+async def guard_ephemeral_containers(body: kopf.Body, memo: Any,
+                                     capabilities_by_name: kopf.Index[tuple[str, str], Capability | str] | None = None,
+                                     **_: Any) -> None:
+    """An ephemeral container may debug the agent, never read or attach to the sidecar."""
+    started = time.perf_counter()
+    outcome = "rejected"
+    ctx = context(memo)
+    try:
+        if capabilities_by_name is None:
+            raise kopf.AdmissionError("capability index unavailable", code=503)
+        pod = dict(body)
+        cap = _capability_for(pod, capabilities_by_name)
+        try:
+            injection.validate(pod, cap, ctx.config.sidecar, credential_secret=minting.secret_name(cap.name),
+                               namespace=cap.namespace)
+        except injection.InjectionError as exc:
+            raise kopf.AdmissionError(str(exc), code=403) from exc
+        outcome = "allowed"
+    finally:
+        ctx.metrics.webhook_seconds.labels("ephemeral", outcome).observe(time.perf_counter() - started)
+

@@ -15,6 +15,7 @@ from capgate import resources
 
 INJECT_HANDLER = "inject-sidecar"
 VALIDATE_HANDLER = "validate-capability"
+GUARD_HANDLER = "guard-ephemeral-containers"
 MUTATING_CONFIG = "capgate-sidecar-injector"
 VALIDATING_CONFIG = "capgate-capability-validator"
 REVOCATION_READER_ROLE = "capgate-revocation-reader"
@@ -67,6 +68,19 @@ def webhook_configurations(ca_pem: bytes, *, url: str | None, service: str | Non
             "rules": [{"apiGroups": [resources.GROUP], "apiVersions": [resources.VERSION],
                        "resources": [resources.CAPABILITY_PLURAL], "operations": ["CREATE", "UPDATE"],
                        "scope": "Namespaced"}],
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "timeoutSeconds": WEBHOOK_TIMEOUT_SECONDS,
+            "admissionReviewVersions": ["v1"],
+        }, {
+            # `kubectl debug --target=capgate-sidecar` would share the sidecar's processes and files.
+            "name": "ephemeral.capgate.dev",
+            "clientConfig": client_config(GUARD_HANDLER, ca_pem, url=url, service=service, namespace=namespace,
+                                          port=port),
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods/ephemeralcontainers"],
+                       "operations": ["UPDATE"], "scope": "Namespaced"}],
+            "objectSelector": {"matchExpressions": [{"key": resources.CAPABILITY_LABEL, "operator": "Exists"}]},
+            "namespaceSelector": exclude_own,
             "failurePolicy": "Fail",
             "sideEffects": "None",
             "timeoutSeconds": WEBHOOK_TIMEOUT_SECONDS,
