@@ -188,11 +188,15 @@ def test_webhook_configurations_are_accepted_with_fail_closed_selectors(installe
     assert (service.name, service.namespace, service.path, service.port) == (
         f"{RELEASE}-webhook", installed.namespace, "/inject-sidecar", 443)
     assert inject.client_config.ca_bundle is None  # the operator patches it in when it starts
-    (validate,) = admission.read_validating_webhook_configuration(manifests.VALIDATING_CONFIG).webhooks
+    validate, guard = admission.read_validating_webhook_configuration(manifests.VALIDATING_CONFIG).webhooks
     assert validate.name == "validate.capgate.dev"
     assert validate.failure_policy == "Fail"
     assert validate.client_config.service.path == "/validate-capability"
     assert validate.rules[0].resources == [resources.CAPABILITY_PLURAL]
+    assert guard.name == "ephemeral.capgate.dev"
+    assert guard.failure_policy == "Fail"
+    assert guard.client_config.service.path == f"/{manifests.GUARD_HANDLER}"
+    assert guard.rules[0].resources == ["pods/ephemeralcontainers"]
 
 
 # --------------------------------------------------------------------------------------------------- RBAC
