@@ -53,6 +53,12 @@ from capgate.capabilities.spec import Capability
 DEFAULT_CONTAINER_NAME = "capgate-sidecar"
 CREDENTIAL_VOLUME = "capgate-credential"
 UPSTREAMS_VOLUME = "capgate-upstreams"
+API_TOKEN_VOLUME = "capgate-api-token"
+API_TOKEN_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+API_TOKEN_SECONDS = 3607
+"""The sidecar's own projected ServiceAccount token, for its RevocationList watch: it works in pods that
+set ``automountServiceAccountToken: false`` for the agent, and the kubelet refreshes it (3607 s is the
+kubelet's own default for projected tokens)."""
 ADMIN_PORT_NAME = "capgate-admin"
 SECRET_FILE_MODE = 0o444
 NO_PROXY = "localhost,127.0.0.1,::1"
@@ -128,6 +134,12 @@ def _volumes(cap: Capability, credential_secret: str) -> list[dict[str, Any]]:
                for upstream, secret, key in _upstream_keys(cap)]
     if sources:  # the sidecar refuses a missing --upstream-credentials-dir, so no keys = no flag, no volume
         volumes.append({"name": UPSTREAMS_VOLUME, "projected": {"defaultMode": SECRET_FILE_MODE, "sources": sources}})
+    volumes.append({"name": API_TOKEN_VOLUME, "projected": {"defaultMode": SECRET_FILE_MODE, "sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": API_TOKEN_SECONDS}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace",
+                                    "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+    ]}})
     return volumes
 
 
@@ -143,6 +155,8 @@ def sidecar_container(cap: Capability, settings: SidecarSettings) -> dict[str, A
     if _upstream_keys(cap):
         args += ["--upstream-credentials-dir", settings.upstream_credentials_mount]
         mounts.append({"name": UPSTREAMS_VOLUME, "mountPath": settings.upstream_credentials_mount, "readOnly": True})
+    # Its own token at the standard path: the ServiceAccount plugin then leaves this container alone.
+    mounts.append({"name": API_TOKEN_VOLUME, "mountPath": API_TOKEN_MOUNT, "readOnly": True})
     # The admin port binds 0.0.0.0 because the kubelet probes the pod IP; it serves no secrets.
     args += ["--listen", f"127.0.0.1:{settings.listen_port}", "--admin-listen", f"0.0.0.0:{settings.admin_port}",
              *settings.extra_args]

@@ -147,7 +147,8 @@ def test_secrets_are_mounted_into_the_sidecar_only(cap: Capability) -> None:
     assert volumes["capgate-upstreams"]["projected"]["sources"] == [
         {"secret": {"name": "payments-api-key", "items": [{"key": "token", "path": "payments"}], "optional": False}}]
     assert "data" in volumes
-    assert {m["name"] for m in sidecar_of(pod)["volumeMounts"]} == {"capgate-credential", "capgate-upstreams"}
+    assert {m["name"] for m in sidecar_of(pod)["volumeMounts"]} == {"capgate-credential", "capgate-upstreams",
+                                                                     "capgate-api-token"}
     assert all(m["readOnly"] for m in sidecar_of(pod)["volumeMounts"])
     assert all("subPath" not in m for m in sidecar_of(pod)["volumeMounts"])  # rotations must reach the sidecar
     assert "volumeMounts" not in pod["spec"]["containers"][0]
@@ -160,7 +161,7 @@ def test_pod_is_annotated_with_the_capability_it_was_injected_for(cap: Capabilit
 def test_capability_without_injected_keys_gets_no_upstream_volume_or_flag(cap: Capability) -> None:
     keyless = dataclasses.replace(cap, upstreams=tuple(dataclasses.replace(u, inject=None) for u in cap.upstreams))
     pod = run(make_pod(), keyless)
-    assert [v["name"] for v in pod["spec"]["volumes"]] == ["capgate-credential"]
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["capgate-credential", "capgate-api-token"]
     assert "--upstream-credentials-dir" not in sidecar_of(pod)["args"]
 
 
@@ -334,6 +335,7 @@ def test_sidecar_invocation_resolves_downward_api_env_and_mounts(cap: Capability
     assert args[:2] == ["--credential-dir", "/var/run/capgate/credential"]
     assert env == {"CAPGATE_NAMESPACE": "travel", "CAPGATE_SERVICE_ACCOUNT": "booking-agent",
                    "CAPGATE_POD_NAME": "agent-1", "CAPGATE_POD_UID": "uid-1", "CAPGATE_NODE_NAME": "node-a"}
+    assert mounts.pop("capgate-api-token") == "/var/run/secrets/kubernetes.io/serviceaccount"
     assert mounts == {"capgate-credential": "/var/run/capgate/credential",
                       "capgate-upstreams": "/var/run/capgate/upstreams"}
 
@@ -368,3 +370,16 @@ def test_the_sidecar_accepts_the_injected_args_and_env(cap: Capability, tmp_path
     assert str(settings.listen) == "127.0.0.1:15080"
     assert str(settings.admin_listen) == "0.0.0.0:15090"
     assert (settings.namespace, settings.service_account) == ("travel", "booking-agent")
+
+
+def test_the_sidecar_gets_its_own_api_token_even_when_the_pod_opts_out(cap: Capability) -> None:
+    pod = make_pod()
+    pod["spec"]["automountServiceAccountToken"] = False
+    injected = run(pod, cap)
+    volume = next(v for v in injected["spec"]["volumes"] if v["name"] == "capgate-api-token")
+    assert volume["projected"]["sources"][0]["serviceAccountToken"]["path"] == "token"
+    mount = next(m for m in sidecar_of(injected)["volumeMounts"] if m["name"] == "capgate-api-token")
+    assert (mount["mountPath"], mount["readOnly"]) == ("/var/run/secrets/kubernetes.io/serviceaccount", True)
+    assert not any(m["name"] == "capgate-api-token" for c in injected["spec"]["containers"]
+                   for m in c.get("volumeMounts") or [])
+
