@@ -301,3 +301,19 @@ def test_an_ephemeral_debug_container_may_not_target_the_sidecar(cluster: Cluste
     allowed = cluster.plane.kubectl("debug", "agent-1", "-n", NAMESPACE, "--image=busybox", "--target=agent",
                                     "--container=debug-agent", check=False)
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_the_sidecar_has_its_own_token_mount_even_when_the_pod_opts_out(cluster: Cluster) -> None:
+    pod = agent_pod("no-token", NAMESPACE, "booking-agent", "booking-agent")
+    pod["spec"]["automountServiceAccountToken"] = False
+    assert cluster.apply(pod).returncode == 0
+    created = json.loads(cluster.plane.kubectl("get", "pod", "no-token", "-n", NAMESPACE, "-o", "json").stdout)
+    sidecar = created["spec"]["initContainers"][0]
+    paths = [m["mountPath"] for m in sidecar["volumeMounts"]]
+    assert paths.count("/var/run/secrets/kubernetes.io/serviceaccount") == 1
+    agent_mounts = [m["mountPath"] for m in created["spec"]["containers"][0].get("volumeMounts") or []]
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" not in agent_mounts
+    # With the default automount, the ServiceAccount plugin leaves the sidecar's own mount alone.
+    usual = json.loads(cluster.plane.kubectl("get", "pod", "agent-1", "-n", NAMESPACE, "-o", "json").stdout)
+    usual_paths = [m["mountPath"] for m in usual["spec"]["initContainers"][0]["volumeMounts"]]
+    assert usual_paths.count("/var/run/secrets/kubernetes.io/serviceaccount") == 1
