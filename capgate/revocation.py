@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from capgate import resources
+from capgate import resources, timestamps
 
 PRUNE_GRACE = timedelta(minutes=1)
 """Kept past expiry for more than the 30 s verification skew, so pruning never reopens a window."""
@@ -30,26 +30,12 @@ class Entry:
     reason: str = ""
 
     def as_dict(self) -> resources.RevokedEntry:
-        out: resources.RevokedEntry = {"id": self.id, "expiresAt": _iso(self.expires_at)}
+        out: resources.RevokedEntry = {"id": self.id, "expiresAt": timestamps.iso(self.expires_at)}
         if self.capability:
             out["capability"] = self.capability
         if self.reason:
             out["reason"] = self.reason
         return out
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def _parse(text: object) -> datetime | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def revoked_ids(spec: Mapping[str, Any] | None) -> frozenset[str]:
@@ -72,7 +58,7 @@ def with_revoked(spec: Mapping[str, Any] | None, entries: Iterable[Entry], now: 
     for entry in entries:
         if not REVOCATION_ID.match(entry.id):
             raise ValueError(f"{entry.id[:16]!r} is not a revocation id (hex)")
-        existing = _parse(current.get(entry.id, {}).get("expiresAt"))
+        existing = timestamps.parse(current.get(entry.id, {}).get("expiresAt"))
         if existing is None or existing < entry.expires_at:
             current[entry.id] = dict(entry.as_dict())
     return _with_entries(spec, current.values(), now)
@@ -86,7 +72,7 @@ def _with_entries(spec: Mapping[str, Any] | None, entries: Iterable[Mapping[str,
                   now: datetime) -> dict[str, Any]:
     kept = []
     for item in entries:
-        expires = _parse(item.get("expiresAt"))
+        expires = timestamps.parse(item.get("expiresAt"))
         # An unreadable expiry is kept: pruning on a guess could resurrect a revoked token.
         if expires is None or expires + PRUNE_GRACE > now:
             kept.append(dict(item))

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from capgate import timestamps
 from capgate.capabilities import _biscuit
 from capgate.capabilities.errors import SpecError
 from capgate.capabilities.spec import Capability, Rule, parse_capability, to_spec
@@ -52,15 +53,11 @@ def spec_document(cap: Capability, issued_at: datetime, expires_at: datetime) ->
     return {
         "name": cap.name,
         "namespace": cap.namespace,
-        "issuedAt": _iso(issued_at),
-        "expiresAt": _iso(expires_at),
+        "issuedAt": timestamps.iso(issued_at),
+        "expiresAt": timestamps.iso(expires_at),
         "principals": sorted({cap.principal, *cap.delegation.principals}),
         "spec": to_spec(cap),
     }
-
-
-def _iso(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
 
 
 def compile_authority(cap: Capability, issued_at: datetime, expires_at: datetime) -> list[Code]:

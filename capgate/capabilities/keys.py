@@ -21,6 +21,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from capgate import timestamps
 from capgate.capabilities import _biscuit
 from capgate.capabilities.errors import KeyFileError
 
@@ -31,19 +32,17 @@ MAX_KEY_ID = 2**31 - 1
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z") if moment else None
+    return timestamps.iso(moment) if moment else None
 
 
 def parse_time(text: object, what: str) -> datetime | None:
+    """A timestamp field of a key document: absent is None, anything unreadable is an error."""
     if text is None:
         return None
-    if not isinstance(text, str):
+    moment = timestamps.parse(text)
+    if moment is None:
         raise KeyFileError(f"{what}: not a timestamp")
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise KeyFileError(f"{what}: not a timestamp") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment
 
 
 def _hex(value: object, size: int, what: str) -> bytes:

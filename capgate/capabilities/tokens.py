@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from capgate import timestamps
 from capgate.capabilities import _biscuit, compiler
 from capgate.capabilities.errors import AttenuationError, SpecError, TokenError
 from capgate.capabilities.keys import KeySet, TrustBundle, parse_time
@@ -225,7 +226,7 @@ def attenuate(
             raise AttenuationError("ttl must be positive")
         expires = min(moment + ttl, parent.expires_at)
         code.append(("check if time($t), $t <= {exp};", {"exp": expires}))
-        description["expiresAt"] = expires.isoformat().replace("+00:00", "Z")
+        description["expiresAt"] = timestamps.iso(expires)
     if principal is not None:
         if principal not in parent.principals:
             raise AttenuationError(

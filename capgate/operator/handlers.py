@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from capgate import resources, revocation
+from capgate import resources, revocation, timestamps
 from capgate.capabilities import compiler, keys
 from capgate.capabilities.errors import CapabilityError, SpecError
 from capgate.capabilities.spec import Capability
@@ -160,7 +160,7 @@ def owner_reference(body: kopf.Body) -> dict[str, Any]:
 
 def condition(status: kopf.Status, ready: bool, reason: str, message: str, generation: int) -> list[dict[str, Any]]:
     """The Ready condition, keeping lastTransitionTime while the status value does not change."""
-    now = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    now = timestamps.iso(datetime.now(UTC))
     value = "True" if ready else "False"
     previous = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
     since = previous["lastTransitionTime"] if previous and previous.get("status") == value else now
@@ -248,8 +248,8 @@ async def _reconcile_valid(ctx: Context, cap: Capability, body: kopf.Body, statu
         if plan.mint:
             ctx.metrics.minted.labels(plan.mint).inc()
             kopf.info(body, reason=plan.mint,
-                      message=f"credential {minted.credential_id[:16]}… valid until {_iso(minted.expires_at)}, "
-                              f"in Secret {name}")
+                      message=f"credential {minted.credential_id[:16]}… valid until "
+                              f"{timestamps.iso(minted.expires_at)}, in Secret {name}")
             logger.info("minted credential %s… for %s (%s)", minted.credential_id[:16], cap.qualified_name,
                         plan.mint)
         stored = minting.Stored.read(minted.data)
@@ -263,13 +263,13 @@ async def _reconcile_valid(ctx: Context, cap: Capability, body: kopf.Body, statu
 
 def _set_ready(cap: Capability, stored: minting.Stored, status: kopf.Status, patch: kopf.Patch, generation: int,
                secret: str, reason: str) -> None:
-    expires = _iso(stored.expires_at) if stored.expires_at else ""
+    expires = timestamps.iso(stored.expires_at) if stored.expires_at else ""
     patch.status.update({
         "conditions": condition(status, True, "Issued" if reason == "Current" else reason,
                                 f"credential valid until {expires}", generation),
         "observedGeneration": generation,
         "credentialSecret": secret,
-        "issuedAt": _iso(stored.issued_at) if stored.issued_at else None,
+        "issuedAt": timestamps.iso(stored.issued_at) if stored.issued_at else None,
         "expiresAt": expires or None,
         "revocationIds": list(stored.revocation_ids),
         "upstreams": len(cap.upstreams),
@@ -334,6 +334,3 @@ async def _release_binding(ctx: Context, cap: Capability) -> None:
         await ctx.client().delete_cluster_role_binding(
             manifests.revocation_reader_binding_name(cap.namespace, cap.service_account))
 
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")

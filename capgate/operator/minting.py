@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from capgate import resources, revocation
+from capgate import resources, revocation, timestamps
 from capgate.capabilities import keys, receipts, tokens
-from capgate.capabilities.errors import CapabilityError, KeyFileError
+from capgate.capabilities.errors import CapabilityError
 from capgate.capabilities.spec import Capability
 
 MintReason = Literal["Issued", "Rotated", "SpecChanged", "RootKeyRotated"]
@@ -54,20 +54,14 @@ class Stored:
             session = receipts.SessionKey.from_json(data[resources.SESSION_KEY_FILE])
         except (KeyError, ValueError, CapabilityError, UnicodeDecodeError):
             return cls()
-        pending = tuple(revocation.Entry(id=str(p["id"]), expires_at=_time(p["expiresAt"]) or datetime.now(UTC),
+        pending = tuple(revocation.Entry(id=str(p["id"]),
+                                         expires_at=timestamps.parse(p["expiresAt"]) or datetime.now(UTC),
                                          capability=str(p.get("capability", "")), reason=str(p.get("reason", "")))
                         for p in settings.get("pendingRevocations", []) if isinstance(p, dict) and "id" in p)
         return cls(token=token, credential_id=info["revocationIds"][0], root_key_id=info["rootKeyId"],
-                   revocation_ids=tuple(info["revocationIds"]), issued_at=_time(settings.get("issuedAt")),
-                   expires_at=_time(settings.get("expiresAt")), generation=settings.get("generation"),
+                   revocation_ids=tuple(info["revocationIds"]), issued_at=timestamps.parse(settings.get("issuedAt")),
+                   expires_at=timestamps.parse(settings.get("expiresAt")), generation=settings.get("generation"),
                    session=session, pending=pending)
-
-
-def _time(text: object) -> datetime | None:
-    try:
-        return keys.parse_time(text, "time")
-    except KeyFileError:
-        return None
 
 
 def rotate_at(cap: Capability, stored: Stored) -> datetime | None:
@@ -135,7 +129,8 @@ def build(cap: Capability, generation: int, stored: Stored, the_plan: Plan, keys
         session = receipts.SessionKey.issue(keyset, now=now, lifetime=session_lifetime, receipt_ttl=cap.receipt_ttl)
     settings: dict[str, Any] = {
         "capability": cap.qualified_name, "generation": generation, "credentialId": token_id,
-        "issuedAt": _iso(issued), "expiresAt": _iso(expires), "sessionKeyNotAfter": _iso(session.not_after),
+        "issuedAt": timestamps.iso(issued), "expiresAt": timestamps.iso(expires),
+        "sessionKeyNotAfter": timestamps.iso(session.not_after),
         "revocationList": resources.REVOCATION_LIST_NAME,
         "pendingRevocations": [dict(e.as_dict()) for e in pending],
     }
@@ -155,6 +150,3 @@ def without_pending(data: dict[str, bytes]) -> dict[str, bytes]:
     settings["pendingRevocations"] = []
     return {**data, resources.SETTINGS_FILE: (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode()}
 
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from capgate import timestamps
 from capgate.capabilities import decision, paths, spec, tokens
 from capgate.capabilities.errors import AttenuationError, RequestError, SpecError, TokenError
 from capgate.sidecar import errors, facts
@@ -157,7 +158,8 @@ async def attenuate(request: web.Request, gate: Gate, trace: Trace) -> web.Respo
     expires = min(now.replace(microsecond=0) + ttl, parent.expires_at) if ttl else parent.expires_at
     trace.narrowed = child.revocation_ids[-1][:ID_PREFIX]
     trace.outcome, trace.reason, trace.status = "allowed", "attenuated", 200
-    return web.json_response({"token": token, "expiresAt": _iso(expires), "revocationIds": list(child.revocation_ids),
+    return web.json_response({"token": token, "expiresAt": timestamps.iso(expires),
+                              "revocationIds": list(child.revocation_ids),
                               "depth": child.depth, "decision_id": trace.decision_id})
 
 
@@ -198,8 +200,8 @@ async def whoami(request: web.Request, gate: Gate, trace: Trace) -> web.Response
     body = {
         "capability": cap.qualified_name,
         "principal": loaded.principal,
-        "credential": {"id": loaded.credential.id[:ID_PREFIX], "issuedAt": _iso(loaded.credential.issued_at),
-                       "expiresAt": _iso(loaded.credential.expires_at)},
+        "credential": {"id": loaded.credential.id[:ID_PREFIX], "issuedAt": timestamps.iso(loaded.credential.issued_at),
+                       "expiresAt": timestamps.iso(loaded.credential.expires_at)},
         "mode": cap.mode,
         "lockdown": {"active": lockdown is not None, "reason": lockdown},
         "revocationListAgeSeconds": None if age is None else round(age, 3),
@@ -225,6 +227,3 @@ def _rule_summary(rule: spec.Rule) -> dict[str, Any]:
         out["limits"] = {lim.field: lim.max for lim in rule.limits}
     return out
 
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
