@@ -7,12 +7,12 @@ test:  ## set-up, static checks, unit and e2e tests
 	bash hack/test.sh
 
 bench:  ## benchmark tables quoted in the README (each operator benchmark starts its own control plane)
-	python3 bench/decision.py
-	python3 bench/proxy.py
-	python3 bench/revocation.py
-	python3 bench/admission.py
-	python3 bench/minting.py
-	python3 bench/adversarial.py
+	.venv/bin/python bench/decision.py
+	.venv/bin/python bench/proxy.py
+	.venv/bin/python bench/revocation.py
+	.venv/bin/python bench/admission.py
+	.venv/bin/python bench/minting.py
+	.venv/bin/python bench/adversarial.py
 
 lint:
-	ruff check capgate tests e2e bench examples && mypy capgate && lint-imports
+	.venv/bin/ruff check capgate tests e2e bench examples && .venv/bin/mypy capgate && .venv/bin/lint-imports

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the binaries of capgate's local test control plane (kube-apiserver, kubectl, etcd, helm)
+# Build the binaries of capgate's local test cluster (kube-apiserver, kubectl, etcd, helm, and the
+# node: kubelet, kube-proxy, kube-scheduler, kube-controller-manager)
 # from the Go module proxy, into ${CAPGATE_CACHE:-$HOME/.cache/capgate}/bin/<kube version>/.
 #
 # Why build instead of download: CI and dev machines reach package registries only, and the Go
@@ -55,7 +56,7 @@ stamp_of() {
 
 module_of() {
 	case $1 in
-	kube-apiserver | kubectl) echo kube ;;
+	kube-apiserver | kubectl | kubelet | kube-proxy | kube-scheduler | kube-controller-manager) echo kube ;;
 	etcd) echo etcd ;;
 	helm) echo helm ;;
 	esac
@@ -123,7 +124,7 @@ build_one() {
 	local name=$1 module pkg ldflags start
 	module=$(module_of "$name")
 	case $name in
-	kube-apiserver | kubectl)
+	kube-apiserver | kubectl | kubelet | kube-proxy | kube-scheduler | kube-controller-manager)
 		pkg=k8s.io/kubernetes/cmd/$name
 		ldflags=""
 		local p
@@ -179,7 +180,7 @@ main() {
 		;;
 	esac
 
-	local names=(kube-apiserver kubectl etcd helm) missing=() name
+	local names=(kube-apiserver kubectl etcd helm kube-controller-manager kube-scheduler kube-proxy kubelet) missing=() name
 	for name in "${names[@]}"; do
 		is_fresh "$name" || missing+=("$name")
 	done

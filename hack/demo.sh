@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash hack/setup.sh
 echo "==> demo"
-exec python3 -m e2e.demo "$@"
+exec .venv/bin/python -m e2e.demo "$@"

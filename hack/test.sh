@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash hack/setup.sh
+# Everything below runs from the project virtualenv.
+export PATH="$PWD/.venv/bin:$PATH" VIRTUAL_ENV="$PWD/.venv"
 
 echo "==> ruff"
 ruff check capgate tests e2e bench examples
@@ -14,4 +16,4 @@ echo "==> capgate test examples/*.tests.yaml"
 capgate test examples/*.tests.yaml
 echo "==> pytest"
 # pytest exits 5 when it collected nothing: that is a failure here too (set -e).
-python3 -m pytest -q "$@"
+python -m pytest -q "$@"

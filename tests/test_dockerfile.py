@@ -158,3 +158,16 @@ def test_build_context_holds_what_the_dockerfile_copies() -> None:
     assert copied <= allowed, f"COPY uses files .dockerignore leaves out: {copied - allowed}"
     for source in copied:
         assert (REPO / source).exists(), f"COPY {source}: no such file in the repository"
+
+
+def test_the_project_virtualenv_is_installed_exactly_from_both_locks() -> None:
+    """hack/setup.sh installs -e .[dev] with both locks as constraints: what runs the tests is what is pinned."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "hack" / "lock-requirements.py"), "--check"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    setup = (REPO / "hack" / "setup.sh").read_text()
+    assert "-c requirements.lock -c requirements-dev.lock" in setup
+    assert sys.prefix != sys.base_prefix, "the tests run from the project virtualenv, never the system interpreter"
