@@ -104,7 +104,8 @@ class CredentialStore:
             credential = tokens.load(token, trust, now=now)
         except CapabilityError as exc:
             raise ConfigError("--capability", _safe(exc)) from exc
-        session = receipts.SessionKey.issue(self._keyset, now=now, receipt_ttl=cap.receipt_ttl)
+        session = receipts.SessionKey.issue(self._keyset, capability=cap.qualified_name, credential=credential.id,
+                                            now=now, receipt_ttl=cap.receipt_ttl)
         return Loaded(credential=credential, session=session, trust=trust, principal=cap.principal, settings={})
 
     def _reload_dir(self) -> None:

@@ -244,9 +244,9 @@ class Rig:
         ]
         other = tokens.mint(replace(loaded.capability, service_account="someone-else"), self.keyset)
         self.tokens.valid[other] = oracle.Narrowed(spec, holder="someone-else")
-        session = receipts.SessionKey.issue(self.other_root)
-        self.receipts_foreign = receipts.mint(session, rule="r0", correlation="trip-1", capability="fuzz/agent",
-                                              credential=credential.id, ttl=timedelta(minutes=5), decision_id="x")
+        session = receipts.SessionKey.issue(self.other_root, capability="fuzz/agent", credential=credential.id)
+        self.receipts_foreign = receipts.mint(session, rule="r0", correlation="trip-1", ttl=timedelta(minutes=5),
+                                              decision_id="x")
 
     async def campaign(self, seed: int, requests: int) -> Counts:
         """One random capability, ``requests`` adversarial requests against it."""
