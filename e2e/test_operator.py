@@ -250,6 +250,9 @@ def _b64(data: bytes) -> str:
 def test_an_opted_in_cleartext_injection_shows_in_status_and_as_a_warning_event(cluster: Cluster) -> None:
     cleartext = capability("cleartext")
     cleartext["spec"]["upstreams"][1]["url"] = "http://payments.travel.svc:8080"
+    refused = cluster.apply(cleartext, check=False)
+    assert refused.returncode != 0
+    assert "spec.upstreams[1].url" in refused.stderr and "inject.allowInsecureTransport: true" in refused.stderr
     cleartext["spec"]["upstreams"][1]["inject"]["allowInsecureTransport"] = True
     cluster.apply(cleartext)
     status = cluster.wait_ready("cleartext")
