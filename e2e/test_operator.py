@@ -7,6 +7,7 @@ started locally with the pod spec's own command, args, env and Secret files (see
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from capgate import resources
+from capgate.capabilities import receipts
 from e2e.cluster import Environment, agent_pod, call, environment, example_capability, wait_for
 from e2e.controlplane import ControlPlane
 from tests.crd_samples import SAMPLES, Sample
@@ -210,6 +212,61 @@ def test_deleting_a_capability_revokes_its_credential(cluster: Cluster) -> None:
     cluster.plane.kubectl("delete", "acap", "short-lived-object", "-n", NAMESPACE, "--timeout=30s")
     listed = json.loads(cluster.plane.kubectl("get", "revocationlist", "capgate", "-o", "json").stdout)
     assert ids[0] in {e["id"] for e in listed["spec"]["revokedIds"]}
+
+
+def test_the_session_key_is_endorsed_for_its_capability_and_credential(cluster: Cluster) -> None:
+    status = cluster.wait_ready("booking-agent")
+    data = cluster.secret("booking-agent-capgate-credential")
+    assert data is not None
+    key = receipts.SessionKey.from_json(data[resources.SESSION_KEY_FILE])
+    assert (key.capability, key.credential) == (f"{NAMESPACE}/booking-agent", status["revocationIds"][0])
+
+
+def test_another_capabilitys_session_key_cannot_forge_a_receipt_this_sidecar_accepts(cluster: Cluster) -> None:
+    cluster.apply(capability("thief"))
+    cluster.wait_ready("thief")
+    stolen_data = cluster.secret("thief-capgate-credential")
+    assert stolen_data is not None
+    stolen = receipts.SessionKey.from_json(stolen_data[resources.SESSION_KEY_FILE])
+    victim = cluster.wait_ready("booking-agent")["revocationIds"][0]
+    now = int(time.time())
+    payload = json.dumps({"rule": "search", "corr": "forged-1", "cap": f"{NAMESPACE}/booking-agent", "cred": victim,
+                          "iat": now, "exp": now + 300, "did": "forged", "sid": stolen.key_id},
+                         sort_keys=True, separators=(",", ":")).encode()
+    forged = f"v1.{_b64(payload)}.{_b64(stolen.sign(payload))}.{stolen.endorsement}"
+    sidecar = cluster.sidecar("agent-1")
+    try:
+        status, body, _ = call(sidecar, "POST", "/payments/v1/charges", {"amount": 100},
+                               headers={"X-Capgate-Correlation-Id": "forged-1", "X-Capgate-Receipt": forged})
+    finally:
+        sidecar.stop()
+    assert (status, body["reason"]) == (403, "missing_receipt")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_an_opted_in_cleartext_injection_shows_in_status_and_as_a_warning_event(cluster: Cluster) -> None:
+    cleartext = capability("cleartext")
+    cleartext["spec"]["upstreams"][1]["url"] = "http://payments.travel.svc:8080"
+    refused = cluster.apply(cleartext, check=False)
+    assert refused.returncode != 0
+    assert "spec.upstreams[1].url" in refused.stderr and "inject.allowInsecureTransport: true" in refused.stderr
+    cleartext["spec"]["upstreams"][1]["inject"]["allowInsecureTransport"] = True
+    cluster.apply(cleartext)
+    status = cluster.wait_ready("cleartext")
+    found = next(c for c in status["conditions"] if c["type"] == "InsecureInjection")
+    assert (found["status"], found["reason"]) == ("True", "AllowInsecureTransport")
+    assert "payments" in found["message"]
+
+    def warning() -> list[dict[str, Any]]:
+        listed = cluster.plane.kubectl("get", "events", "-n", NAMESPACE, "-o", "json",
+                                       "--field-selector", "involvedObject.name=cleartext,reason=InsecureInjection")
+        return [e for e in json.loads(listed.stdout)["items"] if e["type"] == "Warning"]
+
+    assert wait_for(warning, 15, "the InsecureInjection Warning event")
+    assert "InsecureInjection" not in {c["type"] for c in cluster.wait_ready("booking-agent")["conditions"]}
 
 
 def test_the_operator_exports_metrics(cluster: Cluster) -> None:

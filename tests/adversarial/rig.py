@@ -14,11 +14,13 @@ keep-alive connection (reconnecting when the server closes it), and counts:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import random
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -244,9 +246,15 @@ class Rig:
         ]
         other = tokens.mint(replace(loaded.capability, service_account="someone-else"), self.keyset)
         self.tokens.valid[other] = oracle.Narrowed(spec, holder="someone-else")
-        session = receipts.SessionKey.issue(self.other_root)
-        self.receipts_foreign = receipts.mint(session, rule="r0", correlation="trip-1", capability="fuzz/agent",
-                                              credential=credential.id, ttl=timedelta(minutes=5), decision_id="x")
+        session = receipts.SessionKey.issue(self.other_root, capability="fuzz/agent", credential=credential.id)
+        self.receipts_foreign = receipts.mint(session, rule="r0", correlation="trip-1", ttl=timedelta(minutes=5),
+                                              decision_id="x")
+        # A compromised sidecar of another capability under the same root signs receipts claiming this one.
+        stolen = receipts.SessionKey.issue(self.keyset, capability="fuzz/other-agent", credential="ab" * 64)
+        claimed = loaded.capability.qualified_name
+        self.receipts_stolen = {corr: ",".join(_forge(stolen, rule=r["name"], correlation=corr, capability=claimed,
+                                                      credential=credential.id) for r in spec["rules"])
+                                for corr in CORRELATIONS}
 
     async def campaign(self, seed: int, requests: int) -> Counts:
         """One random capability, ``requests`` adversarial requests against it."""
@@ -277,6 +285,9 @@ class Rig:
         attempt = generate.random_attempt(rng, spec, self.tokens, self.receipts, CORRELATIONS)
         if rng.random() < 0.01 and hasattr(self, "receipts_foreign"):
             attempt.headers.append(("X-Capgate-Receipt", self.receipts_foreign))
+        stolen = getattr(self, "receipts_stolen", {}).get(attempt.correlation())
+        if stolen and rng.random() < 0.05:
+            attempt.headers.append(("X-Capgate-Receipt", stolen))  # one "receipt" of every rule
         self._next_id += 1
         ident = self._next_id
         correlation = attempt.correlation()
@@ -393,3 +404,13 @@ async def run(seed: int, campaigns: int, requests: int, workdir: Path | None = N
             for index in range(campaigns):
                 total.add(await rig.campaign(seed * 100_003 + index, requests))
     return total
+
+
+def _forge(key: receipts.SessionKey, *, rule: str, correlation: str, capability: str, credential: str) -> str:
+    """A receipt signed with ``key`` that claims a capability and credential its endorsement does not name."""
+    now = int(time.time())
+    payload = json.dumps({"rule": rule, "corr": correlation, "cap": capability, "cred": credential, "iat": now,
+                          "exp": now + 300, "did": "stolen", "sid": key.key_id},
+                         sort_keys=True, separators=(",", ":")).encode()
+    encoded = (base64.urlsafe_b64encode(raw).rstrip(b"=").decode() for raw in (payload, key.sign(payload)))
+    return f"v1.{'.'.join(encoded)}.{key.endorsement}"

@@ -132,9 +132,8 @@ def test_a_token_of_another_root_is_refused_as_unknown_root() -> None:
     assert refused.value.reason in ("unknown_root", "bad_signature")
 
 
-SESSION = receipts.SessionKey.issue(KEYSET)
-RECEIPT = receipts.mint(SESSION, rule="search", correlation="trip-1", capability="fuzz/agent", credential="c",
-                        ttl=timedelta(minutes=5), decision_id="d")
+SESSION = receipts.SessionKey.issue(KEYSET, capability="fuzz/agent", credential="c")
+RECEIPT = receipts.mint(SESSION, rule="search", correlation="trip-1", ttl=timedelta(minutes=5), decision_id="d")
 
 
 @FAST
