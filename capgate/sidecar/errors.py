@@ -9,7 +9,7 @@
     ├── 403 denied              a policy verdict, unknown_upstream, internal_error (fail closed)
     ├── 413 too_large           a body a limit must read is over --max-body-bytes
     ├── 429 rate_limited / budget_exhausted   with Retry-After
-    ├── 502 upstream_unavailable / 504 upstream_timeout
+    ├── 502 upstream_unavailable / 504 upstream_timeout   after forwarding: recorded as forwarded, never denied
     └── 503 lockdown
 
 Core errors (:mod:`capgate.capabilities.errors`) are converted where they are caught; any other
@@ -54,6 +54,13 @@ def unknown_upstream(message: str) -> SidecarError:
 
 def lockdown(message: str) -> SidecarError:
     return SidecarError(503, "lockdown", "lockdown", message)
+
+
+def after_forwarding() -> SidecarError:
+    """An unexpected failure once the upstream may have acted: 502, never a denial (DESIGN.md)."""
+    return SidecarError(502, "upstream_unavailable", "relay_failed",
+                        "the sidecar failed while relaying the upstream's answer; the call reached the upstream "
+                        "and may have taken effect", headers={"X-Should-Retry": "false"})
 
 
 def internal() -> SidecarError:
