@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from capgate import resources
+from capgate import ledger, resources
+from capgate.capabilities import keys
 from e2e.cluster import Environment, agent_pod, call, environment, example_capability, wait_for
 from e2e.controlplane import ControlPlane
 from tests.crd_samples import SAMPLES, Sample
@@ -329,3 +330,20 @@ def test_the_sidecar_has_its_own_token_mount_even_when_the_pod_opts_out(cluster:
     usual = json.loads(cluster.plane.kubectl("get", "pod", "agent-1", "-n", NAMESPACE, "-o", "json").stdout)
     usual_paths = [m["mountPath"] for m in usual["spec"]["initContainers"][0]["volumeMounts"]]
     assert usual_paths.count("/var/run/secrets/kubernetes.io/serviceaccount") == 1
+
+
+def test_a_stopped_sidecar_leaves_a_ledger_every_record_of_which_is_signed(cluster: Cluster, tmp_path: Path) -> None:
+    assert cluster.create_pod("agent-ledger", "booking-agent").returncode == 0
+    sidecar = cluster.sidecar("agent-ledger")
+    try:
+        assert call(sidecar, "GET", "/flights/search")[0] == 200
+        assert call(sidecar, "DELETE", "/payments/v1/charges/ch_1")[0] == 403
+    finally:
+        sidecar.stop()  # SIGTERM: the sidecar signs a closing checkpoint with its mounted session key
+    secret = cluster.secret(cluster.get_capability("booking-agent")["status"]["credentialSecret"])
+    assert secret is not None
+    trust = tmp_path / "trust.json"
+    trust.write_bytes(secret[resources.TRUST_BUNDLE_FILE])
+    report = ledger.verify(sidecar.audit, keys.TrustBundle.from_file(trust))
+    assert report.verdict() == "VERIFIED", report.summary()
+    assert report.covered == report.records >= 4  # start, two decisions, the closing checkpoint
