@@ -13,13 +13,14 @@ apply. Failures before the response starts become 502 ``upstream_unavailable`` /
 ``upstream_timeout``; a failure mid-stream can only abort the connection, which the agent sees as
 a truncated response rather than a silently shortened one.
 
-**Once the request may have reached the upstream, the call may have executed** (a charge ran), so
-from that moment on nothing is recorded as denied: :func:`forward` marks the caller's
-:class:`Record` ``forwarded`` before it sends and clears it only when the connection provably never
-opened. A response head the sidecar cannot relay byte for byte — a control byte or a byte that is
-not UTF-8 in a header or the reason phrase, which aiohttp would refuse (``ValueError``) or silently
-drop — is 502 ``bad_response``, never a rewritten header. A non-idempotent call that failed after it
-was sent also carries ``X-Should-Retry: false`` (the retry hint the OpenAI/Anthropic clients obey),
+**Once the request has reached the upstream, the call may have executed** (a charge ran), so from
+that moment on nothing is recorded as denied: the client's ``on_request_headers_sent`` trace marks
+the caller's :class:`Record` ``forwarded`` the moment the request head is written — a refused
+connect or a full pool is not forwarded; a reset, a timeout or a bad answer after it is. A response
+head the sidecar cannot relay byte for byte — a control byte or a byte that is not UTF-8 in a header
+or the reason phrase, which aiohttp would refuse (``ValueError``) or silently drop — is 502
+``bad_response``, never a rewritten header. A non-idempotent call that failed after it was sent also
+carries ``X-Should-Retry: false`` (the retry hint the OpenAI/Anthropic clients obey),
 because a blind retry would run the charge twice.
 """
 
@@ -30,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Protocol
 
 import aiohttp
@@ -120,8 +122,18 @@ def timeout(settings: Settings) -> aiohttp.ClientTimeout:
 def new_client(settings: Settings) -> aiohttp.ClientSession:
     """One pooled session per app: keep-alive to upstreams is most of the proxy's speed."""
     connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=60, enable_cleanup_closed=False)
+    sent = aiohttp.TraceConfig()
+    sent.on_request_headers_sent.append(_headers_sent)
     return aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=timeout(settings),
-                                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+                                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",),
+                                 trace_configs=[sent])
+
+
+async def _headers_sent(session: aiohttp.ClientSession, context: SimpleNamespace,
+                        params: aiohttp.TraceRequestHeadersSentParams) -> None:
+    record = context.trace_request_ctx
+    if record is not None:
+        record.forwarded = True
 
 
 async def forward(request: web.Request, route: Route, *, client: aiohttp.ClientSession, body: bytes | None,
@@ -135,15 +147,11 @@ async def forward(request: web.Request, route: Route, *, client: aiohttp.ClientS
         data = request.content
     headers = outgoing_headers(request.headers, injection, body is not None)
     started = time.perf_counter()
-    record.forwarded = True  # from here on the upstream may act on it, unless the connect fails
     try:
-        upstream = await client.request(request.method, URL(route.target, encoded=True),
-                                        headers=headers, data=data, allow_redirects=False)
-    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-        record.forwarded = False  # no connection was ever made: the upstream saw nothing
-        raise _unsent(route, exc) from exc
+        upstream = await client.request(request.method, URL(route.target, encoded=True), headers=headers,
+                                        data=data, allow_redirects=False, trace_request_ctx=record)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise _sent_failure(request, route, exc) from exc
+        raise _request_failed(request, route, exc, sent=record.forwarded) from exc
     observe(time.perf_counter() - started)
     async with upstream:
         record.upstream_status = upstream.status
@@ -225,27 +233,22 @@ def _hint(request: web.Request) -> dict[str, str]:
     return {} if request.method.upper() in IDEMPOTENT else NO_RETRY
 
 
-def _unsent(route: Route, exc: Exception) -> errors.SidecarError:
+def _request_failed(request: web.Request, route: Route, exc: Exception, *, sent: bool) -> errors.SidecarError:
+    """502/504; once the request was sent, say it may have taken effect and discourage blind retries."""
+    name = route.upstream.name
+    caveat = "; the request reached it and may have taken effect" if sent else ""
+    headers = _hint(request) if sent else {}
     if isinstance(exc, TimeoutError):
-        return errors.SidecarError(504, "upstream_timeout", "timeout",
-                                   f"upstream {route.upstream.name!r} did not accept a connection in time")
-    return errors.SidecarError(502, "upstream_unavailable", "unreachable",
-                               f"upstream {route.upstream.name!r} is unavailable")
-
-
-def _sent_failure(request: web.Request, route: Route, exc: Exception) -> errors.SidecarError:
-    """The request may have reached the upstream: say so, and discourage blind retries."""
-    caveat = "; the call may have reached the upstream"
-    if isinstance(exc, TimeoutError):
-        return errors.SidecarError(504, "upstream_timeout", "timeout",
-                                   f"upstream {route.upstream.name!r} did not answer in time{caveat}",
-                                   headers=_hint(request))
+        return errors.SidecarError(504, "upstream_timeout", "timeout", f"upstream {name!r} did not answer in time"
+                                   + caveat, headers=headers)
     assert isinstance(exc, aiohttp.ClientError)
-    return errors.SidecarError(502, "upstream_unavailable", _failure(exc),
-                               f"upstream {route.upstream.name!r} is unavailable{caveat}", headers=_hint(request))
+    return errors.SidecarError(502, "upstream_unavailable", _failure(exc), f"upstream {name!r} is unavailable"
+                               + caveat, headers=headers)
 
 
 def _failure(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):  # a ClientOSError too: ask first
+        return "unreachable"
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientOSError):
         return "reset"
     if isinstance(exc, aiohttp.ClientResponseError):

@@ -46,6 +46,9 @@ class RawUpstream:
                 await reader.readexactly(length)
                 path = target.decode()
                 self.seen.append((method.decode(), path))
+                if path == "/reset":  # read the whole request, act on it, never answer
+                    writer.transport.abort()
+                    return
                 if path == "/stream":  # a head and half a body, the rest only after `hold`
                     writer.write(answer(b"HTTP/1.1 200 OK", body=b"x" * 10, length=20_000_000))
                     await writer.drain()
@@ -55,6 +58,8 @@ class RawUpstream:
                         await writer.drain()
                 writer.write(self.answers[path])
                 await writer.drain()
+                if path == "/search/cut":
+                    break  # closes with the body short of its Content-Length
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -190,3 +195,16 @@ async def test_an_unreachable_upstream_is_not_recorded_as_forwarded(sidecar: Mak
     record = sc.decisions()[-1]
     assert record["outcome"] == "error"
     assert "forwarded" not in record
+
+
+async def test_a_post_the_upstream_read_and_then_reset_is_recorded_as_forwarded(sidecar: MakeSidecar,
+                                                                               raw_upstream: RawUpstream) -> None:
+    sc = await raw_sidecar(sidecar, raw_upstream, "/reset")
+    response = await sc.client.post("/flights/reset", json={"amount": 1})
+    body = await response.json()
+    assert (response.status, body["reason"]) == (502, "reset")
+    assert "may have taken effect" in body["message"]
+    assert response.headers["X-Should-Retry"] == "false"
+    record = sc.decisions()[-1]
+    assert (record["outcome"], record["forwarded"]) == ("allowed", True)
+    assert "upstream_status" not in record
