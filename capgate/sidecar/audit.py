@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -84,6 +85,11 @@ class AuditLog:
         """Append a signed checkpoint if there is anything new (or this is the closing one) and a usable key."""
         session = self.session()
         if self._stream is None or session is None or (self._since_checkpoint == 0 and not closing):
+            return False
+        if datetime.now(UTC) > session.not_after:
+            # Its endorsement no longer covers signing: such a checkpoint would read as forged. Leave the
+            # records unsigned (verify says UNVERIFIED, which is the truth) until a fresh key arrives.
+            log.warning("audit checkpoint skipped: session key %s expired", session.key_id)
             return False
         line = self.chain.checkpoint(time=ledger.now_iso(), session_key_id=session.key_id,
                                      endorsement=session.endorsement, sign=session.sign, closing=closing)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from capgate import cli, ledger
-from capgate.capabilities import keys
+from capgate.capabilities import keys, receipts
+from capgate.sidecar.audit import AuditLog
 from tests.sidecar.conftest import MakeSidecar, Sidecar
 
 
@@ -250,3 +252,18 @@ def test_without_a_trust_bundle_the_chain_is_checked_and_checkpoints_are_noted(t
     assert report.ok
     assert report.unverified_checkpoints == 1
     assert "--trust" in report.summary()
+
+
+def test_an_expired_session_key_signs_nothing_rather_than_a_checkpoint_that_reads_as_forged(
+        tmp_path: Path, keyset: keys.KeySet) -> None:
+    stale = receipts.SessionKey.issue(keyset, now=datetime.now(UTC) - timedelta(hours=2))
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path), session=lambda: stale)
+    log.open()
+    log.write({"outcome": "allowed"})
+    assert log.checkpoint() is False
+    log.close()
+    report = ledger.verify(path, keyset.trust_bundle())
+    assert report.ok  # nothing was forged ...
+    assert report.verdict() == "UNVERIFIED"  # ... and nothing is proven
+    assert report.unsigned == 2
