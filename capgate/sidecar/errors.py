@@ -9,7 +9,7 @@
     ├── 403 denied              a policy verdict, unknown_upstream, internal_error (fail closed)
     ├── 413 too_large           a body a limit must read is over --max-body-bytes
     ├── 429 rate_limited / budget_exhausted   with Retry-After
-    ├── 502 upstream_unavailable / 504 upstream_timeout   after forwarding: recorded as forwarded, never denied
+    ├── 502 upstream_unavailable / 504 upstream_timeout
     └── 503 lockdown
 
 Core errors (:mod:`capgate.capabilities.errors`) are converted where they are caught; any other
