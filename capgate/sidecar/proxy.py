@@ -20,8 +20,10 @@ connect or a full pool is not forwarded; a reset, a timeout or a bad answer afte
 head the sidecar cannot relay byte for byte — a control byte or a byte that is not UTF-8 in a header
 or the reason phrase, which aiohttp would refuse (``ValueError``) or silently drop — is 502
 ``bad_response``, never a rewritten header. A non-idempotent call that failed after it was sent also
-carries ``X-Should-Retry: false`` (the retry hint the OpenAI/Anthropic clients obey),
-because a blind retry would run the charge twice.
+carries ``X-Should-Retry: false`` (the retry hint the OpenAI/Anthropic clients obey), because a blind
+retry would run the charge twice. For the same reason a 2xx answer's receipt is minted and held even
+when its head cannot be relayed: the step did happen upstream, and a ``requires`` gate that forgot it
+would push the agent to run it again.
 """
 
 from __future__ import annotations
