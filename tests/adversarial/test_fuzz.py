@@ -32,6 +32,7 @@ def test_no_adversarial_request_is_forwarded_that_the_design_refuses(seed: int) 
     assert counts.header_leaks == 0, counts.examples
     assert counts.crashes == 0, counts.examples
     assert (counts.false_denies, counts.disagreements) == (0, 0), counts.examples
+    assert counts.ledger_lies == 0, counts.examples
 
 
 PATH_ALPHABET = st.sampled_from(["/", ".", "%", "2", "e", "E", "f", "F", "5", "c", "0", "a", ";", "\\", "\x00", "\n",
