@@ -256,7 +256,8 @@ def test_without_a_trust_bundle_the_chain_is_checked_and_checkpoints_are_noted(t
 
 def test_an_expired_session_key_signs_nothing_rather_than_a_checkpoint_that_reads_as_forged(
         tmp_path: Path, keyset: keys.KeySet) -> None:
-    stale = receipts.SessionKey.issue(keyset, now=datetime.now(UTC) - timedelta(hours=2))
+    stale = receipts.SessionKey.issue(keyset, capability="travel/booking-agent", credential="c1",
+                                      now=datetime.now(UTC) - timedelta(hours=2))
     path = tmp_path / "audit.jsonl"
     log = AuditLog(str(path), session=lambda: stale)
     log.open()
