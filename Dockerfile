@@ -14,22 +14,26 @@
 # Any Debian bookworm image whose python3 has venv: python:3.12-slim, or Debian's python3 (3.11).
 ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
 
-# ---- build: a virtualenv holding exactly the lock, then capgate (setuptools only lives in pip's
-# isolated build environment, so never in the image)
-FROM ${PYTHON_IMAGE} AS build
+# ---- deps: a virtualenv holding pip and exactly the lock. Its own stage, so that the runtime's copy of
+# it is one layer that changes only with the lock (capgate itself is a small layer on top).
+FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CERT=/etc/capgate-build-ca.pem
+# Python 3.11's venv brings setuptools: removed, the image runs nothing that needs it.
 RUN --mount=type=secret,id=extra-ca \
     cat /etc/ssl/certs/ca-certificates.crt > /etc/capgate-build-ca.pem \
  && if [ -f /run/secrets/extra-ca ]; then cat /run/secrets/extra-ca >> /etc/capgate-build-ca.pem; fi \
- && python3 -m venv /opt/capgate
-# The lock on its own layer: a change to capgate/ reuses the installed dependencies.
+ && python3 -m venv /opt/capgate \
+ && /opt/capgate/bin/pip uninstall -y setuptools
 COPY requirements.lock /tmp/requirements.lock
 RUN /opt/capgate/bin/pip install --no-deps -r /tmp/requirements.lock
+
+# ---- build: the capgate wheel (setuptools only lives in pip's isolated build environment)
+FROM deps AS build
 COPY pyproject.toml README.md /src/
 COPY capgate/ /src/capgate/
-RUN /opt/capgate/bin/pip install --no-deps /src
+RUN /opt/capgate/bin/pip wheel --no-deps --wheel-dir /wheels /src
 
 # ---- runtime
 FROM ${PYTHON_IMAGE}
@@ -48,15 +52,18 @@ RUN apt-get update \
  && groupadd --system --gid 65532 nonroot \
  && useradd --system --no-log-init --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin nonroot
-COPY --from=build /opt/capgate /opt/capgate
+COPY --from=deps /opt/capgate /opt/capgate
 ENV PATH=/opt/capgate/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp
-# The lock must be a complete, consistent closure for this interpreter, or the build fails.
-RUN ["python", "-m", "pip", "check"]
+# capgate from its wheel, nothing from an index; then the lock must be a complete, consistent closure
+# for this interpreter, or the build fails.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    python -m pip install --no-deps --no-index /wheels/capgate-*.whl \
+ && python -m pip check
 USER 65532:65532
 WORKDIR /tmp
 # Operator: webhook 9443, metrics/health 8080. Sidecar: agent port 15080, admin 15090, outbound 15001.

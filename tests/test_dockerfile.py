@@ -67,7 +67,10 @@ def pip_installs(stage: list[tuple[str, str]]) -> list[list[str]]:
         if keyword == "RUN":
             for command in re.split(r"&&|;", rest):
                 words = shlex.split(command)
-                if "pip" in [Path(word).name for word in words[:1]] and "install" in words:
+                if words and words[0].startswith("--mount="):
+                    words = words[1:]
+                runs_pip = bool(words) and (Path(words[0]).name == "pip" or words[:3] == ["python", "-m", "pip"])
+                if runs_pip and "install" in words:
                     commands.append(words)
     return commands
 
@@ -89,8 +92,8 @@ def test_base_image_is_python_312_slim_pinned_by_tag() -> None:
     (arg,) = [rest for keyword, rest in instructions() if keyword == "ARG" and rest.startswith("PYTHON_IMAGE=")]
     image = arg.split("=", 1)[1]
     assert re.fullmatch(r"python:3\.12\.\d+-slim-[a-z]+", image), image
-    assert [rest for keyword, rest in instructions() if keyword == "FROM"] == ["${PYTHON_IMAGE} AS build",
-                                                                               "${PYTHON_IMAGE}"]
+    assert [rest for keyword, rest in instructions() if keyword == "FROM"] == ["${PYTHON_IMAGE} AS deps",
+                                                                               "deps AS build", "${PYTHON_IMAGE}"]
 
 
 def test_the_build_pulls_nothing_but_the_base() -> None:
@@ -130,15 +133,17 @@ def test_every_command_the_image_is_run_with_is_a_console_script() -> None:
 
 def test_dependencies_are_installed_exactly_from_the_lock() -> None:
     """The lock, then capgate, both --no-deps: no resolver at build time picks a version of its own."""
-    build, runtime = stages()
-    lock_install, capgate_install = pip_installs(build)
+    deps, build, runtime = stages()
+    (lock_install,) = pip_installs(deps)
     assert "--no-deps" in lock_install and lock_install[lock_install.index("-r") + 1].endswith("requirements.lock")
-    assert "--no-deps" in capgate_install and capgate_install[-1] == "/src"
-    assert ("ENV", "PIP_NO_CACHE_DIR=1") in [(k, r.split()[0]) for k, r in build if k == "ENV"]
-    # The runtime stage installs nothing from PyPI: it takes the virtualenv and checks it is consistent.
-    assert not pip_installs(runtime)
-    assert ("COPY", "--from=build /opt/capgate /opt/capgate") in runtime
-    assert ("RUN", '["python", "-m", "pip", "check"]') in runtime
+    assert ("ENV", "PIP_NO_CACHE_DIR=1") in [(k, r.split()[0]) for k, r in deps if k == "ENV"]
+    assert build[0] == ("FROM", "deps AS build")
+    # The runtime takes the locked virtualenv, adds the capgate wheel from no index, and checks the whole.
+    assert ("COPY", "--from=deps /opt/capgate /opt/capgate") in runtime
+    (capgate_install,) = pip_installs(runtime)
+    assert {"--no-deps", "--no-index"} <= set(capgate_install) and capgate_install[-1] == "/wheels/capgate-*.whl"
+    runs = " ".join(rest for keyword, rest in runtime if keyword == "RUN")
+    assert "python -m pip check" in runs  # the lock is a consistent closure, or the build fails
 
 
 def test_lock_pins_every_runtime_dependency_of_pyproject() -> None:
