@@ -116,9 +116,14 @@ build_capgate() {
     cat "$extra_ca_dir"/*.crt >"$bundle"
     secret=(--secret "id=extra-ca,src=$bundle")
   fi
+  # A proxy in the environment reaches pip and apt in the build too (predefined ARGs: not in the image).
+  local proxy=() name
+  for name in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+    if [ -n "${!name:-}" ]; then proxy+=(--build-arg "$name"); fi
+  done
   local started=$SECONDS
   DOCKER_BUILDKIT=1 "$docker" build --network=host --progress=plain \
-    --build-arg "PYTHON_IMAGE=$base_ref" "${secret[@]}" \
+    --build-arg "PYTHON_IMAGE=$base_ref" "${secret[@]}" "${proxy[@]}" \
     --label "dev.capgate.inputs=${capgate_ref##*:}" -t "$capgate_ref" . >"$cache/image-build.log" 2>&1 \
     || { tail -n 30 "$cache/image-build.log" >&2; die "docker build failed (log: $cache/image-build.log)"; }
   size=$("$docker" image inspect -f '{{.Size}}' "$capgate_ref")
