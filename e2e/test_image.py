@@ -1,8 +1,9 @@
 """The image `make image` builds, run: the Dockerfile's promises checked on the built image, not its text.
 
-`hack/image.sh save` builds (or finds) the capgate and pause images with Debian's docker.io and no
-registry, and saves them as the tarballs the local node imports into containerd. Each check runs a
-throw-away container without a network. The build's duration and the image's size are printed.
+`hack/image.sh save` (through e2e/images.py) builds (or finds) the capgate and pause images with
+Debian's docker.io and no registry, and saves them as the tarballs the local node imports into
+containerd. Each check runs a throw-away container without a network. The build's duration and the
+image's size are printed.
 
 Nothing here is skipped: without a docker daemon (or root to start one) the build fails and every
 test errors with hack/image.sh's reason.
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from e2e import images
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = os.environ.get("CAPGATE_DOCKER", "/usr/bin/docker")
@@ -51,30 +54,23 @@ def _say(config: pytest.Config, line: str) -> None:
         reporter.write_line(line)
 
 
-def _make_image(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(REPO / "hack" / "image.sh"), *args], capture_output=True, text=True,
-                          check=False, timeout=1800)
-
-
 @pytest.fixture(scope="module")
 def built(pytestconfig: pytest.Config) -> Built:
     started = time.monotonic()
-    result = _make_image("save")
+    try:
+        saved = images.save()
+    except images.ImageError as error:
+        pytest.fail(str(error), pytrace=False)
     seconds = time.monotonic() - started
-    if result.returncode != 0:
-        pytest.fail(f"hack/image.sh save failed:\n{result.stderr[-3000:]}", pytrace=False)
-    refs, tarballs = {}, {}
-    for line in result.stdout.splitlines():
-        name, ref, tarball = line.split()
-        refs[name], tarballs[name] = ref, Path(tarball)
-    if "base image" in result.stderr:
+    if "base image" in saved.log:
         state = "cold: debootstrap, then the build"
-    elif "building" in result.stderr:
+    elif "building" in saved.log:
         state = "the base was cached, the image was built"
     else:
         state = "warm: nothing to build"
     _say(pytestconfig, f"make image ({state}): {seconds:.1f} s")
-    return Built(refs, tarballs, seconds, result.stderr)
+    tarballs = {name: image.tarball for name, image in saved.images.items() if image.tarball}
+    return Built({name: image.ref for name, image in saved.images.items()}, tarballs, seconds, saved.log)
 
 
 def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -184,7 +180,7 @@ def test_a_second_make_image_builds_nothing(built: Built) -> None:
     result = subprocess.run(["make", "-s", "image"], cwd=REPO, capture_output=True, text=True, check=False,
                             timeout=600)
     assert result.returncode == 0, result.stderr
-    assert dict(line.split() for line in result.stdout.splitlines()) == built.refs
+    assert dict(line.split() for line in result.stdout.splitlines()) == built.refs == images.refs()
     assert "up to date" in result.stderr and "building" not in result.stderr and "pause image" not in result.stderr
 
 
