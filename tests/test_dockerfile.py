@@ -206,6 +206,17 @@ def test_build_context_holds_what_the_dockerfile_copies() -> None:
         assert (REPO / source).exists(), f"COPY {source}: no such file in the repository"
 
 
+def test_the_image_tag_hashes_the_context_dockerignore_lets_in() -> None:
+    """hack/image.sh hashes the context by these rules (find ... ! -name '*.pyc' ...): change both together."""
+    ignore = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert ignore == ["*", "!pyproject.toml", "!README.md", "!requirements.lock", "!capgate/",
+                      "**/__pycache__", "**/*.pyc", "**/*.pyo"]
+    script = (REPO / "hack" / "image.sh").read_text()
+    assert "printf '%s\\n' Dockerfile .dockerignore pyproject.toml README.md requirements.lock" in script
+    assert "find capgate -type f ! -path '*/__pycache__/*' ! -name '*.pyc' ! -name '*.pyo'" in script
+
+
 def _image_refs(repo: Path) -> dict[str, str]:
     result = subprocess.run(["bash", str(repo / "hack" / "image.sh"), "ref"], capture_output=True, text=True,
                             check=True)
