@@ -11,8 +11,9 @@
 # Why it is built this way:
 # - No registry: the Dockerfile's base is a Debian bookworm made here (`debootstrap --variant=minbase`,
 #   Python 3.11 from Debian) and `docker import`ed once as capgate.local/debian-python:bookworm-<hash>,
-#   the hash of its recipe; it stays in docker's store between runs. The Dockerfile itself keeps
-#   `FROM python:3.12-slim` for everyone else (this passes --build-arg PYTHON_IMAGE).
+#   the hash of its recipe; it stays in docker's store between runs (`docker rmi` it to take Debian's
+#   later updates). The Dockerfile itself keeps `FROM python:3.12-slim` for everyone else (this
+#   passes --build-arg PYTHON_IMAGE).
 # - Instant when nothing changed: the capgate tag is the hash of every input of the build (the
 #   Dockerfile, the build context .dockerignore lets in, the base), so an existing tag is the build.
 # - Debian's 20.10 client (/usr/bin/docker) has BuildKit built in, which RUN --mount needs; a newer
