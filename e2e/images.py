@@ -13,12 +13,15 @@ agree on the names.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "hack" / "image.sh"
+# The client hack/image.sh uses: Debian's 20.10, whose BuildKit is built in.
+DOCKER = os.environ.get("CAPGATE_DOCKER", "/usr/bin/docker")
 # A cold build is debootstrap (~75 s) + the image (~30 s) on 2 cores; generous for a slow mirror.
 TIMEOUT_S = 1800
 

@@ -12,7 +12,6 @@ test errors with hack/image.sh's reason.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -27,7 +26,6 @@ import pytest
 from e2e import images
 
 REPO = Path(__file__).resolve().parents[1]
-DOCKER = os.environ.get("CAPGATE_DOCKER", "/usr/bin/docker")
 SCRIPTS = sorted(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"])
 SIDECAR_UID = 65532
 # Debian's python3 + the locked dependencies measure ~420 MB; a jump past this is a dependency (or a
@@ -74,7 +72,7 @@ def built(pytestconfig: pytest.Config) -> Built:
 
 
 def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([DOCKER, *args], capture_output=True, text=True, check=False, timeout=300)
+    result = subprocess.run([images.DOCKER, *args], capture_output=True, text=True, check=False, timeout=300)
     if check and result.returncode != 0:
         pytest.fail(f"docker {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
