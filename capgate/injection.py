@@ -53,6 +53,7 @@ from capgate.capabilities.spec import Capability
 DEFAULT_CONTAINER_NAME = "capgate-sidecar"
 CREDENTIAL_VOLUME = "capgate-credential"
 UPSTREAMS_VOLUME = "capgate-upstreams"
+UPSTREAM_CA_VOLUME = "capgate-upstream-ca"
 API_TOKEN_VOLUME = "capgate-api-token"
 API_TOKEN_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 API_TOKEN_SECONDS = 3607
@@ -87,6 +88,7 @@ class SidecarSettings:
     run_as_user: int = 65532  # the distroless "nonroot" user
     credential_mount: str = "/var/run/capgate/credential"
     upstream_credentials_mount: str = "/var/run/capgate/upstreams"
+    upstream_ca_mount: str = "/var/run/capgate/upstream-ca"
     container_name: str = DEFAULT_CONTAINER_NAME
     extra_args: tuple[str, ...] = ()
 
@@ -127,13 +129,24 @@ def _upstream_keys(cap: Capability) -> list[tuple[str, str, str]]:
     return [(u.name, u.inject.secret_name, u.inject.secret_key) for u in cap.upstreams if u.inject]
 
 
+def _upstream_cas(cap: Capability) -> list[tuple[str, str, str]]:
+    """(upstream, secret, key) for every upstream verified with its own CA (``tls.caSecretRef``)."""
+    return [(u.name, u.tls.ca_secret_name, u.tls.ca_secret_key) for u in cap.upstreams if u.tls]
+
+
+def _projected(volume: str, refs: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """One projected volume with one file per upstream, named after it; none when no upstream needs one."""
+    sources = [{"secret": {"name": secret, "items": [{"key": key, "path": upstream}], "optional": False}}
+               for upstream, secret, key in refs]
+    return [{"name": volume, "projected": {"defaultMode": SECRET_FILE_MODE, "sources": sources}}] if sources else []
+
+
 def _volumes(cap: Capability, credential_secret: str) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [{"name": CREDENTIAL_VOLUME, "secret": {
         "secretName": credential_secret, "defaultMode": SECRET_FILE_MODE, "optional": False}}]
-    sources = [{"secret": {"name": secret, "items": [{"key": key, "path": upstream}], "optional": False}}
-               for upstream, secret, key in _upstream_keys(cap)]
-    if sources:  # the sidecar refuses a missing --upstream-credentials-dir, so no keys = no flag, no volume
-        volumes.append({"name": UPSTREAMS_VOLUME, "projected": {"defaultMode": SECRET_FILE_MODE, "sources": sources}})
+    # The sidecar refuses a missing --upstream-credentials-dir / --upstream-ca-dir: none needed = no flag, no volume.
+    volumes += _projected(UPSTREAMS_VOLUME, _upstream_keys(cap))
+    volumes += _projected(UPSTREAM_CA_VOLUME, _upstream_cas(cap))
     volumes.append({"name": API_TOKEN_VOLUME, "projected": {"defaultMode": SECRET_FILE_MODE, "sources": [
         {"serviceAccountToken": {"path": "token", "expirationSeconds": API_TOKEN_SECONDS}},
         {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
@@ -155,6 +168,9 @@ def sidecar_container(cap: Capability, settings: SidecarSettings) -> dict[str, A
     if _upstream_keys(cap):
         args += ["--upstream-credentials-dir", settings.upstream_credentials_mount]
         mounts.append({"name": UPSTREAMS_VOLUME, "mountPath": settings.upstream_credentials_mount, "readOnly": True})
+    if _upstream_cas(cap):
+        args += ["--upstream-ca-dir", settings.upstream_ca_mount]
+        mounts.append({"name": UPSTREAM_CA_VOLUME, "mountPath": settings.upstream_ca_mount, "readOnly": True})
     # Its own token at the standard path: the ServiceAccount plugin then leaves this container alone.
     mounts.append({"name": API_TOKEN_VOLUME, "mountPath": API_TOKEN_MOUNT, "readOnly": True})
     # The admin port binds 0.0.0.0 because the kubelet probes the pod IP; it serves no secrets.

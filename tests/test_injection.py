@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from capgate import injection, resources
-from capgate.capabilities.spec import Capability, load_capability_file
+from capgate.capabilities.spec import Capability, UpstreamTLS, load_capability_file
 from capgate.injection import InjectionError, SidecarSettings, apply_patch, inject, mutated, validate
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "booking-agent.yaml"
@@ -163,6 +163,22 @@ def test_capability_without_injected_keys_gets_no_upstream_volume_or_flag(cap: C
     pod = run(make_pod(), keyless)
     assert [v["name"] for v in pod["spec"]["volumes"]] == ["capgate-credential", "capgate-api-token"]
     assert "--upstream-credentials-dir" not in sidecar_of(pod)["args"]
+
+
+def test_an_upstream_ca_is_mounted_into_the_sidecar_only_and_named_after_its_upstream(cap: Capability) -> None:
+    payments = dataclasses.replace(cap.upstreams[1], tls=UpstreamTLS("payments-tls", "ca.crt"))
+    private = dataclasses.replace(cap, upstreams=(cap.upstreams[0], payments))
+    pod = run(make_pod(), private)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["capgate-upstream-ca"]["projected"] == {"defaultMode": 0o444, "sources": [
+        {"secret": {"name": "payments-tls", "items": [{"key": "ca.crt", "path": "payments"}], "optional": False}}]}
+    args = sidecar_of(pod)["args"]
+    assert args[args.index("--upstream-ca-dir") + 1] == "/var/run/capgate/upstream-ca"
+    assert {"name": "capgate-upstream-ca", "mountPath": "/var/run/capgate/upstream-ca",
+            "readOnly": True} in sidecar_of(pod)["volumeMounts"]
+    assert "volumeMounts" not in pod["spec"]["containers"][0]
+    assert "--upstream-ca-dir" not in sidecar_of(run(make_pod(), cap))["args"]
+    assert inject(pod, private, SETTINGS, credential_secret=SECRET) == []
 
 
 # --- idempotence ------------------------------------------------------------------------------------

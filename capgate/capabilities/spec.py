@@ -29,6 +29,7 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 RULE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
 FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
+SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -57,10 +58,25 @@ class Inject:
 
 
 @dataclass(frozen=True)
+class UpstreamTLS:
+    """``upstreams[].tls``: whom the sidecar trusts for this upstream's certificate.
+
+    ``caSecretRef`` names a PEM bundle in a Secret of the capability's namespace (cert-manager's
+    ``ca.crt``, the CA of an Istio DestinationRule's ``tls.caCertificates``). When set, that bundle is
+    the *only* trust for the upstream — the system roots no longer verify it — so a private CA's
+    service cannot be impersonated by any publicly trusted certificate for the same name.
+    """
+
+    ca_secret_name: str
+    ca_secret_key: str
+
+
+@dataclass(frozen=True)
 class Upstream:
     name: str
     url: str
     inject: Inject | None = None
+    tls: UpstreamTLS | None = None
 
     @property
     def injects_in_cleartext(self) -> bool:
@@ -307,23 +323,33 @@ def _parse_inject(data: object, path: str) -> Inject:
         raise SpecError(reader.sub("valuePrefix"), "must not contain control characters")
     return Inject(
         secret_name=ref.string("name", DNS_SUBDOMAIN, what="a Secret name"),
-        secret_key=ref.string("key", re.compile(r"^[-._a-zA-Z0-9]+$"), what="a Secret key"),
+        secret_key=ref.string("key", SECRET_KEY, what="a Secret key"),
         header=header,
         value_prefix=prefix,
         allow_insecure_transport=reader.boolean("allowInsecureTransport", False),
     )
 
 
+def _parse_tls(data: object, path: str, url: str) -> UpstreamTLS:
+    reader = _Reader(data, path, ("caSecretRef",))
+    if urlsplit(url).scheme != "https":
+        raise SpecError(path, "applies only to an https:// upstream")
+    ref = _Reader(reader.data.get("caSecretRef"), reader.sub("caSecretRef"), ("name", "key"))
+    return UpstreamTLS(ca_secret_name=ref.string("name", DNS_SUBDOMAIN, what="a Secret name"),
+                       ca_secret_key=ref.string("key", SECRET_KEY, what="a Secret key"))
+
+
 def _parse_upstreams(spec: _Reader) -> tuple[Upstream, ...]:
     out: list[Upstream] = []
     for path, item in spec.items("upstreams", required=True, max_items=MAX_UPSTREAMS):
-        reader = _Reader(item, path, ("name", "url", "inject"))
+        reader = _Reader(item, path, ("name", "url", "inject", "tls"))
         name = reader.string("name", DNS_LABEL, max_len=63, what="a DNS label")
         if any(u.name == name for u in out):
             raise SpecError(reader.sub("name"), f"duplicate upstream name {name!r}")
         url = _parse_url(reader.sub("url"), reader.string("url", max_len=2048))
         inject = _parse_inject(reader.data["inject"], reader.sub("inject")) if reader.has("inject") else None
-        upstream = Upstream(name=name, url=url, inject=inject)
+        tls = _parse_tls(reader.data["tls"], reader.sub("tls"), url) if reader.has("tls") else None
+        upstream = Upstream(name=name, url=url, inject=inject, tls=tls)
         if inject is not None and upstream.injects_in_cleartext and not inject.allow_insecure_transport:
             raise SpecError(reader.sub("url"), "injects a credential over cleartext http://; use an https:// URL, "
                                                "or opt in with inject.allowInsecureTransport: true")
@@ -531,6 +557,8 @@ def to_spec(cap: Capability) -> dict[str, Any]:
                              "header": up.inject.header, "valuePrefix": up.inject.value_prefix}
             if up.inject.allow_insecure_transport:
                 out["inject"]["allowInsecureTransport"] = True
+        if up.tls:
+            out["tls"] = {"caSecretRef": {"name": up.tls.ca_secret_name, "key": up.tls.ca_secret_key}}
         return out
 
     spec: dict[str, Any] = {

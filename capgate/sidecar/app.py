@@ -36,6 +36,7 @@ from capgate.sidecar.gate import Gate, Trace, new_decision_id
 from capgate.sidecar.limits import Limits
 from capgate.sidecar.metrics import Metrics
 from capgate.sidecar.receipts import ReceiptBook, split_header
+from capgate.sidecar.trust import UpstreamTrust
 from capgate.sidecar.watch import FileSource, RevocationSource, RevocationState
 
 log = logging.getLogger("capgate.sidecar")
@@ -43,6 +44,7 @@ log = logging.getLogger("capgate.sidecar")
 SETTINGS = web.AppKey("settings", Settings)
 GATE = web.AppKey("gate", Gate)
 SECRETS = web.AppKey("upstream_secrets", UpstreamSecrets)
+TRUST = web.AppKey("upstream_trust", UpstreamTrust)
 SOURCE: web.AppKey[RevocationSource | None] = web.AppKey("revocation_source")
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 TRACE = web.RequestKey("trace", Trace)
@@ -76,6 +78,7 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent[SETTINGS] = settings
     agent[GATE] = gate
     agent[SECRETS] = secrets
+    agent[TRUST] = UpstreamTrust(settings.upstream_ca_dir)
     agent[SOURCE] = source
     agent.cleanup_ctx.append(runtime)
     agent.router.add_post("/_capgate/v1/authorize", _control(control.authorize))
@@ -222,6 +225,7 @@ async def _forward(request: web.Request, gate: Gate, loaded: Loaded, route: rout
                    verdict: decision.Decision, correlation: str, body: bytes | None) -> web.StreamResponse:
     trace: Trace = request[TRACE]
     injection = _injection(request, route.upstream)
+    trust = request.app[TRUST].context(route.upstream)
 
     def extra_headers(status: int) -> dict[str, str]:
         headers = {facts.DECISION_HEADER: trace.decision_id}
@@ -235,7 +239,7 @@ async def _forward(request: web.Request, gate: Gate, loaded: Loaded, route: rout
         gate.metrics.upstream_time(route.upstream.name, seconds)
 
     response = await proxy.forward(request, route, client=request.app[CLIENT], body=body, injection=injection,
-                                   response_headers=extra_headers, observe=observe, record=trace)
+                                   response_headers=extra_headers, observe=observe, record=trace, trust=trust)
     trace.status = response.status
     return response
 

@@ -71,6 +71,8 @@ class Settings:
     upstream_urls: Mapping[str, str] = field(default_factory=dict)
     upstream_credentials: Mapping[str, SecretRef] = field(default_factory=dict)
     upstream_credentials_dir: Path | None = None
+    upstream_ca_dir: Path | None = None
+    """One PEM bundle per upstream name: the only CA an upstream with ``tls.caSecretRef`` is verified with."""
     namespace: str | None = None
     service_account: str | None = None
     audit_log: str = "-"
@@ -238,6 +240,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("upstream-url", _upstream_urls, repeatable=True, help="NAME=URL, overrides the capability's URL"),
     _Option("upstream-credential", _secret_refs, repeatable=True, help="NAME=env:VAR or NAME=file:PATH"),
     _Option("upstream-credentials-dir", _existing_dir, help="directory with one file per upstream name"),
+    _Option("upstream-ca-dir", _existing_dir, help="directory with one CA bundle (PEM) per upstream name"),
     _Option("namespace", _dns_label, help="identity namespace (default: the capability's)"),
     _Option("service-account", _service_account, help="identity ServiceAccount (default: the capability's)"),
     _Option("audit-log", _text, help="audit ledger path, '-' for stdout (default)"),

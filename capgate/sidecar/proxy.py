@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -140,8 +141,13 @@ async def _headers_sent(session: aiohttp.ClientSession, context: SimpleNamespace
 
 async def forward(request: web.Request, route: Route, *, client: aiohttp.ClientSession, body: bytes | None,
                   injection: Injection | None, response_headers: Callable[[int], Mapping[str, str]],
-                  observe: Callable[[float], None], record: Record) -> web.StreamResponse:
-    """Send the request upstream and stream the answer back, telling ``record`` what happened."""
+                  observe: Callable[[float], None], record: Record,
+                  trust: ssl.SSLContext | None = None) -> web.StreamResponse:
+    """Send the request upstream and stream the answer back, telling ``record`` what happened.
+
+    ``trust`` verifies an https upstream that declares its own CA (:mod:`capgate.sidecar.trust`);
+    None keeps the client's default verification. Verification is never turned off.
+    """
     data: bytes | io.BytesIO | aiohttp.StreamReader | None = body
     if body is not None and len(body) > LARGE_BYTES:
         data = io.BytesIO(body)  # aiohttp warns about (and may block on) big raw bytes payloads
@@ -151,7 +157,8 @@ async def forward(request: web.Request, route: Route, *, client: aiohttp.ClientS
     started = time.perf_counter()
     try:
         upstream = await client.request(request.method, URL(route.target, encoded=True), headers=headers,
-                                        data=data, allow_redirects=False, trace_request_ctx=record)
+                                        data=data, allow_redirects=False, trace_request_ctx=record,
+                                        ssl=trust if trust is not None else True)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise _request_failed(request, route, exc, sent=record.forwarded) from exc
     observe(time.perf_counter() - started)

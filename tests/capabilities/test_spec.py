@@ -10,7 +10,7 @@ import pytest
 
 from capgate.capabilities import decision, spec
 from capgate.capabilities.errors import SpecError
-from capgate.capabilities.spec import parse_capability, parse_spec, to_spec
+from capgate.capabilities.spec import UpstreamTLS, parse_capability, parse_spec, to_spec
 
 from . import _support
 from ._support import Manifest
@@ -190,6 +190,12 @@ SPEC_ERRORS = [
      "spec.upstreams[1].url", "injects a credential over cleartext http://"),
     ("insecure-opt-in-string", setter("upstreams", 1, "inject", "allowInsecureTransport", value="true"),
      "spec.upstreams[1].inject.allowInsecureTransport", "must be true or false"),
+    ("tls-on-http", setter("upstreams", 0, "tls", value={"caSecretRef": {"name": "flights-ca", "key": "ca.crt"}}),
+     "spec.upstreams[0].tls", "applies only to an https:// upstream"),
+    ("tls-without-ca", setter("upstreams", 1, "tls", value={}), "spec.upstreams[1].tls.caSecretRef",
+     "must be an object"),
+    ("tls-unknown-field", setter("upstreams", 1, "tls", value={"insecureSkipVerify": True}),
+     "spec.upstreams[1].tls.insecureSkipVerify", "unknown field"),
     ("mode", setter("mode", value="permissive"), "spec.mode", "must be 'enforce' or 'audit'"),
     ("revoked-string", setter("revoked", value="yes"), "spec.revoked", "must be true or false"),
     ("bad-delegate", setter("delegation", value={"serviceAccounts": ["a/b/c"]}),
@@ -230,6 +236,19 @@ def test_the_insecure_transport_opt_in_survives_the_canonical_spec() -> None:
 
     assert rendered["upstreams"][1]["inject"]["allowInsecureTransport"] is True
     assert "allowInsecureTransport" not in to_spec(_support.parse())["upstreams"][1]["inject"]
+    assert parse_spec(rendered, name=cap.name, namespace=cap.namespace) == cap
+
+
+def test_an_upstream_ca_from_a_secret_survives_the_canonical_spec() -> None:
+    def private_ca(spec_: Manifest) -> None:
+        spec_["upstreams"][1]["tls"] = {"caSecretRef": {"name": "payments-ca", "key": "ca.crt"}}
+
+    cap = _support.parse(private_ca)
+    rendered = to_spec(cap)
+
+    assert cap.upstream("payments").tls == UpstreamTLS("payments-ca", "ca.crt")  # type: ignore[union-attr]
+    assert rendered["upstreams"][1]["tls"] == {"caSecretRef": {"name": "payments-ca", "key": "ca.crt"}}
+    assert "tls" not in to_spec(_support.parse())["upstreams"][1]
     assert parse_spec(rendered, name=cap.name, namespace=cap.namespace) == cap
 
 

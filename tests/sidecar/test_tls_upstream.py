@@ -59,12 +59,14 @@ async def tls_upstream(tmp_path: Path) -> AsyncIterator[TLSUpstream]:
     await runner.cleanup()
 
 
-def capability_file(tmp_path: Path, upstream: TLSUpstream) -> Path:
+def capability_file(tmp_path: Path, upstream: TLSUpstream, *, private_ca: bool = False) -> Path:
     """The example, with payments served by the TLS upstream by its real https:// URL (no override)."""
     document = yaml.safe_load((REPO / "examples" / "booking-agent.yaml").read_text())
     spec = document["spec"]
     spec.pop("datalog", None)
     spec["upstreams"][1]["url"] = f"https://127.0.0.1:{upstream.port}"
+    if private_ca:
+        spec["upstreams"][1]["tls"] = {"caSecretRef": {"name": "payments-ca", "key": "ca.crt"}}
     for rule in spec["rules"]:
         rule.pop("requires", None)
     path = tmp_path / "capability.yaml"
@@ -72,13 +74,17 @@ def capability_file(tmp_path: Path, upstream: TLSUpstream) -> Path:
     return path
 
 
-async def charge_through_sidecar(tmp_path: Path, upstream: TLSUpstream, env: dict[str, str]) -> int:
+async def charge_through_sidecar(tmp_path: Path, upstream: TLSUpstream, env: dict[str, str], *,
+                                 ca_dir: Path | None = None) -> tuple[int, dict[str, object]]:
+    """(status, JSON body) of one charge; ``ca_dir`` declares payments' tls.caSecretRef, as mounted there."""
     keys.KeySet.generate().write(tmp_path / "keys")
+    extra = ["--upstream-ca-dir", str(ca_dir)] if ca_dir is not None else []
     listen, admin = free_port(), free_port()
     command = shutil.which("capgate-sidecar") or sys.executable
     prefix = [] if command.endswith("capgate-sidecar") else ["-m", "capgate.sidecar"]
     process = await asyncio.create_subprocess_exec(
-        command, *prefix, "--capability", str(capability_file(tmp_path, upstream)),
+        command, *prefix, "--capability", str(capability_file(tmp_path, upstream, private_ca=ca_dir is not None)),
+        *extra,
         "--root-key", str(tmp_path / "keys" / "root.key"),
         "--listen", f"127.0.0.1:{listen}", "--admin-listen", f"127.0.0.1:{admin}",
         "--upstream-credential", "payments=env:PAYMENTS_API_KEY",
@@ -90,7 +96,7 @@ async def charge_through_sidecar(tmp_path: Path, upstream: TLSUpstream, env: dic
         async with aiohttp.ClientSession() as session, session.post(
                 f"http://127.0.0.1:{listen}/payments/v1/charges", json={"amount": 100},
                 headers={"Authorization": "Bearer agent-made-this-up"}) as response:
-            return response.status
+            return response.status, await response.json()
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -99,7 +105,7 @@ async def charge_through_sidecar(tmp_path: Path, upstream: TLSUpstream, env: dic
 
 async def test_the_key_is_injected_inside_tls_to_an_https_upstream(tmp_path: Path,
                                                                    tls_upstream: TLSUpstream) -> None:
-    status = await charge_through_sidecar(tmp_path, tls_upstream, {"SSL_CERT_FILE": str(tls_upstream.ca_file)})
+    status, _ = await charge_through_sidecar(tmp_path, tls_upstream, {"SSL_CERT_FILE": str(tls_upstream.ca_file)})
 
     assert status == 200
     assert tls_upstream.seen == [(True, f"Bearer {API_KEY}")]
@@ -107,7 +113,50 @@ async def test_the_key_is_injected_inside_tls_to_an_https_upstream(tmp_path: Pat
 
 async def test_the_key_is_never_sent_to_an_upstream_whose_certificate_does_not_verify(
         tmp_path: Path, tls_upstream: TLSUpstream) -> None:
-    status = await charge_through_sidecar(tmp_path, tls_upstream, {})
+    status, _ = await charge_through_sidecar(tmp_path, tls_upstream, {})
 
     assert status == 502
+    assert tls_upstream.seen == []
+
+
+def ca_dir_with(tmp_path: Path, pem: bytes) -> Path:
+    """What the webhook's projected volume holds: one bundle, named after the upstream."""
+    directory = tmp_path / "upstream-ca"
+    directory.mkdir()
+    (directory / "payments").write_bytes(pem)
+    return directory
+
+
+async def test_a_private_ca_declared_by_the_upstream_verifies_it_without_any_system_trust(
+        tmp_path: Path, tls_upstream: TLSUpstream) -> None:
+    ca_dir = ca_dir_with(tmp_path, tls_upstream.ca_file.read_bytes())
+
+    status, _ = await charge_through_sidecar(tmp_path, tls_upstream, {}, ca_dir=ca_dir)
+
+    assert status == 200
+    assert tls_upstream.seen == [(True, f"Bearer {API_KEY}")]
+
+
+async def test_a_declared_ca_replaces_the_system_roots_rather_than_adding_to_them(
+        tmp_path: Path, tls_upstream: TLSUpstream) -> None:
+    other_ca, _, _ = certificates.issue(["127.0.0.1"]).write(tmp_path / "other")
+    ca_dir = ca_dir_with(tmp_path, other_ca.read_bytes())
+
+    # The process trusts the upstream's real CA; the upstream's declared CA is another one.
+    status, body = await charge_through_sidecar(tmp_path, tls_upstream, {"SSL_CERT_FILE": str(tls_upstream.ca_file)},
+                                                ca_dir=ca_dir)
+
+    assert (status, body["reason"]) == (502, "unreachable")
+    assert tls_upstream.seen == []
+
+
+@pytest.mark.parametrize("pem", [b"", b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"],
+                         ids=["empty", "not-pem"])
+async def test_an_unreadable_declared_ca_fails_closed_before_anything_is_sent(
+        tmp_path: Path, tls_upstream: TLSUpstream, pem: bytes) -> None:
+    status, body = await charge_through_sidecar(tmp_path, tls_upstream, {"SSL_CERT_FILE": str(tls_upstream.ca_file)},
+                                                ca_dir=ca_dir_with(tmp_path, pem))
+
+    assert (status, body["reason"]) == (502, "no_upstream_trust")
+    assert API_KEY not in str(body)
     assert tls_upstream.seen == []
