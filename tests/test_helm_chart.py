@@ -22,6 +22,7 @@ import yaml
 from capgate import injection, resources
 from capgate.operator import config, manifests
 from e2e.controlplane import ControlPlane, ControlPlaneError
+from e2e.pods import local_image_values
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "capgate"
@@ -294,6 +295,14 @@ def test_image_tag_defaults_to_app_version_and_a_digest_wins(helm: Helm, rendere
                                                  "--set", "sidecar.image.tag=dev"))
     assert container["image"] == "ghcr.io/capgate/capgate:0.1.0"
     assert "--sidecar-image=example.com/sidecar:dev" in container["args"]
+
+
+def test_a_local_image_reaches_the_operator_and_the_sidecar_it_injects_without_any_pull(helm: Helm) -> None:
+    # What e2e/test_pods.py installs: the image `make image` built, imported into the node, never pulled.
+    container = operator_container(helm.template(*local_image_values("capgate.local/capgate:0123abcd")))
+    assert (container["image"], container["imagePullPolicy"]) == ("capgate.local/capgate:0123abcd", "Never")
+    settings = config.parse([arg for arg in container["args"] if arg.startswith("--")]).sidecar
+    assert (settings.image, settings.image_pull_policy) == ("capgate.local/capgate:0123abcd", "Never")
 
 
 def test_sidecar_values_default_to_the_operators_sidecar_settings() -> None:

@@ -1,0 +1,95 @@
+"""What a (hostile) agent does inside its container, run by ``kubectl exec ... python -c``.
+
+``argv[1]`` is a JSON list of calls; the answer is a JSON list, one result per call:
+
+- ``{"http": URL, "method", "json", "headers", "proxy": bool}``: urllib, through ``HTTP_PROXY`` unless
+  ``proxy`` is false (an agent that ignores it); ``$VARS`` in the URL are expanded from the env.
+  -> ``{"status", "body", "headers"}`` or ``{"error"}`` when no HTTP answer came back.
+- ``{"tcp": [HOST, PORT], "send": TEXT}``: a raw socket. -> ``{"received"}`` or ``{"error"}``.
+- ``{"udp": [HOST, PORT], "send": TEXT}``: one datagram. -> ``{"sent": true}`` or ``{"error"}``.
+- ``{"until_refused": URL, "seconds": N}``: call URL in a loop; prints ``ready`` after the first answer,
+  then stops at the first 401 -> ``{"refused_at": time.time()}`` (the revocation clock).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+def http(call: dict[str, Any]) -> dict[str, Any]:
+    handlers = [] if call.get("proxy", True) else [urllib.request.ProxyHandler({})]
+    opener = urllib.request.build_opener(*handlers)
+    data = json.dumps(call["json"]).encode() if "json" in call else None
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer agent-made-this-up",
+               **call.get("headers", {})}
+    request = urllib.request.Request(os.path.expandvars(call["http"]), data=data, headers=headers,
+                                     method=call.get("method", "GET"))
+    try:
+        with opener.open(request, timeout=call.get("timeout", 10)) as response:
+            status, body, answer = response.status, response.read(), response.headers
+    except urllib.error.HTTPError as error:
+        status, body, answer = error.code, error.read(), error.headers
+    except OSError as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+    try:
+        parsed = json.loads(body or b"{}")
+    except ValueError:
+        parsed = {"raw": body.decode(errors="replace")[:200]}
+    return {"status": status, "body": parsed, "headers": {k.lower(): v for k, v in answer.items()}}
+
+
+def tcp(call: dict[str, Any]) -> dict[str, Any]:
+    host, port = call["tcp"]
+    try:
+        with socket.create_connection((host, port), timeout=5) as sock:
+            sock.settimeout(3)
+            sock.sendall(call.get("send", "HELLO\n").encode())
+            return {"received": sock.recv(4096).decode(errors="replace")}
+    except OSError as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def udp(call: dict[str, Any]) -> dict[str, Any]:
+    host, port = call["udp"]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(call.get("send", "HELLO").encode(), (host, port))
+            return {"sent": True}
+    except OSError as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def until_refused(call: dict[str, Any]) -> dict[str, Any]:
+    deadline = time.monotonic() + call.get("seconds", 30)
+    ready = False
+    while time.monotonic() < deadline:
+        result = http({"http": call["until_refused"], "timeout": 2})
+        if not ready and "status" in result:
+            print("ready", flush=True)
+            ready = True
+        if result.get("status") == 401:
+            return {"refused_at": time.time(), "body": result["body"]}
+        time.sleep(0.005)
+    return {"error": "never refused"}
+
+
+CALLS = {"http": http, "tcp": tcp, "udp": udp, "until_refused": until_refused}
+
+
+def main() -> None:
+    results = []
+    for call in json.loads(sys.argv[1]):
+        (kind,) = (k for k in CALLS if k in call)
+        results.append(CALLS[kind](call))
+    print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""capgate on real pods: the chart installed from the local image, upstreams and agents as Deployments.
+
+:class:`Stack` is what ``e2e/test_pods.py`` drives. Everything runs in pods on the session's node:
+
+- the operator, from the image ``make image`` built (imported into the node's containerd, never pulled),
+  installed by ``helm install`` with :func:`local_image_values`;
+- three upstreams, each a Deployment of the same image running ``pod_scripts/upstream.py`` from a
+  ConfigMap: ``flights`` (plain HTTP), ``payments`` (HTTPS, a certificate for ``payments.<ns>.svc``
+  from a test CA whose ``ca.crt`` sits beside it in the Secret, cert-manager style, and is what the
+  capability's ``tls.caSecretRef`` names) and ``ledger`` (declared nowhere: what an agent must not reach);
+- the agent, an ordinary Deployment with 2 replicas labelled ``capgate.dev/capability``, running as
+  UID :data:`AGENT_UID` (non-root, not the sidecar's 65532), whose container only sleeps; tests act as
+  the agent with ``kubectl exec`` running ``pod_scripts/agent.py`` (urllib and raw sockets).
+
+Upstreams print one JSON line per thing they receive, so "what the upstream saw" is ``kubectl logs``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from capgate import resources
+from capgate.operator import certificates
+from e2e.controlplane import ControlPlane
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+EXAMPLE = REPO / "examples" / "booking-agent.yaml"
+UPSTREAM_SCRIPT = HERE / "pod_scripts" / "upstream.py"
+AGENT_SCRIPT = HERE / "pod_scripts" / "agent.py"
+
+CAPABILITY = "booking-agent"
+SERVICE_ACCOUNT = "booking-agent"
+AGENT = "booking-agent"
+REPLICAS = 2
+AGENT_UID = 1000  # any UID but the sidecar's 65532 (whose traffic the egress rules exempt)
+HTTP_PORT = 8080
+TLS_PORT = 8443
+RAW_PORT = 9000
+API_KEY = "sk_pods_payments_5f2c8e0d"
+AGENT_AUTHORIZATION = "Bearer agent-made-this-up"
+READY_TIMEOUT_S = 180
+IDLE = "import time\nwhile True:\n    time.sleep(3600)\n"
+
+
+def local_image_values(ref: str) -> list[str]:
+    """``helm --set`` flags for an image already on the node: the operator and the sidecar, never pulled."""
+    repository, _, tag = ref.rpartition(":")
+    return ["--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+            "--set", "image.pullPolicy=Never", "--set", "sidecar.image.pullPolicy=Never"]
+
+
+# ---------------------------------------------------------------------------------------------- manifests
+
+def capability(namespace: str) -> dict[str, Any]:
+    """examples/booking-agent.yaml for this namespace, its upstreams being the pods below."""
+    obj: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    obj["metadata"] = {"name": CAPABILITY, "namespace": namespace}
+    spec = obj["spec"]
+    spec.pop("datalog", None)  # the example's calendar check; not what these tests are about
+    # The revocation test polls each sidecar every few ms; the example's 600/h would answer 429 first.
+    spec["rateLimit"] = {"requests": 100000, "per": "1h"}
+    flights, payments = spec["upstreams"]
+    flights["url"] = f"http://flights.{namespace}.svc:{HTTP_PORT}"
+    payments["url"] = f"https://payments.{namespace}.svc:{TLS_PORT}"
+    payments["tls"] = {"caSecretRef": {"name": "payments-tls", "key": "ca.crt"}}
+    return obj
+
+
+def _upstream(name: str, port: int, *, tls: bool) -> list[dict[str, Any]]:
+    labels = {"app": name}
+    env = [{"name": "NAME", "value": name}, {"name": "PORT", "value": str(port)},
+           {"name": "RAW_PORT", "value": str(RAW_PORT)}]
+    mounts = [{"name": "script", "mountPath": "/app", "readOnly": True}]
+    volumes: list[dict[str, Any]] = [{"name": "script", "configMap": {"name": "upstream-script"}}]
+    if tls:
+        env.append({"name": "TLS_DIR", "value": "/tls"})
+        mounts.append({"name": "tls", "mountPath": "/tls", "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": "payments-tls"}})
+    container = {"name": "server", "image": "IMAGE", "imagePullPolicy": "Never",
+                 "command": ["python", "/app/upstream.py"], "env": env, "volumeMounts": mounts,
+                 "ports": [{"containerPort": port}, {"containerPort": RAW_PORT}],
+                 "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1}}
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
+                  "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+                      "metadata": {"labels": labels},
+                      "spec": {"containers": [container], "volumes": volumes,
+                               "terminationGracePeriodSeconds": 1}}}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+               "spec": {"selector": labels, "ports": [
+                   {"name": "api", "port": port, "targetPort": port, "protocol": "TCP"},
+                   {"name": "raw", "port": RAW_PORT, "targetPort": RAW_PORT, "protocol": "TCP"},
+                   {"name": "udp", "port": port, "targetPort": port, "protocol": "UDP"}]}}
+    return [deployment, service]
+
+
+def agent_deployment() -> dict[str, Any]:
+    """An ordinary Deployment: nothing capgate-specific but the label (and the ServiceAccount it is bound to)."""
+    labels = {"app": AGENT, resources.CAPABILITY_LABEL: CAPABILITY}
+    container = {"name": "agent", "image": "IMAGE", "imagePullPolicy": "Never", "command": ["python", "-c", IDLE],
+                 "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID, "runAsNonRoot": True}}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": AGENT},
+            "spec": {"replicas": REPLICAS, "selector": {"matchLabels": labels}, "template": {
+                "metadata": {"labels": labels},
+                "spec": {"serviceAccountName": SERVICE_ACCOUNT, "containers": [container],
+                         "terminationGracePeriodSeconds": 1}}}}
+
+
+def upstream_objects(namespace: str) -> list[dict[str, Any]]:
+    """Secrets, the script ConfigMap, the ServiceAccount and the three upstream Deployments + Services."""
+    hosts = [f"payments.{namespace}.svc", f"payments.{namespace}.svc.cluster.local"]
+    tls = certificates.issue(hosts)
+    secrets = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "payments-api-key"},
+         "stringData": {"token": API_KEY}},
+        # The layout cert-manager writes: the server's pair and the CA that signed it, in one Secret.
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "payments-tls"}, "type": "kubernetes.io/tls",
+         "stringData": {"tls.crt": tls.cert_pem.decode(), "tls.key": tls.key_pem.decode(),
+                        "ca.crt": tls.ca_pem.decode()}},
+    ]
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "upstream-script"},
+              "data": {"upstream.py": UPSTREAM_SCRIPT.read_text()}}
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVICE_ACCOUNT}}
+    return [*secrets, config, account, *_upstream("flights", HTTP_PORT, tls=False),
+            *_upstream("payments", TLS_PORT, tls=True), *_upstream("ledger", HTTP_PORT, tls=False)]
+
+
+def with_image(objects: list[dict[str, Any]], image: str) -> list[dict[str, Any]]:
+    """The objects with every Deployment container's image set to ``image`` (written ``IMAGE`` above)."""
+    out = json.loads(json.dumps(objects))
+    for obj in out:
+        if obj["kind"] == "Deployment":
+            for container in obj["spec"]["template"]["spec"]["containers"]:
+                container["image"] = image
+    return list(out)
+
+
+# ---------------------------------------------------------------------------------------------- the stack
+
+@dataclass
+class Stack:
+    plane: ControlPlane
+    namespace: str
+    image: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.plane.kubectl("-n", self.namespace, *args, input=input, check=check)
+
+    def apply(self, objects: list[dict[str, Any]]) -> None:
+        manifest = {"apiVersion": "v1", "kind": "List", "items": with_image(objects, self.image)}
+        self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+    def get(self, *what: str) -> dict[str, Any]:
+        return dict(json.loads(self.kubectl("get", *what, "-o", "json").stdout))
+
+    def describe(self) -> str:
+        described = self.kubectl("describe", "pods", check=False).stdout
+        events = self.kubectl("get", "events", "--sort-by=.lastTimestamp", check=False).stdout
+        return f"{described[-5000:]}\n{events[-3000:]}\n{self.plane.log_tails()[-4000:]}"
+
+    def rollout(self, deployment: str) -> float:
+        """Seconds until the Deployment's pods are all Ready; on timeout, fail with what the node says."""
+        started = time.monotonic()
+        result = self.kubectl("rollout", "status", f"deployment/{deployment}", f"--timeout={READY_TIMEOUT_S}s",
+                              check=False)
+        if result.returncode != 0:
+            raise AssertionError(f"deployment {deployment} not ready: {result.stderr}\n{self.describe()}")
+        return time.monotonic() - started
+
+    def start(self) -> None:
+        self.plane.create_namespace(self.namespace)
+        self.apply(upstream_objects(self.namespace))
+        self.apply([capability(self.namespace)])
+        self.kubectl("wait", f"acap/{CAPABILITY}", "--for=condition=Ready", "--timeout=60s")
+        for name in ("flights", "payments", "ledger"):
+            self.timings[f"upstream {name} ready s"] = self.rollout(name)
+        self.apply([agent_deployment()])
+        self.timings["agent deployment ready s"] = self.rollout(AGENT)
+
+    def agent_pods(self) -> list[dict[str, Any]]:
+        pods = self.get("pods", "-l", f"app={AGENT}")["items"]
+        return [p for p in pods if p["metadata"].get("deletionTimestamp") is None]
+
+    def pod_ip(self, app: str) -> str:
+        (pod,) = self.get("pods", "-l", f"app={app}")["items"]
+        return str(pod["status"]["podIP"])
+
+    def agent(self, pod: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run the calls inside the agent container of ``pod``, as the agent's own process."""
+        result = self.kubectl("exec", pod, "-c", "agent", "--", "python", "-c", AGENT_SCRIPT.read_text(),
+                              json.dumps(calls))
+        return list(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    def agent_process(self, pod: str, calls: list[dict[str, Any]]) -> subprocess.Popen[str]:
+        """:meth:`agent`, left running (for calls that wait for something, such as a revocation)."""
+        argv = [str(self.plane.bin_dir / "kubectl"), f"--kubeconfig={self.plane.kubeconfig}", "-n", self.namespace,
+                "exec", pod, "-c", "agent", "--", "python", "-c", AGENT_SCRIPT.read_text(), json.dumps(calls)]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def seen(self, app: str) -> list[dict[str, Any]]:
+        """Everything the upstream ``app`` received, one dict per request, connection or datagram."""
+        lines = self.kubectl("logs", f"deployment/{app}", "--tail=-1").stdout.splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def sidecar_log(self, pod: str) -> str:
+        return self.kubectl("logs", pod, "-c", "capgate-sidecar", "--tail=-1").stdout
