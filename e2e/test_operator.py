@@ -100,7 +100,7 @@ def test_a_labelled_pod_gets_the_native_sidecar_and_proxy_settings(cluster: Clus
     assert agent_env["HTTP_PROXY"] == "http://127.0.0.1:15080"
     assert agent_env["CAPGATE_UPSTREAM_PAYMENTS_URL"] == "http://127.0.0.1:15080/payments"
     mounted = {m["name"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts") or []}
-    assert mounted & {n for n in mounted if n.startswith("capgate-")} == {"capgate-ca"}  # the pod CA cert only
+    assert {n for n in mounted if n.startswith("capgate-")} == {"capgate-ca"}  # the pod CA certificate only
 
 
 def test_a_pod_with_the_wrong_service_account_is_refused(cluster: Cluster) -> None:
