@@ -340,3 +340,23 @@ def test_the_agent_port_still_serves_the_path_form(pod: Pod) -> None:
 def test_dialling_the_outbound_listener_directly_is_refused(pod: Pod) -> None:
     result = pod.agent("http", "http://127.0.0.1:15001/search", f"{UPSTREAM_IP}:8080")
     assert "error" in result or result.get("status") == 403, result
+
+
+def test_connections_others_open_to_the_pod_still_get_replies(pod: Pod) -> None:
+    """What kubelet probes and the agent's own Service need: replies to inbound TCP are not egress."""
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", pod.name, "setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}",
+         "--clear-groups", "/usr/bin/python3", "-m", "http.server", "18080", "--bind", POD_IP,
+         "--directory", str(pod.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        probe = [sys.executable, "-c", "import sys, urllib.request as u; "
+                 f"print(u.urlopen('http://{POD_IP}:18080/agent.py', timeout=3).status)"]
+
+        def answered() -> bool:
+            done = subprocess.run(["ip", "netns", "exec", pod.upstream_ns, *probe], capture_output=True, text=True,
+                                  check=False)
+            return done.stdout.strip() == "200"
+        _wait(answered, "the agent's server to answer a connection from outside the pod", timeout=15)
+    finally:
+        server.terminate()
+        server.wait(10)
