@@ -237,8 +237,9 @@ class Egress:
             await loop.connect_accepted_socket(
                 server, sock, ssl=context, ssl_handshake_timeout=HANDSHAKE_SECONDS if context else None)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            log.info("captured TLS connection to %s failed its handshake: %s", captured.destination, exc)
-            sock.close()
+            # The transport owns the socket by now and has closed it; closing it here too could close a
+            # descriptor number the loop has already reused.
+            log.info("captured connection to %s failed before its first request: %s", captured.destination, exc)
 
     async def _classify(self, sock: socket.socket) -> Captured | None:
         try:
