@@ -450,6 +450,9 @@ def _check_agent_security(spec: Mapping[str, Any], kind: str, container: Mapping
             raise InjectionError(f"{what} mounts the pod CA volume writable; only the capgate sidecar writes it")
     if not _enforced(cap):
         return
+    if "SYS_ADMIN" in added:  # the API server rejects it with allowPrivilegeEscalation: false; say why here
+        raise InjectionError(f"{what} adds SYS_ADMIN, which cannot be combined with "
+                             "allowPrivilegeEscalation: false (required in egress mode enforce)")
     if context.get("allowPrivilegeEscalation") is not False:
         raise InjectionError(f"{what} must set securityContext.allowPrivilegeEscalation: false in "
                              "egress mode enforce (a set-user-ID file could make it the sidecar's user)")

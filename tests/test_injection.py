@@ -464,7 +464,8 @@ def test_refuses_an_agent_that_adds_a_capability_that_undoes_the_capture(cap: Ca
 
 
 @pytest.mark.parametrize(("context", "says"), [({"privileged": True}, "privileged"),
-                                               ({"allowPrivilegeEscalation": True}, "allowPrivilegeEscalation")])
+                                               ({"allowPrivilegeEscalation": True}, "allowPrivilegeEscalation"),
+                                               ({"capabilities": {"add": ["SYS_ADMIN"]}}, "SYS_ADMIN")])
 def test_refuses_privileged_or_escalating_agents(cap: Capability, context: dict[str, Any], says: str) -> None:
     pod = make_pod()
     pod["spec"]["containers"][0]["securityContext"] = context
