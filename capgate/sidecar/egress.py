@@ -180,6 +180,12 @@ class Egress:
         self.ca = PodCA()
         if settings.ca_dir is not None:
             self.ca.write(settings.ca_dir)
+        if gate.store.current is not None:  # mint leaves now (~15 ms each), not on the event loop later
+            for upstream in gate.store.current.capability.upstreams:
+                for url in {upstream.url, routing.effective_url(upstream, settings.upstream_urls)}:
+                    parts = urlsplit(url)
+                    if parts.scheme == "https" and parts.hostname:
+                        self.ca.context_for(parts.hostname.lower())
         self.resolver = Resolver()
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
