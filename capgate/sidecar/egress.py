@@ -70,6 +70,9 @@ POLL_SECONDS = 0.005
 HTTP_PEEK = 17
 HTTP_START = re.compile(rb"^[A-Z]{3,16} ")
 BACKLOG = 1024
+MAX_CLASSIFYING = 512
+"""Captured connections still being peeked at, at most; beyond that new ones are refused at once, so a
+flood of silent connections costs the agent its own calls, never the sidecar's memory."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,7 @@ class Egress:
         self.resolver = Resolver()
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._classifying = 0
 
     # -- serving ---------------------------------------------------------------------------------
     async def start(self, server: web.Server) -> None:
@@ -229,11 +233,18 @@ class Egress:
             self._spawn(self._serve(sock, server), "capgate-outbound-conn")
 
     async def _serve(self, sock: socket.socket, server: web.Server) -> None:
+        if self._classifying >= MAX_CLASSIFYING:
+            self.audit(None, f"more than {MAX_CLASSIFYING} captured connections are waiting to be read")
+            sock.close()
+            return
+        self._classifying += 1
         try:
             captured = await self._classify(sock)
         except Exception:  # anything unexpected refuses the connection (logged, fail closed)
             log.exception("outbound connection could not be classified; refused")
             captured = None
+        finally:
+            self._classifying -= 1
         if captured is None:
             sock.close()
             return

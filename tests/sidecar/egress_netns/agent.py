@@ -1,7 +1,8 @@
 """A hostile agent inside the pod: ignores HTTP_PROXY, dials addresses itself, prints one JSON result.
 
 ``python agent.py http URL [HOST]`` (plain HTTP, optionally a forged Host header),
-``https URL`` (urllib, trusting ``SSL_CERT_FILE``), ``tls IP PORT SNI`` (a bare handshake),
+``https URL`` (urllib, trusting ``SSL_CERT_FILE``), ``https-host URL HOST`` (another Host inside TLS),
+``tls IP PORT SNI`` (a bare handshake),
 ``tcp IP PORT`` / ``tcp6 IP PORT`` (raw bytes), ``udp IP PORT`` (one datagram, waits for an echo).
 Standard library only: it runs as an unprivileged UID with the system interpreter.
 """
@@ -39,6 +40,18 @@ def https_call(url: str) -> dict[str, object]:
         return {"status": exc.code, "body": json.loads(exc.read())}
 
 
+def https_with_host(url: str, host: str) -> dict[str, object]:
+    """TLS to the URL's host (SNI and certificate check as usual), then a Host header naming another."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=TIMEOUT,
+                                       context=ssl.create_default_context())
+    conn.putrequest("GET", parts.path or "/", skip_host=True)
+    conn.putheader("Host", host)
+    conn.endheaders()
+    response = conn.getresponse()
+    return {"status": response.status, "body": json.loads(response.read() or b"null")}
+
+
 def tls_handshake(ip: str, port: str, sni: str) -> dict[str, object]:
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -66,6 +79,7 @@ def udp_call(ip: str, port: str) -> dict[str, object]:
 def main() -> None:
     command, *args = sys.argv[1:]
     actions = {"http": lambda: http_call(*args), "https": lambda: https_call(*args),
+               "https-host": lambda: https_with_host(*args),
                "tls": lambda: tls_handshake(*args), "tcp": lambda: tcp_call(socket.AF_INET, *args),
                "tcp6": lambda: tcp_call(socket.AF_INET6, *args), "udp": lambda: udp_call(*args)}
     try:

@@ -297,6 +297,21 @@ def test_forged_host_sent_to_another_address_never_gets_the_key(pod: Pod) -> Non
     assert len(_http_arrivals(pod, "/search")) == before
 
 
+def test_a_host_inside_tls_that_differs_from_the_server_name_is_refused(pod: Pod) -> None:
+    before = len(pod.arrived())
+    result = pod.agent("https-host", "https://payments.test:8443/v1/balance", f"{UPSTREAM_IP}:8443")
+    assert result["status"] == 403 and result["body"]["reason"] == "undeclared_destination"
+    assert len(pod.arrived()) == before
+
+
+def test_raw_bytes_to_a_declared_upstream_address_are_refused(pod: Pod) -> None:
+    before = len(pod.arrived())
+    result = pod.agent("tcp", UPSTREAM_IP, "8080")
+    assert result.get("received", "") == "", result
+    assert len(pod.arrived()) == before
+    assert pod.refusals_to(f"{UPSTREAM_IP}:8080")
+
+
 def test_tls_to_an_undeclared_address_is_refused_before_the_handshake(pod: Pod) -> None:
     refused = pod.agent("tls", BYSTANDER_IP, "8443", "payments.test")
     assert "error" in refused, refused
