@@ -103,6 +103,29 @@ def test_a_labelled_pod_gets_the_native_sidecar_and_proxy_settings(cluster: Clus
     assert {n for n in mounted if n.startswith("capgate-")} == {"capgate-ca"}  # the pod CA certificate only
 
 
+def test_cooperative_egress_injects_no_init_container_and_says_pods_are_not_mediated(cluster: Cluster) -> None:
+    cluster.plane.kubectl("create", "serviceaccount", "coop-agent", "-n", NAMESPACE)
+    cluster.apply(capability("coop-agent", serviceAccountName="coop-agent", egress={"mode": "cooperative"}))
+    status = cluster.wait_ready("coop-agent")
+    mediated = next(c for c in status["conditions"] if c["type"] == "Mediated")
+    assert (mediated["status"], mediated["reason"]) == ("False", "Cooperative")
+    assert "MEDIATED" in cluster.plane.kubectl("get", "acap", "coop-agent", "-n", NAMESPACE, "-o", "wide").stdout
+    pod = agent_pod("coop-1", NAMESPACE, "coop-agent", "coop-agent")
+    del pod["spec"]["securityContext"]  # cooperative mode has no UID exemption to protect
+    assert cluster.apply(pod, check=False).returncode == 0
+    created = json.loads(cluster.plane.kubectl("get", "pod", "coop-1", "-n", NAMESPACE, "-o", "json").stdout)
+    assert [c["name"] for c in created["spec"]["initContainers"]] == ["capgate-sidecar"]
+    assert created["spec"]["containers"][0]["securityContext"]["capabilities"]["drop"] == ["NET_ADMIN", "NET_RAW"]
+
+
+def test_enforce_mode_refuses_an_agent_whose_uid_is_left_to_its_image(cluster: Cluster) -> None:
+    pod = agent_pod("unknown-uid", NAMESPACE, "booking-agent", "booking-agent")
+    del pod["spec"]["securityContext"]
+    result = cluster.apply(pod, check=False)
+    assert result.returncode != 0
+    assert "sets no runAsUser" in result.stderr and "65532" in result.stderr
+
+
 def test_a_pod_with_the_wrong_service_account_is_refused(cluster: Cluster) -> None:
     result = cluster.create_pod("intruder", "booking-agent", service_account="default")
     assert result.returncode != 0
