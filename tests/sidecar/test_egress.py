@@ -106,3 +106,15 @@ def test_only_the_ca_certificate_is_published(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["ca.crt"]
     assert written.read_bytes() == ca.pem and b"PRIVATE" not in ca.pem
     assert written.stat().st_mode & 0o777 == 0o444
+
+
+def test_the_outbound_listener_and_ca_dir_are_settings_like_any_other(tmp_path) -> None:
+    from capgate.sidecar import config
+
+    base = ["--capability", "examples/booking-agent.yaml", "--root-key", str(tmp_path / "root.key")]
+    (tmp_path / "root.key").write_text("{}")
+    settings = config.load([*base, "--ca-dir", str(tmp_path)], {"CAPGATE_OUTBOUND_LISTEN": "127.0.0.1:15001"})
+    assert str(settings.outbound_listen) == "127.0.0.1:15001" and settings.ca_dir == tmp_path
+    assert config.load(base, {}).outbound_listen is None  # off unless asked for (pods in enforce mode ask)
+    with pytest.raises(config.ConfigError, match="--ca-dir"):
+        config.load([*base, "--ca-dir", str(tmp_path / "missing")], {})
