@@ -43,7 +43,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -122,19 +122,40 @@ def host_port(value: str, tls: bool) -> tuple[str, int] | None:
     return name, int(port_text) if port_text else _default_port(tls)
 
 
+class Declared(NamedTuple):
+    upstream: spec.Upstream
+    prefix: str
+    """The path of the upstream's URL (``""`` or ``/v2``): a captured request must lie under it."""
+
+
 def declared(cap: spec.Capability, overrides: Mapping[str, str], *, host: str, port: int,
-             tls: bool) -> spec.Upstream | None:
+             tls: bool) -> Declared | None:
     """The one upstream whose URL (declared or overridden) is ``scheme://host:port``; None if none or several."""
     scheme = "https" if tls else "http"
-    found: list[spec.Upstream] = []
+    found: list[Declared] = []
     for upstream in cap.upstreams:
         for url in {upstream.url, routing.effective_url(upstream, overrides)}:
             parts = urlsplit(url)
             if (parts.scheme == scheme and (parts.hostname or "").lower() == host
                     and (parts.port or _default_port(tls)) == port):
-                found.append(upstream)
+                found.append(Declared(upstream, parts.path.rstrip("/")))
     unique = list(dict.fromkeys(found))
     return unique[0] if len(unique) == 1 else None
+
+
+def under_prefix(raw_target: str, prefix: str) -> str | None:
+    """``/v2/search?q`` under ``/v2`` is ``/search?q`` — what path form calls ``/<upstream>/search?q``.
+
+    Compared on the raw bytes: an encoded or differently-cased prefix is not under it (refused).
+    """
+    if not prefix:
+        return raw_target
+    path, sep, query = raw_target.partition("?")
+    if path == prefix:
+        return "/" + sep + query
+    if path.startswith(prefix + "/"):
+        return raw_target[len(prefix):]
+    return None
 
 
 def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -336,13 +357,17 @@ class Egress:
         if captured.tls and host != captured.name:
             raise refused("the Host header and the TLS server name differ")
         overrides = self.settings.upstream_urls
-        upstream = declared(cap, overrides, host=host, port=port, tls=captured.tls)
-        if upstream is None:
-            scheme = "https" if captured.tls else "http"
+        scheme = "https" if captured.tls else "http"
+        match = declared(cap, overrides, host=host, port=port, tls=captured.tls)
+        if match is None:
             raise refused(f"{scheme}://{host[:253]}:{port} is not a declared upstream of {cap.qualified_name}")
         if not await self.resolver.has(host, captured.ip, port):
             raise refused(f"{host[:253]} does not resolve to {captured.ip}, where the connection went")
-        return routing.for_upstream(request.raw_path, upstream, overrides)
+        rest = under_prefix(request.raw_path, match.prefix)
+        if rest is None:
+            raise refused(f"the path is outside {scheme}://{host[:253]}:{port}{match.prefix}, "
+                          f"the URL of upstream {match.upstream.name!r}")
+        return routing.for_upstream(rest, match.upstream, overrides)
 
     def audit(self, destination: str | None, why: str) -> None:
         """One audit record for a connection refused before any HTTP request could be read."""

@@ -34,12 +34,26 @@ def test_host_header_is_a_plain_name_and_port(value: str, tls: bool, expected: t
 
 
 def test_a_declared_upstream_needs_its_scheme_host_and_port() -> None:
-    assert egress.declared(CAP, {}, host="flights.travel.svc", port=8080, tls=False).name == "flights"
-    assert egress.declared(CAP, {}, host="payments.example.com", port=443, tls=True).name == "payments"
+    assert egress.declared(CAP, {}, host="flights.travel.svc", port=8080, tls=False).upstream.name == "flights"
+    assert egress.declared(CAP, {}, host="payments.example.com", port=443, tls=True).upstream.name == "payments"
     assert egress.declared(CAP, {}, host="flights.travel.svc", port=8081, tls=False) is None
     assert egress.declared(CAP, {}, host="payments.example.com", port=443, tls=False) is None  # plaintext to https
     assert egress.declared(CAP, {}, host="flights.travel.svc", port=8080, tls=True) is None
     assert egress.declared(CAP, {}, host="flights", port=8080, tls=False) is None  # the upstream's name is no host
+
+
+def test_a_url_with_a_path_prefix_is_matched_and_captured_paths_must_lie_under_it() -> None:
+    document = capability_document()
+    document["spec"]["upstreams"][0]["url"] = "http://flights.travel.svc:8080/api/v2"
+    cap = spec.parse_capability(document)
+    assert egress.declared(cap, {}, host="flights.travel.svc", port=8080, tls=False) == egress.Declared(
+        cap.upstreams[0], "/api/v2")
+    assert egress.under_prefix("/api/v2/search?q=1", "/api/v2") == "/search?q=1"
+    assert egress.under_prefix("/api/v2", "/api/v2") == "/"
+    assert egress.under_prefix("/api/v2?x", "/api/v2") == "/?x"
+    assert egress.under_prefix("/search", "") == "/search"
+    for outside in ("/api/v2x/search", "/api/v3/search", "/API/v2/search", "/api/%76%32/search", "/", "/api"):
+        assert egress.under_prefix(outside, "/api/v2") is None, outside
 
 
 def test_two_upstreams_at_one_address_are_ambiguous_and_refused() -> None:
