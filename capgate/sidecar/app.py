@@ -204,10 +204,11 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
 async def _route(request: web.Request, cap: spec.Capability, settings: Settings, trace: Trace) -> routing.Route:
     """Path/absolute form on the agent port; the original destination on the outbound listener."""
     outbound = request.app[EGRESS]
-    captured = outbound.captured(request) if outbound is not None else None
-    if captured is None:
-        return routing.resolve(request.raw_path, cap, settings.upstream_urls)
-    return await outbound.route(request, captured, cap, trace)  # type: ignore[union-attr]
+    if outbound is not None:
+        captured = outbound.captured(request)
+        if captured is not None:
+            return await outbound.route(request, captured, cap, trace)
+    return routing.resolve(request.raw_path, cap, settings.upstream_urls)
 
 
 def _injection(request: web.Request, upstream: spec.Upstream) -> proxy.Injection | None:
