@@ -17,11 +17,12 @@ Public API::
 
 Decisions, and why:
 
-* **Native sidecar** (``initContainers[0]`` with ``restartPolicy: Always``): it starts before the
-  other init containers and the agent, and its startup probe on ``/readyz`` holds them back until
+* **Native sidecar** (an init container with ``restartPolicy: Always``, right after ``capgate-init``):
+  it starts before the other init containers and the agent, and its startup probe on ``/readyz`` holds them back until
   it can answer.
 * **The proxy variables are a convenience, not the boundary.** The agent is untrusted and may
-  ignore them; what stops it is that it never holds a credential. ``HTTP_PROXY``/``http_proxy``
+  ignore them; what stops it is the pod's egress rules (enforce mode) and that it never holds a
+  credential (both modes). ``HTTP_PROXY``/``http_proxy``
   point at the sidecar; ``HTTPS_PROXY`` is *not* set because the sidecar refuses ``CONNECT`` (it
   cannot inspect a tunnel): agents reach https upstreams through ``CAPGATE_UPSTREAM_<NAME>_URL``
   (plain http to 127.0.0.1, the sidecar speaks TLS upstream). ``NO_PROXY`` is only
