@@ -25,7 +25,8 @@ Decisions, and why:
   credential (both modes). ``HTTP_PROXY``/``http_proxy``
   point at the sidecar; ``HTTPS_PROXY`` is *not* set because the sidecar refuses ``CONNECT`` (it
   cannot inspect a tunnel): agents reach https upstreams through ``CAPGATE_UPSTREAM_<NAME>_URL``
-  (plain http to 127.0.0.1, the sidecar speaks TLS upstream). ``NO_PROXY`` is only
+  (plain http to 127.0.0.1, the sidecar speaks TLS upstream) or, in enforce mode, by their real
+  ``https://`` URL (captured and intercepted with the pod CA). ``NO_PROXY`` is only
   ``localhost,127.0.0.1,::1``: the sidecar's own base URLs must be called directly, never in
   absolute form, while cluster names such as ``flights.travel.svc`` must *not* be listed because
   upstreams live there. Our variables go first in ``env`` (so the user's may reference them as
