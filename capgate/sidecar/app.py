@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from capgate.capabilities import decision, spec
-from capgate.sidecar import control, errors, facts, proxy, routing
+from capgate.sidecar import control, egress, errors, facts, proxy, routing
 from capgate.sidecar.audit import AuditLog
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded, UpstreamSecrets
@@ -47,6 +47,7 @@ SECRETS = web.AppKey("upstream_secrets", UpstreamSecrets)
 TRUST = web.AppKey("upstream_trust", UpstreamTrust)
 SOURCE: web.AppKey[RevocationSource | None] = web.AppKey("revocation_source")
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
+EGRESS: web.AppKey[egress.Egress | None] = web.AppKey("egress")
 TRACE = web.RequestKey("trace", Trace)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -80,6 +81,7 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent[SECRETS] = secrets
     agent[TRUST] = UpstreamTrust(settings.upstream_ca_dir)
     agent[SOURCE] = source
+    agent[EGRESS] = egress.Egress(settings, gate) if settings.outbound_listen is not None else None
     agent.cleanup_ctx.append(runtime)
     agent.router.add_post("/_capgate/v1/authorize", _control(control.authorize))
     agent.router.add_post("/_capgate/v1/attenuate", _control(control.attenuate))
@@ -191,7 +193,7 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     now = datetime.now(UTC)
     trace.method = request.method
     loaded = gate.loaded(trace)
-    route = routing.resolve(request.raw_path, loaded.capability, settings.upstream_urls)
+    route = await _route(request, loaded.capability, settings, trace)
     trace.upstream, trace.path = route.upstream.name, route.path
     correlation = facts.correlation(request, gate.session_id)
     trace.correlation = correlation
@@ -209,6 +211,16 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     gate.enforce(loaded, verdict, trace)
     gate.charge(loaded, route.upstream.name, parsed, trace)
     return await _forward(request, gate, loaded, route, verdict, correlation, body.raw if body else None)
+
+
+async def _route(request: web.Request, cap: spec.Capability, settings: Settings, trace: Trace) -> routing.Route:
+    """Path/absolute form on the agent port; the original destination on the outbound listener."""
+    outbound = request.app[EGRESS]
+    if outbound is not None:
+        captured = outbound.captured(request)
+        if captured is not None:
+            return await outbound.route(request, captured, cap, trace)
+    return routing.resolve(request.raw_path, cap, settings.upstream_urls)
 
 
 def _injection(request: web.Request, upstream: spec.Upstream) -> proxy.Injection | None:
@@ -250,8 +262,9 @@ ControlHandler = Callable[[web.Request, Gate, Trace], Awaitable[web.StreamRespon
 
 def _control(func: ControlHandler) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        if not request.raw_path.startswith("/"):
-            return await handle_proxy(request)  # absolute-form: an upstream's path, not ours
+        outbound = request.app[EGRESS]
+        if not request.raw_path.startswith("/") or (outbound is not None and outbound.captured(request)):
+            return await handle_proxy(request)  # absolute-form or captured: an upstream's path, not ours
         return await func(request, request.app[GATE], request[TRACE])
     return handler
 

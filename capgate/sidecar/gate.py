@@ -66,6 +66,8 @@ class Trace:
     reason: str = "internal_error"
     status: int | None = None
     upstream_status: int | None = None
+    destination: str | None = None
+    """``ip:port`` a captured connection was going to (outbound listener only)."""
     receipts_ignored: list[str] = field(default_factory=list)
     receipt_minted: bool = False
     forwarded: bool = False
@@ -80,7 +82,7 @@ class Trace:
             "status": self.status, "latency_ms": round((time.perf_counter() - self.started) * 1000, 3),
         }
         for key in ("capability", "principal", "credential", "narrowed", "upstream", "method", "path", "action",
-                    "resource", "correlation", "rule", "upstream_status"):
+                    "resource", "correlation", "rule", "upstream_status", "destination"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
