@@ -39,6 +39,11 @@ SESSION_KEY_LIFETIME = timedelta(minutes=5)
 MAX_RECEIPT_BYTES = 4096
 
 
+def expired(expires_at: datetime, now: datetime) -> bool:
+    """The one expiry rule for receipts, carried or held: past ``expires_at`` by more than the skew."""
+    return now > expires_at + SKEW
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -161,7 +166,7 @@ def verify(receipt: str, *, trust: TrustBundle, correlation: str, capability: st
         raise ReceiptError("malformed", "missing or invalid receipt fields") from exc
     if result.session_key_id != endorsement.get("sid") or issued > sign_until + SKEW:
         raise ReceiptError("bad_signature", "receipt signed outside its session key's endorsement")
-    if moment > expires + SKEW or moment > endorsed_until or issued > moment + SKEW:
+    if expired(expires, moment) or moment > endorsed_until or issued > moment + SKEW:
         raise ReceiptError("expired", f"receipt of rule {result.rule!r} expired")
     if result.correlation != correlation:
         raise ReceiptError("wrong_correlation", f"receipt of rule {result.rule!r} belongs to another correlation")
