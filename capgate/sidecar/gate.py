@@ -67,6 +67,8 @@ class Trace:
     status: int | None = None
     upstream_status: int | None = None
     receipts_ignored: list[str] = field(default_factory=list)
+    scopes: list[dict[str, Any]] = field(default_factory=list)
+    """What each scope of a several-scope ``authorize`` asked, and its answer."""
     receipt_minted: bool = False
     skip: bool = False
     """Not a decision (whoami, a refused CONNECT still counts); nothing is recorded."""
@@ -84,6 +86,8 @@ class Trace:
                 out[key] = value
         if self.receipts_ignored:
             out["receipts_ignored"] = self.receipts_ignored
+        if self.scopes:
+            out["scopes"] = self.scopes
         if self.receipt_minted:
             out["receipt_minted"] = True
         return out
