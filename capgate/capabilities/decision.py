@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Literal
 
 from capgate.capabilities import _biscuit, compiler, paths, tokens
@@ -121,14 +122,21 @@ def malformed(request: Request) -> str | None:
     http = request.method is not None or request.upstream is not None or request.path is not None
     if http and (request.action is not None or request.resource is not None):
         return "a request is an HTTP call or an action, not both"
+    if request.path is not None:
+        return _not_normal(request.path, resource=False)
+    if request.resource is not None:
+        return _not_normal(request.resource, resource=True)
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _not_normal(name: str, *, resource: bool) -> str | None:
+    """Agents repeat names, so the check costs a cache lookup on the hot path, not a second parse."""
     try:
-        if request.path is not None and paths.normalize(request.path) != request.path:
-            return "the path is not normalized"
-        if request.resource is not None and paths.normalize_resource(request.resource) != request.resource:
-            return "the resource name is not normalized"
+        normal = paths.normalize_resource(name) if resource else paths.normalize(name)
     except RequestError as exc:
         return f"ambiguous name refused: {exc}"
-    return None
+    return None if normal == name else f"the {'resource name' if resource else 'path'} is not normalized"
 
 
 def decide_one(credential: tokens.Credential, request: Request, *, revoked: Container[str] = frozenset(),
