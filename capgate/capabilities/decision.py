@@ -53,8 +53,8 @@ class Request:
 
     HTTP calls set ``method``/``upstream``/``path`` (already normalized); the decision API and MCP
     tools set ``action``/``resource`` (normalized: :func:`paths.normalize_resource`), never both:
-    a question about both is two requests, and both must allow. ``receipts`` names rules with a verified receipt in
-    ``correlation``. ``body`` is the parsed JSON body, only when a limit needs it.
+    a question about both is two requests, and both must allow. ``receipts`` names rules with a
+    verified receipt in ``correlation``. ``body`` is the parsed JSON body, only when a limit needs it.
     """
 
     principal: str
