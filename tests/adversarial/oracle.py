@@ -137,6 +137,23 @@ def lenient_glob_matches(glob: str, path: str) -> bool:
     return any(glob_matches(pattern, reading) for reading in readings)
 
 
+def decode_resource(raw: str) -> str | None:
+    """``scheme://authority/path`` (authority: plain ASCII host[:port], the path decoded like a request
+    path, an empty one read as ``/``) or an absolute ``/path``; None for anything else."""
+    if raw.startswith("/"):
+        return decode_path(raw)
+    scheme, sep, rest = raw.partition("://")
+    if not sep or not scheme[:1].isascii() or not scheme[:1].isalpha() \
+            or any(not (c.isascii() and (c.isalnum() or c in "+.-")) for c in scheme):
+        return None
+    authority, slash, path = rest.partition("/")
+    if "?" in raw or "#" in raw or any(
+            not (c.isascii() and (c.isalnum() or c in "._~!$&'()+,=:@[]-")) for c in authority):
+        return None
+    decoded = decode_path("/" + path) if slash else "/"
+    return None if decoded is None else f"{scheme}://{authority}{decoded}"
+
+
 def _deny_scope(rule: Mapping[str, Any], method: str, upstream: str, path: str) -> bool:
     return ((not rule.get("upstream") or rule["upstream"] == upstream)
             and (not rule.get("methods") or method in rule["methods"])
