@@ -50,6 +50,8 @@ class InjectSpec(TypedDict):
     secretRef: SecretKeyRef
     header: NotRequired[str]
     valuePrefix: NotRequired[str]
+    allowInsecureTransport: NotRequired[bool]
+    """Required (true) to inject into an ``http://`` upstream; the status then warns (InsecureInjection)."""
 
 
 class UpstreamSpec(TypedDict):

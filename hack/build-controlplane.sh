@@ -89,7 +89,7 @@ update_modules() {
 		sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
 	{
 		cat <<EOF
-// Wrapper module: builds kube-apiserver and kubectl $KUBE_VERSION from the Go module proxy.
+// Wrapper module: builds kube-apiserver, kubectl and the node (kubelet, kube-proxy, kube-scheduler, kube-controller-manager) $KUBE_VERSION from the Go module proxy.
 // k8s.io/kubernetes replaces its staging modules with ./staging/... paths that do not exist
 // outside its own repository, so this module replaces each one with its published $STAGING_VERSION tag.
 // Regenerate with: bash hack/build-controlplane.sh --update-modules (see README.md).
@@ -99,7 +99,11 @@ go 1.26
 
 tool (
 	k8s.io/kubernetes/cmd/kube-apiserver
+	k8s.io/kubernetes/cmd/kube-controller-manager
+	k8s.io/kubernetes/cmd/kube-proxy
+	k8s.io/kubernetes/cmd/kube-scheduler
 	k8s.io/kubernetes/cmd/kubectl
+	k8s.io/kubernetes/cmd/kubelet
 )
 
 require k8s.io/kubernetes $KUBE_VERSION

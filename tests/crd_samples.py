@@ -52,6 +52,13 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return mutate
 
 
+def _both(*mutations: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def mutate(obj: dict[str, Any]) -> None:
+        for change in mutations:
+            change(obj)
+    return mutate
+
+
 _DELETE = object()
 
 SAMPLES = [
@@ -75,6 +82,17 @@ SAMPLES = [
     Sample("bad duration", _set("spec.credential.ttl", "1 hour"), False, False),
     Sample("unknown spec field", _set("spec.limts", []), False, False),
     Sample("unknown rule field", _set("spec.rules.0.limts", []), False, False),
+    Sample("injecting over http", _set("spec.upstreams.1.url", "http://payments.example.com"), False, False),
+    Sample("injecting over http, opted in", _both(_set("spec.upstreams.1.url", "http://payments.example.com"),
+                                                   _set("spec.upstreams.1.inject.allowInsecureTransport", True)),
+           True, True),
+    Sample("injecting over http, opt-in false", _both(_set("spec.upstreams.1.url", "http://payments.example.com"),
+                                                       _set("spec.upstreams.1.inject.allowInsecureTransport", False)),
+           False, False),
+    Sample("opt-in on an https upstream", _set("spec.upstreams.1.inject.allowInsecureTransport", True), True, True),
+    Sample("opt-in that is not a boolean", _both(_set("spec.upstreams.1.url", "http://payments.example.com"),
+                                                  _set("spec.upstreams.1.inject.allowInsecureTransport", "true")),
+           False, False),
     Sample("injected hop-by-hop header", _set("spec.upstreams.1.inject.header", "Connection"), True, False,
            webhook=True),
     Sample("dot-dot glob", _set("spec.rules.0.paths", ["/search/../admin"]), True, False, webhook=True),

@@ -10,7 +10,8 @@ outcomes in exactly one place each, so every class carries the machine-readable 
     ├── TokenError                  401 invalid_token: malformed, bad_signature, unknown_root,
     │                               expired, not_yet_valid, revoked, too_deep, identity
     ├── ReceiptError                a carried receipt that must be ignored: malformed, bad_signature,
-    │                               unknown_key, expired, wrong_correlation, wrong_credential
+    │                               unknown_key, unendorsed, expired, wrong_correlation,
+    │                               wrong_credential
     ├── RequestError                400 bad_request: an ambiguous path, an unreadable body
     └── AttenuationError            a narrowing that would widen, or is not allowed by the capability
 
@@ -26,7 +27,7 @@ TokenReason = Literal[
     "malformed", "bad_signature", "unknown_root", "expired", "not_yet_valid", "revoked", "too_deep", "identity"
 ]
 ReceiptReason = Literal[
-    "malformed", "bad_signature", "unknown_key", "expired", "wrong_correlation", "wrong_credential"
+    "malformed", "bad_signature", "unknown_key", "unendorsed", "expired", "wrong_correlation", "wrong_credential"
 ]
 
 

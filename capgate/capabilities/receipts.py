@@ -1,15 +1,23 @@
 """Receipts: signed proof that an allowed call happened, for state gates like "charge after search".
 
 A sidecar signs receipts with a short-lived *session key*. The session key is endorsed by a root
-key (the root signs the session public key and its validity), so any sidecar holding the trust
-bundle can verify a receipt minted by any other — without ever holding a private root key.
+key (the root signs the session public key, its validity, and the capability and credential it
+signs for), so any sidecar holding the trust bundle can verify a receipt minted by any other —
+without ever holding a private root key.
+
+The endorsement's scope is what makes a stolen session key worth little: a receipt is accepted
+only when the capability and credential it claims are the ones its key was endorsed for, that
+capability is the verifier's, and the endorsed credential is not revoked. Without the scope, the
+session key of one compromised sidecar could sign receipts "for" any other capability, naming any
+unrevoked credential, and revoking the compromised credential would not stop it.
 
 Wire form (one header value, ASCII)::
 
     v1.<payload>.<signature>.<endorsement>.<endorsement signature>     (each part base64url)
 
 The payload binds the rule name, the correlation id, the capability (``namespace/name``) and the
-credential that was used, plus issue and expiry times. Verification failures carry distinct
+credential (its revocation id) that was used, plus issue and expiry times; the endorsement binds
+the same capability and credential. Verification failures carry distinct
 reasons (:class:`~capgate.capabilities.errors.ReceiptError`) so the audit log says *why* a carried
 receipt was ignored.
 """
@@ -68,12 +76,22 @@ class SessionKey:
     private: bytes
     not_after: datetime
     endorsement: str
-    """``<endorsement>.<signature>``: the root's statement that this key may sign until not_after."""
+    """``<endorsement>.<signature>``: the root's statement that this key may sign until not_after,
+    for ``capability`` and ``credential`` only."""
+    capability: str
+    """The qualified name (``namespace/name``) of the only capability this key signs receipts for."""
+    credential: str
+    """The id (first revocation id) of the credential whose receipts this key signs."""
 
     @classmethod
-    def issue(cls, keyset: KeySet, *, now: datetime | None = None,
+    def issue(cls, keyset: KeySet, *, capability: str, credential: str, now: datetime | None = None,
               lifetime: timedelta = SESSION_KEY_LIFETIME, receipt_ttl: timedelta = timedelta(minutes=5)) -> SessionKey:
-        """A fresh session key; the endorsement outlives signing by ``receipt_ttl`` so its receipts still verify."""
+        """A fresh session key for one capability's credential.
+
+        The endorsement outlives signing by ``receipt_ttl`` so its receipts still verify.
+        """
+        if not capability or not credential:
+            raise ValueError("a session key is endorsed for one capability and credential")
         moment = now or datetime.now(UTC)
         private = Ed25519PrivateKey.generate()
         raw_private = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
@@ -81,11 +99,12 @@ class SessionKey:
         public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         key_id = secrets.token_hex(8)
         not_after = moment + lifetime
-        statement = {"sid": key_id, "pub": public.hex(), "rk": keyset.active_id,
-                     "signUntil": _ts(not_after), "exp": _ts(not_after + receipt_ttl + SKEW)}
+        statement = {"sid": key_id, "pub": public.hex(), "rk": keyset.active_id, "cap": capability,
+                     "cred": credential, "signUntil": _ts(not_after), "exp": _ts(not_after + receipt_ttl + SKEW)}
         body = _canonical(statement)
         endorsement = f"{_b64(body)}.{_b64(keyset.active.sign(body))}"
-        return cls(key_id=key_id, private=raw_private, not_after=not_after, endorsement=endorsement)
+        return cls(key_id=key_id, private=raw_private, not_after=not_after, endorsement=endorsement,
+                   capability=capability, credential=credential)
 
     @cached_property
     def _signer(self) -> Ed25519PrivateKey:
@@ -109,10 +128,24 @@ class SessionKey:
             private = bytes.fromhex(data["private"])
             if not_after is None or len(private) != 32:
                 raise ValueError("fields")
-            return cls(key_id=str(data["id"]), private=private, not_after=not_after,
-                       endorsement=str(data["endorsement"]))
+            endorsement = str(data["endorsement"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise KeyFileError("not a capgate session key document") from exc
+        # The scope is read from the endorsement itself, so the file cannot claim another one.
+        try:
+            statement = _json(_unb64(endorsement.split(".")[0]))
+        except (ReceiptError, binascii.Error, ValueError) as exc:
+            raise KeyFileError("the session key's endorsement is unreadable") from exc
+        capability, credential = statement.get("cap"), statement.get("cred")
+        if not isinstance(capability, str) or not capability or not isinstance(credential, str) or not credential:
+            raise KeyFileError("the session key's endorsement names no capability and credential "
+                               "(issued by an older capgate; the operator issues a new one)")
+        return cls(key_id=str(data["id"]), private=private, not_after=not_after, endorsement=endorsement,
+                   capability=capability, credential=credential)
+
+    def signs_for(self, capability: str, credential: str) -> bool:
+        """Whether receipts of this capability's credential can be signed with this key."""
+        return (self.capability, self.credential) == (capability, credential)
 
 
 @dataclass(frozen=True)
@@ -127,11 +160,15 @@ class Receipt:
     session_key_id: str
 
 
-def mint(session: SessionKey, *, rule: str, correlation: str, capability: str, credential: str,
-         ttl: timedelta, decision_id: str, now: datetime | None = None) -> str:
-    """Sign a receipt for an allowed call of ``rule`` in ``correlation``."""
+def mint(session: SessionKey, *, rule: str, correlation: str, ttl: timedelta, decision_id: str,
+         now: datetime | None = None) -> str:
+    """Sign a receipt for an allowed call of ``rule`` in ``correlation``.
+
+    The capability and credential are the session key's own: a receipt claims nothing its key was
+    not endorsed for.
+    """
     moment = now or datetime.now(UTC)
-    payload = _canonical({"rule": rule, "corr": correlation, "cap": capability, "cred": credential,
+    payload = _canonical({"rule": rule, "corr": correlation, "cap": session.capability, "cred": session.credential,
                           "iat": _ts(moment), "exp": _ts(moment + ttl), "did": decision_id,
                           "sid": session.key_id})
     return f"{PREFIX}.{_b64(payload)}.{_b64(session.sign(payload))}.{session.endorsement}"
@@ -166,6 +203,12 @@ def verify(receipt: str, *, trust: TrustBundle, correlation: str, capability: st
         raise ReceiptError("malformed", "missing or invalid receipt fields") from exc
     if result.session_key_id != endorsement.get("sid") or issued > sign_until + SKEW:
         raise ReceiptError("bad_signature", "receipt signed outside its session key's endorsement")
+    endorsed = (endorsement.get("cap"), endorsement.get("cred"))
+    if not all(isinstance(value, str) and value for value in endorsed):
+        raise ReceiptError("malformed", "session key endorsement names no capability and credential")
+    if (result.capability, result.credential) != endorsed:
+        raise ReceiptError("unendorsed", f"receipt of rule {result.rule!r} claims a capability or credential "
+                                         "its session key is not endorsed for")
     if expired(expires, moment) or moment > endorsed_until or issued > moment + SKEW:
         raise ReceiptError("expired", f"receipt of rule {result.rule!r} expired")
     if result.correlation != correlation:

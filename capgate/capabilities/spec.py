@@ -52,6 +52,8 @@ class Inject:
     secret_key: str
     header: str = "Authorization"
     value_prefix: str = ""
+    allow_insecure_transport: bool = False
+    """``inject.allowInsecureTransport``: the explicit opt-in to send the credential over ``http://``."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,12 @@ class Upstream:
     name: str
     url: str
     inject: Inject | None = None
+
+    @property
+    def injects_in_cleartext(self) -> bool:
+        """The injected credential travels unencrypted: anyone on the path (or the pod's network
+        namespace, with CAP_NET_RAW) can read it. Only possible with ``allowInsecureTransport``."""
+        return self.inject is not None and urlsplit(self.url).scheme == "http"
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,11 @@ class Capability:
 
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
+
+    @property
+    def cleartext_injections(self) -> tuple[str, ...]:
+        """Upstreams whose injected credential is sent over ``http://`` (opted in; status warns)."""
+        return tuple(u.name for u in self.upstreams if u.injects_in_cleartext)
 
     @cached_property
     def limit_fields(self) -> frozenset[str]:
@@ -284,7 +297,7 @@ def _parse_url(path: str, url: str) -> str:
 
 
 def _parse_inject(data: object, path: str) -> Inject:
-    reader = _Reader(data, path, ("secretRef", "header", "valuePrefix"))
+    reader = _Reader(data, path, ("secretRef", "header", "valuePrefix", "allowInsecureTransport"))
     ref = _Reader(reader.data.get("secretRef"), reader.sub("secretRef"), ("name", "key"))
     header = reader.string("header", HEADER_NAME, default="Authorization", max_len=128, what="a header name")
     if header.lower() in FORBIDDEN_INJECT_HEADERS or header.lower().startswith("x-capgate-"):
@@ -297,6 +310,7 @@ def _parse_inject(data: object, path: str) -> Inject:
         secret_key=ref.string("key", re.compile(r"^[-._a-zA-Z0-9]+$"), what="a Secret key"),
         header=header,
         value_prefix=prefix,
+        allow_insecure_transport=reader.boolean("allowInsecureTransport", False),
     )
 
 
@@ -309,7 +323,11 @@ def _parse_upstreams(spec: _Reader) -> tuple[Upstream, ...]:
             raise SpecError(reader.sub("name"), f"duplicate upstream name {name!r}")
         url = _parse_url(reader.sub("url"), reader.string("url", max_len=2048))
         inject = _parse_inject(reader.data["inject"], reader.sub("inject")) if reader.has("inject") else None
-        out.append(Upstream(name=name, url=url, inject=inject))
+        upstream = Upstream(name=name, url=url, inject=inject)
+        if inject is not None and upstream.injects_in_cleartext and not inject.allow_insecure_transport:
+            raise SpecError(reader.sub("url"), "injects a credential over cleartext http://; use an https:// URL, "
+                                               "or opt in with inject.allowInsecureTransport: true")
+        out.append(upstream)
     return tuple(out)
 
 
@@ -512,6 +530,8 @@ def to_spec(cap: Capability) -> dict[str, Any]:
         if up.inject:
             out["inject"] = {"secretRef": {"name": up.inject.secret_name, "key": up.inject.secret_key},
                              "header": up.inject.header, "valuePrefix": up.inject.value_prefix}
+            if up.inject.allow_insecure_transport:
+                out["inject"]["allowInsecureTransport"] = True
         return out
 
     spec: dict[str, Any] = {

@@ -168,6 +168,40 @@ def condition(status: kopf.Status, ready: bool, reason: str, message: str, gener
              "lastTransitionTime": since, "observedGeneration": generation}]
 
 
+INSECURE_INJECTION = "InsecureInjection"
+
+
+def insecure_injection(cap: Capability, status: kopf.Status, generation: int) -> dict[str, Any] | None:
+    """The InsecureInjection condition while some upstream injects its credential over ``http://``.
+
+    ``inject.allowInsecureTransport`` is an explicit opt-in, yet the key then crosses the pod and
+    cluster network readable by anyone who can capture it, so the status keeps saying so (like
+    cert-manager's conditions, present while the state lasts) instead of a one-off log line.
+    """
+    names = cap.cleartext_injections
+    if not names:
+        return None
+    message = (f"upstream(s) {', '.join(names)} inject a credential over cleartext http:// "
+               "(inject.allowInsecureTransport: true): anyone who can capture the traffic can read it; "
+               "use https:// upstreams")
+    previous = next((c for c in status.get("conditions") or [] if c.get("type") == INSECURE_INJECTION), None)
+    since = previous["lastTransitionTime"] if previous and previous.get("status") == "True" else \
+        timestamps.iso(datetime.now(UTC))
+    return {"type": INSECURE_INJECTION, "status": "True", "reason": "AllowInsecureTransport",
+            "message": message[:1024], "lastTransitionTime": since, "observedGeneration": generation}
+
+
+def _report_insecure_injection(cap: Capability, body: kopf.Body, status: kopf.Status, patch: kopf.Patch,
+                               generation: int) -> None:
+    found = insecure_injection(cap, status, generation)
+    if found is None:
+        return
+    patch.status["conditions"] = [*patch.status.get("conditions", []), found]
+    previous = next((c for c in status.get("conditions") or [] if c.get("type") == INSECURE_INJECTION), None)
+    if previous is None or previous.get("message") != found["message"]:
+        kopf.warn(body, reason=INSECURE_INJECTION, message=found["message"])
+
+
 def _lock(memo: Any) -> asyncio.Lock:
     lock = memo.get("lock")
     if lock is None:
@@ -257,6 +291,7 @@ async def _reconcile_valid(ctx: Context, cap: Capability, body: kopf.Body, statu
         await kube.apply_cluster_role_binding(manifests.revocation_reader_binding(cap.namespace, cap.service_account))
         memo["rbac"] = True
     _set_ready(cap, stored, status, patch, generation, name, plan.mint or "Current")
+    _report_insecure_injection(cap, body, status, patch, generation)
     memo["next_check"] = _next_check(cap, stored, now)
     memo["root_key_id"] = keyset.active_id
 

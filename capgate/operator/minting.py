@@ -51,9 +51,12 @@ class Stored:
             settings = json.loads(data.get(resources.SETTINGS_FILE, b"{}"))
             token = data[resources.TOKEN_FILE].decode("ascii").strip()
             info = tokens.inspect(token)
-            session = receipts.SessionKey.from_json(data[resources.SESSION_KEY_FILE])
         except (KeyError, ValueError, CapabilityError, UnicodeDecodeError):
             return cls()
+        try:
+            session: receipts.SessionKey | None = receipts.SessionKey.from_json(data[resources.SESSION_KEY_FILE])
+        except (KeyError, CapabilityError):
+            session = None  # unreadable or from an older capgate: a new one is issued, the credential stays
         pending = tuple(revocation.Entry(id=str(p["id"]),
                                          expires_at=timestamps.parse(p["expiresAt"]) or datetime.now(UTC),
                                          capability=str(p.get("capability", "")), reason=str(p.get("reason", "")))
@@ -81,8 +84,13 @@ class Plan:
 
 
 def plan(cap: Capability, generation: int, stored: Stored, active_root_key: int, now: datetime) -> Plan:
-    """Decide what to change. A spec change revokes the old credential; a rotation does not."""
-    session_due = stored.session is None or stored.session.not_after - SESSION_KEY_RENEW_BEFORE <= now
+    """Decide what to change. A spec change revokes the old credential; a rotation does not.
+
+    A session key is endorsed for one credential, so every new credential gets a new session key.
+    """
+    session = stored.session
+    session_due = (session is None or session.not_after - SESSION_KEY_RENEW_BEFORE <= now
+                   or not session.signs_for(cap.qualified_name, stored.credential_id or ""))
     if stored.token is None or stored.expires_at is None:
         return Plan("Issued", False, True)
     if stored.generation != generation:
@@ -91,7 +99,7 @@ def plan(cap: Capability, generation: int, stored: Stored, active_root_key: int,
         return Plan("RootKeyRotated", False, True)
     due = rotate_at(cap, stored)
     if due is None or due <= now or stored.expires_at <= now:
-        return Plan("Rotated", False, session_due)
+        return Plan("Rotated", False, True)
     return Plan(None, False, session_due)
 
 
@@ -125,8 +133,9 @@ def build(cap: Capability, generation: int, stored: Stored, the_plan: Plan, keys
         token, token_id, ids = stored.token, stored.credential_id or "", stored.revocation_ids
         issued, expires = stored.issued_at, stored.expires_at
     session = stored.session
-    if the_plan.new_session_key or session is None:
-        session = receipts.SessionKey.issue(keyset, now=now, lifetime=session_lifetime, receipt_ttl=cap.receipt_ttl)
+    if the_plan.new_session_key or session is None or not session.signs_for(cap.qualified_name, token_id):
+        session = receipts.SessionKey.issue(keyset, capability=cap.qualified_name, credential=token_id, now=now,
+                                            lifetime=session_lifetime, receipt_ttl=cap.receipt_ttl)
     settings: dict[str, Any] = {
         "capability": cap.qualified_name, "generation": generation, "credentialId": token_id,
         "issuedAt": timestamps.iso(issued), "expiresAt": timestamps.iso(expires),

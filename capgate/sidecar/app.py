@@ -155,19 +155,28 @@ async def _guarded(request: web.Request, handler: Handler, trace: Trace) -> web.
     except web.HTTPException as exc:
         return error_response(errors.SidecarError(exc.status, "bad_request", "http_error", exc.reason), trace)
     except asyncio.CancelledError:
-        trace.outcome, trace.reason = "error", "client_disconnected"
+        if not trace.forwarded:  # once forwarded, the decision stands: the call may have run
+            trace.outcome = "error"
+        trace.reason = "client_disconnected"
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here fails closed and is logged
-        log.error("internal error in %s (%s); denied. %s", trace.decision_id, type(exc).__name__,
+        log.error("internal error in %s (%s); %s. %s", trace.decision_id, type(exc).__name__,
+                  "after forwarding: 502" if trace.forwarded else "denied",
                   "".join(traceback.format_tb(exc.__traceback__)).strip())
-        return error_response(errors.internal(), trace)
+        return error_response(errors.after_forwarding() if trace.forwarded else errors.internal(), trace)
 
 
 def error_response(exc: errors.SidecarError, trace: Trace) -> web.Response:
+    """The JSON refusal, and what the record says about it.
+
+    Before forwarding a 5xx is an ``error`` and a refusal ``denied``; after forwarding (the upstream
+    may have acted) the record keeps its decision (``allowed``, ``would_deny``) with ``forwarded``
+    and the upstream's status, and only ``status``/``reason`` say what the agent got.
+    """
     trace.status = exc.status
     trace.reason = exc.reason
     trace.rule = exc.rule or trace.rule
-    if trace.outcome != "would_deny" or exc.status >= 500:
+    if not trace.forwarded and (trace.outcome != "would_deny" or exc.status >= 500):
         trace.outcome = "error" if exc.status >= 500 and exc.error != "lockdown" else "denied"
     headers = {**exc.headers, facts.DECISION_HEADER: trace.decision_id}
     return web.json_response(exc.body(trace.decision_id), status=exc.status, headers=headers)
@@ -225,9 +234,9 @@ async def _forward(request: web.Request, gate: Gate, loaded: Loaded, route: rout
     def observe(seconds: float) -> None:
         gate.metrics.upstream_time(route.upstream.name, seconds)
 
-    response, status = await proxy.forward(request, route, client=request.app[CLIENT], body=body,
-                                           injection=injection, response_headers=extra_headers, observe=observe)
-    trace.status = trace.upstream_status = status
+    response = await proxy.forward(request, route, client=request.app[CLIENT], body=body, injection=injection,
+                                   response_headers=extra_headers, observe=observe, record=trace)
+    trace.status = response.status
     return response
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from capgate import resources
 from capgate.capabilities import decision, keys, receipts, spec, tokens
@@ -104,7 +105,8 @@ class CredentialStore:
             credential = tokens.load(token, trust, now=now)
         except CapabilityError as exc:
             raise ConfigError("--capability", _safe(exc)) from exc
-        session = receipts.SessionKey.issue(self._keyset, now=now, receipt_ttl=cap.receipt_ttl)
+        session = receipts.SessionKey.issue(self._keyset, capability=cap.qualified_name, credential=credential.id,
+                                            now=now, receipt_ttl=cap.receipt_ttl)
         return Loaded(credential=credential, session=session, trust=trust, principal=cap.principal, settings={})
 
     def _reload_dir(self) -> None:
@@ -137,6 +139,20 @@ class CredentialStore:
         log.info("credential loaded: capability=%s id=%s… expires=%s session_key=%s",
                  loaded.capability.qualified_name, loaded.credential.id[:16],
                  loaded.credential.expires_at.isoformat(), loaded.session.key_id)
+        self._warn_cleartext(loaded.capability)
+
+    def _warn_cleartext(self, cap: spec.Capability) -> None:
+        """Say so whenever an injected credential will cross the network unencrypted.
+
+        The capability can only do it with ``inject.allowInsecureTransport``; ``--upstream-url`` is
+        the sidecar operator's own setting (local development against loopback mocks), never set by
+        the webhook nor reachable by the agent, so it is warned about rather than refused.
+        """
+        for upstream in cap.upstreams:
+            url = self.settings.upstream_urls.get(upstream.name, upstream.url)
+            if upstream.inject is not None and urlsplit(url).scheme == "http":
+                why = "inject.allowInsecureTransport" if upstream.injects_in_cleartext else "--upstream-url"
+                log.warning("upstream %r: its credential is injected over cleartext http:// (%s)", upstream.name, why)
 
     # -- refreshing ----------------------------------------------------------------------------
     def _dir_signature(self) -> tuple[object, ...]:

@@ -70,6 +70,8 @@ class Trace:
     scopes: list[dict[str, Any]] = field(default_factory=list)
     """What each scope of a several-scope ``authorize`` asked, and its answer."""
     receipt_minted: bool = False
+    forwarded: bool = False
+    """The request may have reached the upstream (and taken effect): never recorded as denied."""
     skip: bool = False
     """Not a decision (whoami, a refused CONNECT still counts); nothing is recorded."""
     recorded: bool = False
@@ -90,6 +92,8 @@ class Trace:
             out["scopes"] = self.scopes
         if self.receipt_minted:
             out["receipt_minted"] = True
+        if self.forwarded:
+            out["forwarded"] = True
         return out
 
 
@@ -204,8 +208,12 @@ class Gate:
             log.warning("session key %s expired; no receipt minted for %s", session.key_id, trace.decision_id)
             return None
         cap = loaded.capability
-        receipt = core_receipts.mint(session, rule=rule, correlation=correlation, capability=cap.qualified_name,
-                                     credential=loaded.credential.id, ttl=cap.receipt_ttl,
+        if not session.signs_for(cap.qualified_name, loaded.credential.id):
+            # Its receipts would be refused elsewhere; holding one here would be the only place it counts.
+            log.warning("session key %s is not endorsed for this credential; no receipt minted for %s",
+                        session.key_id, trace.decision_id)
+            return None
+        receipt = core_receipts.mint(session, rule=rule, correlation=correlation, ttl=cap.receipt_ttl,
                                      decision_id=trace.decision_id, now=now)
         self.book.hold(correlation, Held(rule=rule, capability=cap.qualified_name, credential=loaded.credential.id,
                                          expires_at=now + cap.receipt_ttl))

@@ -28,9 +28,10 @@ API_KEY = "sk_live_CANARY_fuzz_7f3a9c2e51d04b68"
 def random_spec(rng: random.Random) -> dict[str, Any]:
     names = rng.sample(UPSTREAM_NAMES, rng.randint(1, 3))
     upstreams: list[dict[str, Any]] = [{"name": n, "url": f"http://{n}.svc:8080"} for n in names]
+    # The rig's upstream is plain HTTP on loopback, so the injecting upstream opts in to cleartext.
     upstreams[0]["inject"] = {"secretRef": {"name": "api-key", "key": "token"},
                               "header": rng.choice(["Authorization", "X-Api-Key"]),
-                              "valuePrefix": rng.choice(["", "Bearer "])}
+                              "valuePrefix": rng.choice(["", "Bearer "]), "allowInsecureTransport": True}
     rules: list[dict[str, Any]] = []
     for index in range(rng.randint(1, 6)):
         rule: dict[str, Any] = {"name": f"r{index}", "effect": "deny" if rng.random() < 0.2 else "allow"}

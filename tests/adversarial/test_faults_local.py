@@ -203,8 +203,7 @@ async def test_a_carried_receipt_is_honoured_up_to_30_seconds_of_skew_past_its_e
     loaded = sc.gate.store.current
     assert loaded is not None
     minted_at = datetime.now(UTC).replace(microsecond=0)
-    receipt = receipts.mint(loaded.session, rule="search", correlation="edge", credential=loaded.credential.id,
-                            capability=loaded.capability.qualified_name, ttl=timedelta(seconds=10),
+    receipt = receipts.mint(loaded.session, rule="search", correlation="edge", ttl=timedelta(seconds=10),
                             decision_id="d", now=minted_at)
     clock = _Clock()
     clock.moment = minted_at + timedelta(seconds=10 + offset)

@@ -32,6 +32,7 @@ def test_no_adversarial_request_is_forwarded_that_the_design_refuses(seed: int) 
     assert counts.header_leaks == 0, counts.examples
     assert counts.crashes == 0, counts.examples
     assert (counts.false_denies, counts.disagreements) == (0, 0), counts.examples
+    assert counts.ledger_lies == 0, counts.examples
 
 
 PATH_ALPHABET = st.sampled_from(["/", ".", "%", "2", "e", "E", "f", "F", "5", "c", "0", "a", ";", "\\", "\x00", "\n",
@@ -161,9 +162,8 @@ def test_a_token_of_another_root_is_refused_as_unknown_root() -> None:
     assert refused.value.reason in ("unknown_root", "bad_signature")
 
 
-SESSION = receipts.SessionKey.issue(KEYSET)
-RECEIPT = receipts.mint(SESSION, rule="search", correlation="trip-1", capability="fuzz/agent", credential="c",
-                        ttl=timedelta(minutes=5), decision_id="d")
+SESSION = receipts.SessionKey.issue(KEYSET, capability="fuzz/agent", credential="c")
+RECEIPT = receipts.mint(SESSION, rule="search", correlation="trip-1", ttl=timedelta(minutes=5), decision_id="d")
 
 
 @FAST

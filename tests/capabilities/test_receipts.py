@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from capgate.capabilities import keys, receipts
+from capgate.capabilities import keys, receipts, tokens
 from capgate.capabilities.errors import KeyFileError, ReceiptError
 
 from . import _support
@@ -20,16 +21,37 @@ CAPABILITY = "travel/booking-agent"
 CREDENTIAL = "cafe" * 16
 
 
-def session(keyset: keys.KeySet | None = None) -> receipts.SessionKey:
-    return receipts.SessionKey.issue(keyset or _support.keyset(), now=NOW)
+def session(keyset: keys.KeySet | None = None, *, capability: str = CAPABILITY,
+            credential: str = CREDENTIAL) -> receipts.SessionKey:
+    return receipts.SessionKey.issue(keyset or _support.keyset(), capability=capability, credential=credential,
+                                     now=NOW)
 
 
 def mint(key: receipts.SessionKey | None = None, **overrides: object) -> str:
-    fields: dict[str, object] = {"rule": "search", "correlation": "session-1", "capability": CAPABILITY,
-                                 "credential": CREDENTIAL, "ttl": timedelta(minutes=5), "decision_id": "d-1",
-                                 "now": NOW}
+    fields: dict[str, object] = {"rule": "search", "correlation": "session-1", "ttl": timedelta(minutes=5),
+                                 "decision_id": "d-1", "now": NOW}
     fields.update(overrides)
     return receipts.mint(key or session(), **fields)  # type: ignore[arg-type]
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge(key: receipts.SessionKey, **claims: object) -> str:
+    """What a compromised sidecar can do with its own session key: sign any payload it likes."""
+    payload: dict[str, object] = {"rule": "search", "corr": "session-1", "cap": key.capability,
+                                  "cred": key.credential, "iat": int(NOW.timestamp()),
+                                  "exp": int((NOW + timedelta(minutes=5)).timestamp()), "did": "d-1",
+                                  "sid": key.key_id}
+    payload.update(claims)
+    raw = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return f"v1.{b64(raw)}.{b64(key.sign(raw))}.{key.endorsement}"
+
+
+def statement(key: receipts.SessionKey) -> dict[str, object]:
+    part = key.endorsement.split(".")[0]
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))  # type: ignore[no-any-return]
 
 
 def verify(receipt: str, **overrides: object) -> receipts.Receipt:
@@ -124,6 +146,75 @@ def test_a_receipt_of_a_revoked_credential_is_refused() -> None:
     assert reason(mint(), revoked={CREDENTIAL}) == "wrong_credential"
 
 
+# -- a session key signs for one capability's credential, and nothing else -------------------------
+
+def real_credentials() -> tuple[tokens.Credential, tokens.Credential]:
+    """Two capabilities' real Biscuit credentials under the same root: A (the example) and B."""
+    a = _support.parse()
+    b = replace(a, name="refund-agent")
+    return _support.credential(a), _support.credential(b)
+
+
+def session_for(cred: tokens.Credential) -> receipts.SessionKey:
+    return receipts.SessionKey.issue(_support.keyset(), capability=cred.capability.qualified_name,
+                                     credential=cred.id, now=NOW)
+
+
+def test_the_root_endorses_a_session_key_for_one_capability_and_credential() -> None:
+    a, _ = real_credentials()
+    key = session_for(a)
+
+    assert (statement(key)["cap"], statement(key)["cred"]) == ("travel/booking-agent", a.id)
+    assert verify(mint(key), capability="travel/booking-agent").credential == a.id
+
+
+def test_a_session_key_of_one_capability_cannot_sign_receipts_another_capability_accepts() -> None:
+    a, b = real_credentials()
+    stolen = session_for(a)
+    forged = forge(stolen, cap=b.capability.qualified_name, cred=b.id)
+
+    assert reason(forged, capability=b.capability.qualified_name) == "unendorsed"
+    assert reason(forge(stolen, cap=b.capability.qualified_name), capability=b.capability.qualified_name) == \
+        "unendorsed"
+
+
+def test_revoking_a_credential_refuses_every_receipt_its_session_key_signs() -> None:
+    a, b = real_credentials()
+    stolen = session_for(a)
+    cap = a.capability.qualified_name
+    genuine, renamed = mint(stolen), forge(stolen, cred=b.id)
+
+    assert verify(genuine, capability=cap).rule == "search"
+    assert reason(genuine, capability=cap, revoked={a.id}) == "wrong_credential"
+    assert reason(renamed, capability=cap, revoked={a.id}) == "unendorsed"
+    assert reason(renamed, capability=cap) == "unendorsed"
+
+
+def test_a_receipt_names_the_capability_and_credential_of_its_session_key() -> None:
+    proved = verify(mint(session(capability="travel/other-agent", credential="beef" * 16)),
+                    capability="travel/other-agent")
+
+    assert (proved.capability, proved.credential) == ("travel/other-agent", "beef" * 16)
+
+
+def test_an_endorsement_without_a_scope_is_refused() -> None:
+    keyset = _support.keyset()
+    key = session()
+    unscoped = {k: v for k, v in statement(key).items() if k not in ("cap", "cred")}
+    body = json.dumps(unscoped, sort_keys=True, separators=(",", ":")).encode()
+    old_style = replace(key, endorsement=f"{b64(body)}.{b64(keyset.active.sign(body))}")
+
+    assert reason(mint(old_style)) == "malformed"
+    with pytest.raises(KeyFileError, match="names no capability"):
+        receipts.SessionKey.from_json(old_style.to_json())
+
+
+@pytest.mark.parametrize(("capability", "credential"), [("", CREDENTIAL), (CAPABILITY, "")])
+def test_a_session_key_cannot_be_issued_without_a_scope(capability: str, credential: str) -> None:
+    with pytest.raises(ValueError, match="one capability and credential"):
+        session(capability=capability, credential=credential)
+
+
 def test_a_receipt_endorsed_by_an_unknown_root_is_refused() -> None:
     stranger = keys.KeySet.generate(NOW)
 
@@ -169,12 +260,13 @@ def test_each_way_a_receipt_fails_has_its_own_reason() -> None:
         reason("v1.nope"),
         reason(".".join(parts)),
         reason(mint(session(keys.KeySet.generate(NOW)))),
+        reason(forge(session(), cap="travel/other-agent"), capability="travel/other-agent"),
         reason(mint(), now=NOW + timedelta(hours=1)),
         reason(mint(), correlation="session-2"),
         reason(mint(), capability="travel/other-agent"),
     ]
 
-    assert reasons == ["malformed", "bad_signature", "unknown_key", "expired", "wrong_correlation",
+    assert reasons == ["malformed", "bad_signature", "unknown_key", "unendorsed", "expired", "wrong_correlation",
                        "wrong_credential"]
 
 

@@ -184,6 +184,12 @@ SPEC_ERRORS = [
      "spec.upstreams[1].inject.valuePrefix", "must not contain control characters"),
     ("secret-name-upper", setter("upstreams", 1, "inject", "secretRef", "name", value="Payments"),
      "spec.upstreams[1].inject.secretRef.name", "is not a Secret name"),
+    ("inject-over-http", setter("upstreams", 1, "url", value="http://payments.example.com"),
+     "spec.upstreams[1].url", "injects a credential over cleartext http://"),
+    ("inject-over-uppercase-http", setter("upstreams", 1, "url", value="HTTP://payments.example.com"),
+     "spec.upstreams[1].url", "injects a credential over cleartext http://"),
+    ("insecure-opt-in-string", setter("upstreams", 1, "inject", "allowInsecureTransport", value="true"),
+     "spec.upstreams[1].inject.allowInsecureTransport", "must be true or false"),
     ("mode", setter("mode", value="permissive"), "spec.mode", "must be 'enforce' or 'audit'"),
     ("revoked-string", setter("revoked", value="yes"), "spec.revoked", "must be true or false"),
     ("bad-delegate", setter("delegation", value={"serviceAccounts": ["a/b/c"]}),
@@ -203,6 +209,28 @@ def test_an_invalid_spec_is_rejected_naming_the_field(mutate: Callable[[Manifest
     assert error.path == path
     assert fragment in error.message
     assert str(error).startswith(f"{path}: ")
+
+
+def cleartext_payments(spec_: Manifest) -> None:
+    spec_["upstreams"][1]["url"] = "http://payments.travel.svc:8080"
+    spec_["upstreams"][1]["inject"]["allowInsecureTransport"] = True
+
+
+def test_injecting_over_http_needs_the_explicit_opt_in_and_is_reported() -> None:
+    cap = _support.parse(cleartext_payments)
+
+    assert cap.upstream("payments").inject.allow_insecure_transport  # type: ignore[union-attr]
+    assert cap.cleartext_injections == ("payments",)
+    assert _support.parse().cleartext_injections == ()  # https with inject, http without: nothing to warn of
+
+
+def test_the_insecure_transport_opt_in_survives_the_canonical_spec() -> None:
+    cap = _support.parse(cleartext_payments)
+    rendered = to_spec(cap)
+
+    assert rendered["upstreams"][1]["inject"]["allowInsecureTransport"] is True
+    assert "allowInsecureTransport" not in to_spec(_support.parse())["upstreams"][1]["inject"]
+    assert parse_spec(rendered, name=cap.name, namespace=cap.namespace) == cap
 
 
 def test_only_the_first_unknown_field_is_named_and_it_is_the_sorted_first() -> None:

@@ -28,8 +28,10 @@ def write_credential_dir(folder: Path, keyset: keys.KeySet, spec_doc: dict[str, 
     folder.mkdir(exist_ok=True)
     cap = spec.parse_capability(capability_document(spec_doc))  # type: ignore[arg-type]
     token = tokens.mint(cap, keyset)
+    session = receipts.SessionKey.issue(keyset, capability=cap.qualified_name,
+                                        credential=tokens.inspect(token)["revocationIds"][0])
     for name, text in (("trust.json", keyset.trust_bundle().to_json()),
-                       ("session.key", receipts.SessionKey.issue(keyset).to_json()),
+                       ("session.key", session.to_json()),
                        ("settings.json", json.dumps({"namespace": "travel", "serviceAccount": "booking-agent"})),
                        ("token", token + "\n")):
         tmp = folder / f".{name}.tmp"

@@ -99,9 +99,8 @@ async def test_expired_receipt_is_ignored(sidecar: MakeSidecar) -> None:
     sc = await sidecar()
     loaded = sc.gate.store.current
     assert loaded is not None
-    old = receipts.mint(loaded.session, rule="search", correlation="booking-42",
-                        capability=loaded.capability.qualified_name, credential=loaded.credential.id,
-                        ttl=timedelta(seconds=5), decision_id="old", now=datetime.now(UTC) - timedelta(minutes=2))
+    old = receipts.mint(loaded.session, rule="search", correlation="booking-42", ttl=timedelta(seconds=5),
+                        decision_id="old", now=datetime.now(UTC) - timedelta(minutes=2))
     response = await sc.client.post(CHARGE, json={"amount": 100}, headers={**CORR, "X-Capgate-Receipt": old})
     assert response.status == 403
     assert sc.decisions()[-1]["receipts_ignored"] == ["expired"]
