@@ -25,8 +25,10 @@ rules as requests, so a bad glob is a spec error, not a runtime surprise.
 Allow rules match exactly. Deny rules match *leniently* (:func:`lenient_forms`): what a
 case-insensitive, trailing-slash-tolerant, Windows or Unicode-folding router would route to the
 same handler must not slip past ``deny /admin/**`` as ``/ADMIN/x``, ``/admin/``, ``/admin./x``,
-``/admin%20/x``, ``/ａｄｍｉｎ/x`` or ``/admin.json`` (Spring's suffix patterns, Rails' formats).
-Leniency can only add denials, so it is safe to over-approximate.
+``/admin%20/x``, ``/ａｄｍｉｎ/x``, ``/admin::$DATA/x`` (IIS) or ``/admin.json`` (Spring's suffix
+patterns, Rails' formats). Leniency can only add denials, so it is safe to over-approximate. What
+no string rule can know is not covered: Windows 8.3 short names (``ADMINI~1``), or routes an
+upstream maps by other means — deny the upstream's real names, and prefer narrow allow rules.
 """
 
 from __future__ import annotations
@@ -163,16 +165,23 @@ def glob_matches(glob: str, path: str) -> bool:
 
 
 # -- lenient (deny) matching -------------------------------------------------------------------
+_NTFS_STREAM = "::$data"
+"""IIS serves ``name::$DATA`` (the file's default NTFS data stream) as ``name``."""
+
+
 def _fold_segment(segment: str) -> str:
     """A segment as the most forgiving router reads it: NFKC, case-folded, no format characters,
-    no trailing dots or whitespace."""
+    no default NTFS stream suffix, no trailing dots or whitespace."""
     if not segment.isascii():
         segment = unicodedata.normalize("NFKC", segment)
         segment = "".join(char for char in segment if unicodedata.category(char) != "Cf")
         segment = unicodedata.normalize("NFKC", segment.casefold())
     else:
         segment = segment.lower()
-    return _TRAILING_BLANK.sub("", segment)
+    segment = _TRAILING_BLANK.sub("", segment)
+    if segment.endswith(_NTFS_STREAM):
+        segment = _TRAILING_BLANK.sub("", segment[:-len(_NTFS_STREAM)])
+    return segment
 
 
 def _fold(path: str, *, keep_wildcards: bool) -> list[str]:

@@ -174,7 +174,7 @@ def random_path(rng: random.Random, upstreams: list[str],
 
 
 LOOKALIKES = ("upper", "title", "slash", "dot", "space", "tab", "nbsp", "zwsp", "fullwidth", "extension",
-              "dots", "dot-space")
+              "dots", "dot-space", "ntfs-stream")
 """How a case-insensitive, trailing-slash-tolerant, Windows or Unicode-folding router reads a path
 the same as another: deny rules must catch these; allow rules must not widen to them."""
 
@@ -195,7 +195,7 @@ def lookalike(rng: random.Random, target: str) -> str:
         segment = quote("".join(chr(ord(c) + 0xFEE0) if "a" <= c <= "z" else c for c in segment), safe="%")
     else:
         segment += {"dot": ".", "space": "%20", "tab": "%09", "nbsp": "%C2%A0", "zwsp": "%E2%80%8B",
-                    "extension": ".json", "dots": "...", "dot-space": ".%20"}.get(kind, "")
+                    "extension": ".json", "dots": "...", "dot-space": ".%20", "ntfs-stream": "::$DATA"}.get(kind, "")
     segments[at] = segment
     return f"/{head}/" + "/".join(segments)
 

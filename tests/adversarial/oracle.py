@@ -15,8 +15,8 @@ The semantics, in the order DESIGN.md's request flow lists them:
    (else 400), which must be a token we know to be valid (else 401);
 4. a body a limit or budget must read is at most 1 MiB (else 413);
 5. deny rules first — matched leniently: case-insensitive (NFKC + case folding), trailing ``/``,
-   trailing dots and whitespace of a segment, format characters and a last-segment extension
-   tolerated — then allow rules, matched exactly (scope, limits on the JSON body, required
+   trailing dots and whitespace of a segment, format characters, IIS's ``::$DATA`` and a
+   last-segment extension tolerated — then allow rules, matched exactly (scope, limits on the JSON body, required
    receipts in the correlation), default deny (403) — under the base capability and under the
    narrowed one;
 6. budgets (429); then the upstream sees the request.
@@ -114,6 +114,13 @@ def fold_segment(segment: str) -> str:
     segment = unicodedata.normalize("NFKC", segment)
     segment = "".join(char for char in segment if unicodedata.category(char) != "Cf")
     segment = unicodedata.normalize("NFKC", segment.casefold())
+    segment = _strip_blank_tail(segment)
+    if segment.endswith("::$data"):  # IIS: the default NTFS data stream is the file itself
+        segment = _strip_blank_tail(segment[:-len("::$data")])
+    return segment
+
+
+def _strip_blank_tail(segment: str) -> str:
     while segment and (segment[-1] == "." or segment[-1].isspace()):
         segment = segment[:-1]
     return segment

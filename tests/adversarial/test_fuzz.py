@@ -66,7 +66,7 @@ def test_a_resource_decodes_one_way_or_is_refused(raw: str) -> None:
 
 
 LENIENT_SEGMENT = st.sampled_from(["admin", "ADMIN", "Admin", "admin.", "admin ", "admin.json", "\uff41dmin",
-                                   "ad\u200bmin", "x", "x.json", "*", "**"])
+                                   "ad\u200bmin", "admin::$DATA", "x", "x.json", "*", "**"])
 
 
 @FAST

@@ -279,7 +279,8 @@ def test_a_resource_glob_is_checked_with_the_same_rules(glob: str, problem: str)
 @pytest.mark.parametrize(
     "path",
     ["/admin/x", "/ADMIN/x", "/Admin/x", "/admin/", "/admin", "/admin./x", "/admin /x", "/admin. /x",
-     "/\uff41\uff44\uff4d\uff49\uff4e/x", "/ad\u200bmin/x", "/admin\u3000/x", "/admin.json", "/ADMIN.JSON"],
+     "/\uff41\uff44\uff4d\uff49\uff4e/x", "/ad\u200bmin/x", "/admin\u3000/x", "/admin.json", "/ADMIN.JSON",
+     "/admin::$DATA/x", "/admin.::$data/x"],
 )
 def test_a_deny_glob_matches_what_a_forgiving_router_would_route_there(path: str) -> None:
     assert paths.lenient_glob_matches("/admin/**", paths.normalize(path))

@@ -28,6 +28,7 @@ async def get(sc: Any, path: str) -> tuple[int, bytes]:
     "/flights/admin/x", "/flights/ADMIN/x", "/flights/Admin/x", "/flights/admin/", "/flights/admin",
     "/flights/admin./x", "/flights/admin%20/x", "/flights/admin%C2%A0/x", "/flights/admin.json",
     "/flights/%EF%BD%81%EF%BD%84%EF%BD%8D%EF%BD%89%EF%BD%8E/x", "/flights/ad%E2%80%8Bmin/x",
+    "/flights/admin::$DATA/x",
 ])
 async def test_a_deny_rule_catches_every_spelling_a_forgiving_router_routes_to_it(sidecar: MakeSidecar,
                                                                                   path: str) -> None:
