@@ -298,21 +298,35 @@ def resource_glob_matches(glob: str, resource: str) -> bool:
     return compile_resource_glob(glob).match(resource) is not None
 
 
+def _fold_prefix(prefix: str) -> str:
+    """``scheme://authority`` as a forgiving reader compares it: lower case, without userinfo, port
+    or a trailing dot (``mcp://x@Payments.:443`` is ``mcp://payments``)."""
+    if not prefix:
+        return prefix
+    scheme, sep, authority = prefix.lower().partition("://")
+    if authority != "*":
+        authority = authority.rpartition("@")[2]
+        if not authority.startswith("["):  # an IPv6 literal keeps its colons
+            authority = authority.partition(":")[0]
+        authority = authority.rstrip(".")
+    return scheme + sep + authority
+
+
 @lru_cache(maxsize=4096)
 def compile_lenient_resource_glob(glob: str) -> re.Pattern[str]:
     parts = _split_resource(glob)
     assert not isinstance(parts, str), "validate_resource_glob first"
     prefix, path = parts
     folded = "/" + "/".join(_fold(path, keep_wildcards=True))
-    return re.compile(_resource_regex(prefix.lower(), _glob_regex(folded)), re.DOTALL)
+    return re.compile(_resource_regex(_fold_prefix(prefix), _glob_regex(folded)), re.DOTALL)
 
 
 def lenient_resource_forms(resource: str) -> tuple[str, ...]:
-    """:func:`lenient_forms` for a normalized resource: scheme and authority case-folded too."""
+    """:func:`lenient_forms` for a normalized resource; its scheme and authority folded too."""
     parts = _split_resource(resource)
     assert not isinstance(parts, str), "normalize_resource first"
     prefix, path = parts
-    return tuple(prefix.lower() + form for form in lenient_forms(path))
+    return tuple(_fold_prefix(prefix) + form for form in lenient_forms(path))
 
 
 def lenient_resource_glob_matches(glob: str, resource: str) -> bool:

@@ -308,6 +308,14 @@ def test_a_deny_resource_glob_matches_leniently(resource: str) -> None:
     assert paths.lenient_resource_glob_matches("file:///workspace/secrets/**", normalized)
 
 
+@pytest.mark.parametrize("resource", ["mcp://payments/refund", "mcp://Payments/refund", "mcp://payments:443/refund",
+                                      "mcp://agent@payments/refund", "mcp://payments./refund"])
+def test_a_deny_resource_glob_reads_the_authority_as_a_host(resource: str) -> None:
+    assert paths.lenient_resource_glob_matches("mcp://payments/refund", paths.normalize_resource(resource))
+    assert paths.resource_glob_matches("mcp://*/refund", paths.normalize_resource(resource))
+    assert not paths.lenient_resource_glob_matches("mcp://payments/refund", "mcp://pay/refund")
+
+
 def test_action_deny_globs_ignore_case() -> None:
     assert paths.lenient_name_glob_matches("mcp.call", "MCP.Call")
     assert not paths.name_glob_matches("mcp.call", "MCP.Call")
