@@ -162,7 +162,8 @@ def parse_request(cap: spec.Capability, case: Case, correlation: str = "explain"
         return decision.Request(method=words[0].upper(), upstream=words[1], path=paths.normalize(raw_path),
                                 **base)  # type: ignore[arg-type]
     if len(words) == 2:
-        return decision.Request(action=words[0], resource=words[1], **base)  # type: ignore[arg-type]
+        return decision.Request(action=words[0], resource=paths.normalize_resource(words[1]),
+                                **base)  # type: ignore[arg-type]
     raise UsageError(f"request {case.request!r}: expected 'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
 
 

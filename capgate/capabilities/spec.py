@@ -395,8 +395,9 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
     names: dict[str, list[str]] = {}
     for key in ("actions", "resources"):
         names[key] = []
+        validate = paths.validate_resource_glob if key == "resources" else paths.validate_name_glob
         for npath, value in reader.strings(key):
-            problem = paths.validate_name_glob(value)
+            problem = validate(value)
             if problem:
                 raise SpecError(npath, problem)
             names[key].append(value)

@@ -69,6 +69,8 @@ class Trace:
     destination: str | None = None
     """``ip:port`` a captured connection was going to (outbound listener only)."""
     receipts_ignored: list[str] = field(default_factory=list)
+    scopes: list[dict[str, Any]] = field(default_factory=list)
+    """What each scope of a several-scope ``authorize`` asked, and its answer."""
     receipt_minted: bool = False
     forwarded: bool = False
     """The request may have reached the upstream (and taken effect): never recorded as denied."""
@@ -88,6 +90,8 @@ class Trace:
                 out[key] = value
         if self.receipts_ignored:
             out["receipts_ignored"] = self.receipts_ignored
+        if self.scopes:
+            out["scopes"] = self.scopes
         if self.receipt_minted:
             out["receipt_minted"] = True
         if self.forwarded:

@@ -64,7 +64,8 @@ CAPABILITY = {
         "serviceAccountName": "egress-agent",
         "upstreams": [
             {"name": "flights", "url": f"http://{UPSTREAM_IP}:8080",
-             "inject": {"secretRef": {"name": "flights-key", "key": "token"}, "valuePrefix": "Bearer "}},
+             "inject": {"secretRef": {"name": "flights-key", "key": "token"}, "valuePrefix": "Bearer ",
+                        "allowInsecureTransport": True}},
             {"name": "payments", "url": "https://payments.test:8443",
              "inject": {"secretRef": {"name": "payments-key", "key": "token"}, "valuePrefix": "Bearer "}},
         ],
