@@ -250,8 +250,8 @@ def test_raw_tcp_and_udp_never_reach_anything(stack: Stack) -> None:
     for result in results[:3]:
         assert "RAW-ANSWER" not in result.get("received", ""), result
     time.sleep(1)  # a datagram that got through would be logged within milliseconds
-    arrived = [r for app in ("ledger", "flights") for r in stack.seen(app) if "tcp" in r or "udp" in r]
-    assert [r for r in arrived if r.get("tcp") or r.get("udp")] == []
+    # Even an empty connection reaching a raw listener would be a way around the sidecar.
+    assert [r for app in ("ledger", "flights") for r in stack.seen(app) if "tcp" in r or "udp" in r] == []
 
 
 # ------------------------------------------------------------------------------------------ helm upgrade
