@@ -213,7 +213,7 @@ class Rig:
                             upstream_credentials={names[0]: SecretRef("env", "FUZZ_API_KEY")},
                             read_timeout=5, total_timeout=10, connect_timeout=2)
         agent, _admin = sidecar_app.create_apps(settings, env={"FUZZ_API_KEY": generate.API_KEY})
-        runner = web.AppRunner(agent, access_log=None)
+        runner = web.AppRunner(agent, access_log=None, auto_decompress=False)  # as capgate-sidecar serves it
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
