@@ -20,7 +20,8 @@ A body a limit or budget reads must be:
 
 The query must not name a limited field (its top-level key or the dotted path, percent-decoded,
 bracket suffixes ignored, compared case-insensitively: ``ambiguous_query``), nor ``_method``
-(``method_override``, checked on every request). An empty body is no document: a limit on it
+(``method_override``, checked on every request, as is a URL-encoded form body — multipart forms
+are not inspected). An empty body is no document: a limit on it
 denies with ``limit_missing`` and a budget counts it as 0, exactly like a JSON body without the
 field.
 
@@ -115,6 +116,26 @@ def check_query(query: str, fields: Iterable[str]) -> None:
             if _same(folds(base), folds(name)):
                 raise BodyError("ambiguous_query", f"the query names {name!r}, a field a limit or budget reads "
                                                    "from the body; upstreams may read either")
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def is_form(content_type: Sequence[str]) -> bool:
+    """Is this body a URL-encoded form, where Rack, Laravel and Symfony look for ``_method``?"""
+    return any(value.split(";")[0].strip().lower() == FORM for value in content_type)
+
+
+def check_form(raw: bytes, content_encoding: Sequence[str]) -> None:
+    """Refuse a URL-encoded form body naming ``_method`` (read wherever the body is a form)."""
+    if raw and content_encoding:
+        raise BodyError("body_encoding", "a form body must not carry Content-Encoding: the sidecar never "
+                                         "decompresses, so it could not see a _method inside")
+    names = query_keys(raw.decode("latin-1"))  # 1:1 bytes; _method is ASCII however it is escaped
+    override = folds(OVERRIDE_PARAMETER)
+    if any(_same(folds(_base(name)), override) for name in names if name is not None):
+        raise BodyError("method_override", f"the form names {OVERRIDE_PARAMETER!r}, which frameworks read as "
+                                           "another HTTP method; send the method itself")
 
 
 def _field_names(fields: Iterable[str]) -> set[str]:

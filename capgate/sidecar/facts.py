@@ -75,17 +75,25 @@ async def limited_body(request: web.Request, cap: spec.Capability, upstream: str
                        limit: int) -> Body | None:
     """The body limits and budgets read (None when none applies or none was sent), else 400/413.
 
-    ``_method`` in the query is refused for every request (method override); the rest only where
-    a limit or budget reads this upstream's bodies.
+    ``_method`` in the query or in a URL-encoded form body is refused for every request (method
+    override; a form is read for that, bounded like any body); the rest only where a limit or
+    budget reads this upstream's bodies.
     """
     fields = bodies.fields_for(cap, upstream)
+    content_type = request.headers.getall("Content-Type", [])
+    content_encoding = request.headers.getall("Content-Encoding", [])
     try:
         bodies.check_query(query, fields)
-        if not fields or not request.body_exists:
+        if not request.body_exists:
             return None
+        if not fields:
+            if not bodies.is_form(content_type):
+                return None
+            raw = await read_bytes(request, limit)
+            bodies.check_form(raw, content_encoding)
+            return Body(raw=raw, parsed=None)
         raw = await read_bytes(request, limit)
-        document = bodies.read(raw, content_type=request.headers.getall("Content-Type", []),
-                               content_encoding=request.headers.getall("Content-Encoding", []), query=query,
+        document = bodies.read(raw, content_type=content_type, content_encoding=content_encoding, query=query,
                                fields=fields)
     except bodies.BodyError as exc:
         raise errors.bad_request(exc.reason, exc.message) from None

@@ -182,7 +182,9 @@ def body_headers(rng: random.Random, body: bytes) -> tuple[bytes, list[tuple[str
     """A Content-Type (usually JSON, sometimes a lie, missing or doubled) and sometimes a Content-Encoding."""
     roll = rng.random()
     headers: list[tuple[str, str]] = []
-    if roll < 0.75:
+    if not body.startswith(b"{") and rng.random() < 0.4:
+        headers.append(("Content-Type", "application/x-www-form-urlencoded"))
+    elif roll < 0.75:
         headers.append(("Content-Type", "application/json"))
     elif roll < 0.93:
         headers.append(("Content-Type", rng.choice(CONTENT_TYPES)))
@@ -223,7 +225,8 @@ def random_body(rng: random.Random) -> tuple[bytes, bool]:
         lambda: rng.choice((b'{"amount":1}{"amount":99999999}', b'{"amount":1} trailing', b'{"amount":1}\x00',
                             b'\xef\xbb\xbf{"amount":1}', b'{"amount":1,"note":"\xff"}', b'{"amount":1,"\\ud800":2}',
                             '{"amount":1}'.encode("utf-16"), b'{"amount":01}', b" ")),
-        lambda: rng.choice((b'{"amount":1,"_method":"DELETE"}', b'{"_METHOD":"DELETE"}')),
+        lambda: rng.choice((b'{"amount":1,"_method":"DELETE"}', b'{"_METHOD":"DELETE"}', b"_method=DELETE",
+                            b"a=1&%5Fmethod=PUT", b"title=x&method=DELETE")),
     ]
     if rng.random() < 0.003:
         return b'{"amount": 1' + b" " * (1024 * 1024 + 10) + b"}", False

@@ -12,7 +12,8 @@ The semantics, in the order DESIGN.md's request flow lists them:
    no backslash, ``;``, control characters or bad UTF-8), else 400;
 3. at most one valid ``X-Capgate-Correlation-Id`` (else 400) and at most one ``X-Capgate-Token``
    (else 400), which must be a token we know to be valid (else 401);
-4. every header value is UTF-8 (else 400); the query never names ``_method`` (else 400);
+4. every header value is UTF-8 (else 400); neither the query nor a URL-encoded form body (read on
+   every upstream, at most 1 MiB) names ``_method`` (else 400);
 5. where a limit or budget reads this upstream's bodies, the query never names a field (its top
    key or dotted path, any case) and a body of any method is at most 1 MiB (else 413) and exactly one
    strict JSON document in UTF-8 with one JSON Content-Type, no Content-Encoding, no keys that
@@ -212,6 +213,19 @@ def body_refused(raw: bytes, headers: Sequence[tuple[str, str]], fields: set[str
     return False
 
 
+def is_form(headers: Sequence[tuple[str, str]]) -> bool:
+    return any(n.lower() == "content-type" and v.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
+               for n, v in headers)
+
+
+def form_refused(raw: bytes, headers: Sequence[tuple[str, str]]) -> bool:
+    """A URL-encoded form is read on every upstream for ``_method`` (Rack, Laravel); compressed, it cannot be."""
+    if any(n.lower() == "content-encoding" for n, _ in headers):
+        return True
+    names = query_names(raw.decode("latin-1"))
+    return any(same_name(n.split("[", 1)[0].strip(" \t\r\n\x00"), "_method") for n in names if n is not None)
+
+
 def header_bytes_ok(headers: Sequence[tuple[str, str]]) -> bool:
     """Header values as the runner sends them (surrogate escapes are raw non-UTF-8 bytes)."""
     return not any(0xDC80 <= ord(c) <= 0xDCFF for _, v in headers for c in v)
@@ -331,8 +345,11 @@ class Agent:
         if query_refused(self.query(target), fields):
             return Refusal(400, "bad_request"), None
         needs = bool(fields) and bool(body)
-        if needs and len(body) > MAX_BODY:
+        form = not fields and bool(body) and is_form(headers)
+        if (needs or form) and len(body) > MAX_BODY:
             return Refusal(413, "too_large"), None
+        if form and form_refused(body, headers):
+            return Refusal(400, "bad_request"), None
         if needs and body_refused(body, headers, fields):
             return Refusal(400, "bad_request"), None
         parsed = parse_body(body) if needs else None

@@ -115,6 +115,22 @@ def test_generated_bodies_headers_and_queries_are_refused_exactly_when_the_oracl
     assert isinstance(got, bodies.BodyError) == expected, (raw[:80], headers, query, got)
 
 
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**32))
+def test_generated_form_bodies_are_refused_exactly_when_the_oracle_refuses(seed: int) -> None:
+    rng = random.Random(seed)
+    raw, _ = generate.random_body(rng)
+    raw, headers = generate.body_headers(rng, raw)
+    if not raw or not oracle.is_form(headers):
+        return
+    try:
+        bodies.check_form(raw, [v for n, v in headers if n.lower() == "content-encoding"])
+        refused = False
+    except bodies.BodyError:
+        refused = True
+    assert refused == oracle.form_refused(raw, headers), (raw[:80], headers)
+
+
 @pytest.mark.parametrize("raw", [b'{"amount": 99999999, "amount": 1}', b'{"a": {"amount": 1, "\\u0061mount": 2}}',
                                  b'{"amount":100,"AMOUNT":5000000}', b'{"AMOUNT":5000000}'])
 def test_a_body_repeating_the_limited_field_in_any_case_is_refused_not_read_leniently(raw: bytes) -> None:

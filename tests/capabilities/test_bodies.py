@@ -94,3 +94,19 @@ def test_method_override_parameters_are_refused_even_where_no_limit_reads(query:
 
 def test_a_json_body_naming_method_is_a_method_override() -> None:
     assert refusal(b'{"amount": 1, "_method": "DELETE"}') == "method_override"
+
+
+@pytest.mark.parametrize("raw", [b"_method=DELETE", b"a=1&_METHOD=delete", b"%5Fmethod=PUT", b"x=1;_method=DELETE",
+                                 b"_method[]=DELETE"])
+def test_a_form_body_naming_method_is_a_method_override(raw: bytes) -> None:
+    assert bodies.is_form(["application/x-www-form-urlencoded; charset=utf-8"])
+    with pytest.raises(bodies.BodyError) as refused:
+        bodies.check_form(raw, [])
+    assert refused.value.reason == "method_override"
+
+
+def test_an_ordinary_form_passes_and_a_compressed_one_is_refused() -> None:
+    bodies.check_form(b"name=caf%C3%A9&method=x&q=_method", [])
+    with pytest.raises(bodies.BodyError) as refused:
+        bodies.check_form(b"\x1f\x8b...", ["gzip"])
+    assert refused.value.reason == "body_encoding"

@@ -135,6 +135,19 @@ async def test_a_method_override_parameter_is_refused_on_every_upstream(sidecar:
     assert sc.upstream.seen == []
 
 
+@pytest.mark.parametrize("form", [b"title=x&_method=DELETE", b"_METHOD=delete", b"%5Fmethod=PUT"])
+async def test_a_form_naming_method_is_refused_on_every_upstream(sidecar: MakeSidecar, form: bytes) -> None:
+    sc = await sidecar()
+    response = await sc.client.post("/flights/echo", data=form,
+                                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert await error_of(response) == (400, "bad_request", "method_override")
+    assert sc.upstream.seen == []
+    ordinary = await sc.client.post("/flights/echo", data=b"title=x&method=POST",
+                                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert ordinary.status == 200
+    assert sc.upstream.seen[-1].body == b"title=x&method=POST"
+
+
 async def test_a_json_body_naming_method_is_refused_where_it_is_read(sidecar: MakeSidecar) -> None:
     sc = await sidecar(budget_only_spec())
     response = await sc.client.post(REFUNDS, json={"amount": 1, "_method": "DELETE"})
