@@ -61,6 +61,15 @@ def test_attenuate_narrows_a_token_and_refuses_to_widen_it(keydir: Path) -> None
     assert "above the parent's 40000" in widened.stderr
 
 
+def test_attenuate_with_a_limit_beyond_64_bits_is_bad_input_not_a_crash(keydir: Path) -> None:
+    token = run("mint", str(EXAMPLE), "--root-key", str(keydir / "root.key")).stdout.strip()
+    for limit in ("search.amount=" + str(10**30), "charge.amount=" + str(2**63)):
+        result = run("attenuate", token, "--trust", str(keydir / "root.pub"), "--limit", limit)
+        assert result.returncode == 2, result.stderr
+        assert "must be an integer from 0 to 9223372036854775807" in result.stderr
+        assert "Traceback" not in result.stderr and "PyTerm" not in result.stderr
+
+
 def test_explain_says_why_a_charge_is_denied_as_json() -> None:
     result = run("explain", str(EXAMPLE), "--request", "POST payments /v1/charges", "--body", '{"amount": 500000}',
                  "--receipt", "search", "--at", AT, "--json")
