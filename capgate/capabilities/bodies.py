@@ -15,15 +15,15 @@ A body a limit or budget reads must be:
   any) ``utf-8`` (``body_content_type``);
 * exactly one strict JSON document in UTF-8: no BOM, no ``NaN``/``Infinity``, nothing but white
   space after it, no lone surrogate in a key (``unreadable_body``);
-* free of keys that repeat or collide under case folding, at any depth, and of a top-level
-  ``_method`` (``ambiguous_body`` / ``method_override``).
+* free of keys that repeat or collide under case folding, at any depth, with the limited field
+  spelled exactly (``{"AMOUNT": 5}`` alone is refused where a limit reads ``amount``:
+  ``ambiguous_body``), and without a top-level ``_method`` (``method_override``).
 
 The query must not name a limited field (its top-level key or the dotted path, percent-decoded,
 bracket suffixes ignored, compared case-insensitively: ``ambiguous_query``), nor ``_method``
-(``method_override``, checked on every request, as is a URL-encoded form body — multipart forms
-are not inspected). An empty body is no document: a limit on it
-denies with ``limit_missing`` and a budget counts it as 0, exactly like a JSON body without the
-field.
+(``method_override``, checked on every request, as is a URL-encoded form body; multipart forms
+are not inspected). An empty body is no document: a limit on it denies with ``limit_missing``
+and a budget counts it as 0, exactly like a JSON body without the field.
 
 Pure: bytes and header values in, the document or a :class:`BodyError` out. The sidecar and
 ``capgate explain --body`` call the same functions, so both decide identically.

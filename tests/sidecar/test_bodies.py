@@ -79,6 +79,21 @@ async def test_a_json_body_is_read_and_charged_whatever_the_method(sidecar: Make
     assert len(reached(sc)) == 1
 
 
+@pytest.mark.parametrize("method", ["POST", "GET"])
+async def test_a_chunked_body_beyond_the_limit_is_refused_not_skipped(sidecar: MakeSidecar, method: str) -> None:
+    sc = await sidecar(budget_only_spec(), max_body_bytes=1024)
+
+    async def chunks() -> Any:
+        yield b'{"amount": 60000, "pad": "'
+        for _ in range(4):
+            yield b"x" * 512
+        yield b'"}'
+
+    response = await sc.client.request(method, REFUNDS, data=chunks(), headers=JSON_TYPE)
+    assert await error_of(response) == (413, "too_large", "body_too_large")
+    assert reached(sc) == []
+
+
 async def test_a_get_with_a_form_body_to_a_budgeted_upstream_is_refused(sidecar: MakeSidecar) -> None:
     sc = await sidecar(budget_only_spec())
     response = await sc.client.get(REFUNDS, data=b"amount=720000",
