@@ -213,7 +213,7 @@ def attenuate(
             raise AttenuationError(f"no allow rule {rule_name!r} to lower limits on")
         for field, maximum in fields.items():
             if isinstance(maximum, bool) or not isinstance(maximum, int) or not 0 <= maximum <= MAX_INT64:
-                raise AttenuationError(f"limit {rule_name}.{field} must be an integer from 0 to {MAX_INT64}")
+                raise AttenuationError(f"limit {rule_name}.{field} must be a non-negative integer up to {MAX_INT64}")
             current = next((lim.max for lim in rule.limits if lim.field == field), None)
             if current is not None and maximum > current:
                 raise AttenuationError(f"limit {rule_name}.{field}={maximum} is above the parent's {current}")
