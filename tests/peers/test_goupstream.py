@@ -12,7 +12,6 @@ import gzip
 import http.client
 import json
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +174,6 @@ def test_a_budget_of_100000_lets_no_more_through_whatever_the_method_or_body(tmp
     capability["budgets"] = [{"upstream": "payments", "field": "amount", "max": 100000, "per": "24h"}]
     charged = 0
     with run_sidecar(tmp_path, go_upstream, capability) as sidecar:
-        started = time.monotonic()
         attempts = [("GET", b'{"amount": 60000}', JSON), ("QUERY", b'{"amount": 60000}', JSON),
                     ("PROPFIND", b'{"amount": 60000}', JSON), ("POST", b"amount=60000", FORM),
                     ("POST", b'{"amount":1,"AMOUNT":60000}', JSON), ("POST", b'{"Amount":60000}', JSON),
@@ -186,5 +184,4 @@ def test_a_budget_of_100000_lets_no_more_through_whatever_the_method_or_body(tmp
             if status == 200:
                 inflated = seen["inflatedAmount"] or 0
                 charged += max(seen["jsonAmount"] or 0, int(seen["formAmount"] or 0), inflated)
-        assert time.monotonic() - started < 60
     assert charged <= 100000
