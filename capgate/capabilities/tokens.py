@@ -19,11 +19,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from capgate import timestamps
-from capgate.capabilities import _biscuit, compiler
+from capgate.capabilities import _biscuit, compiler, narrowing
 from capgate.capabilities.errors import AttenuationError, SpecError, TokenError
 from capgate.capabilities.keys import KeySet, TrustBundle, parse_time
 from capgate.capabilities.paths import glob_matches
-from capgate.capabilities.spec import Capability, parse_spec
+from capgate.capabilities.spec import MAX_DEPTH, Capability, parse_spec
 
 
 class DecisionIndex:
@@ -131,7 +131,8 @@ def mint(cap: Capability, keyset: KeySet, *, now: datetime | None = None, ttl: t
 def load(token: str, trust: TrustBundle, *, now: datetime | None = None) -> Credential:
     """Verify ``token`` and read its capability; raises :class:`TokenError` (never a partial result)."""
     moment = now or datetime.now(UTC)
-    parsed = _biscuit.verify(token, trust.public_keys(moment))
+    parsed = _biscuit.verify(token, trust.public_keys(moment), max_blocks=1 + MAX_DEPTH,
+                             check_block=narrowing.check_block)
     try:
         rows = parsed.query_authority("q($j) <- spec($j)")
         versions = parsed.query_authority("q($v) <- capgate_version($v)")
