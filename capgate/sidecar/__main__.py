@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from capgate.sidecar import config
+from capgate.sidecar import config, server
 from capgate.sidecar.app import create_apps
 
 log = logging.getLogger("capgate.sidecar")
@@ -36,9 +36,9 @@ async def serve(settings: config.Settings, agent: web.Application, admin: web.Ap
             loop.add_signal_handler(sig, stop.set)
     # A narrowed token of a large capability outgrows aiohttp's 8 KiB header default; the sidecar
     # itself accepts X-Capgate-Token up to 64 KiB, so the agent port parses headers that long.
-    agent_runner = web.AppRunner(agent, access_log=None, max_field_size=MAX_HEADER_BYTES,
-                                 max_line_size=MAX_HEADER_BYTES)
-    runners = [agent_runner, web.AppRunner(admin, access_log=None)]
+    agent_runner = server.GuardedRunner(agent, agent[server.GUARD], access_log=None, max_field_size=MAX_HEADER_BYTES,
+                                        max_line_size=MAX_HEADER_BYTES)
+    runners = [agent_runner, server.GuardedRunner(admin, admin[server.GUARD], access_log=None)]
     try:
         for runner, address in zip(runners, (settings.listen, settings.admin_listen), strict=True):
             await runner.setup()

@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from capgate.capabilities import decision, spec
-from capgate.sidecar import control, errors, facts, proxy, routing
+from capgate.sidecar import buffers, control, errors, facts, proxy, routing, server
 from capgate.sidecar.audit import AuditLog
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded, UpstreamSecrets
@@ -72,8 +72,11 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
 
         source = KubeSource((env or os.environ).get("KUBECONFIG"), store.current.capability.lockdown_after)
 
-    agent = web.Application(middlewares=[outcome_middleware], client_max_size=settings.max_body_bytes)
+    agent = web.Application(middlewares=[server.track, outcome_middleware], client_max_size=settings.max_body_bytes)
     agent[SETTINGS] = settings
+    agent[buffers.BUDGET] = budget = buffers.Budget(settings.max_inflight_bytes)
+    agent[buffers.BODY_TIMEOUT] = settings.body_timeout
+    agent[server.GUARD] = server.agent_guard(settings.header_timeout, settings.max_connections, budget)
     agent[GATE] = gate
     agent[SECRETS] = secrets
     agent[SOURCE] = source
@@ -85,8 +88,9 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent.router.add_route("*", r"/_capgate/{tail:[\s\S]*}", _control(unknown_control))
     agent.router.add_route("*", r"/{tail:[\s\S]*}", handle_proxy)
 
-    admin = web.Application()
+    admin = web.Application(middlewares=[server.track])
     admin[GATE] = gate
+    admin[server.GUARD] = server.admin_guard(settings.header_timeout)
     admin.router.add_get("/metrics", handle_metrics)
     admin.router.add_get("/healthz", handle_healthz)
     admin.router.add_get("/readyz", handle_readyz)
@@ -133,6 +137,7 @@ async def outcome_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await _guarded(request, handler, trace)
     finally:
+        buffers.release(request)
         gate.finish(trace)
     if not response.prepared:
         response.headers[facts.DECISION_HEADER] = trace.decision_id
@@ -187,7 +192,8 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     gate.check_lockdown(loaded, request.method)
     body = None
     if facts.needs_body(request, loaded.capability, route.upstream.name):
-        body = await facts.read_body(request, settings.max_body_bytes)
+        body = await buffers.read(request, settings.max_body_bytes,
+                                  facts.read_body(request, settings.max_body_bytes))
     parsed = body.parsed if body is not None else None
     carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
     receipts = gate.receipt_rules(loaded, carried, correlation, trace, now)

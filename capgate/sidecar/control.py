@@ -26,7 +26,7 @@ from aiohttp import web
 from capgate import timestamps
 from capgate.capabilities import decision, paths, spec, tokens
 from capgate.capabilities.errors import AttenuationError, RequestError, SpecError, TokenError
-from capgate.sidecar import errors, facts
+from capgate.sidecar import buffers, errors, facts
 from capgate.sidecar.credentials import Loaded
 from capgate.sidecar.gate import ID_PREFIX, Gate, Trace
 from capgate.sidecar.receipts import split_header
@@ -36,7 +36,7 @@ MAX_SCOPES = 32
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    body = await facts.read_body(request, MAX_CONTROL_BODY)
+    body = await buffers.read(request, MAX_CONTROL_BODY, facts.read_body(request, MAX_CONTROL_BODY))
     if not isinstance(body.parsed, dict):
         raise errors.bad_request("bad_json", "the request body must be a JSON object")
     return body.parsed
