@@ -47,6 +47,8 @@ ADMIN_HEAD_BYTES = 16 * 1024
 """Probes and scrapes send a few hundred bytes."""
 ADMIN_CONNECTIONS = 256
 ADMIN_BUDGET = 4 * 1024 * 1024
+LINGER_SECONDS = 2.0
+"""How long a refused connection's further bytes are read and dropped, so the client gets the answer."""
 IDLE_SECONDS = 75.0
 """aiohttp's keep-alive timeout (its default is 3,630 s): how long an idle kept-alive connection stays."""
 
@@ -229,7 +231,13 @@ class _Connection(asyncio.Protocol):
         retry = "Retry-After: 1\r\n" if status == 503 else ""
         transport.write(f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n{retry}"
                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-        transport.close()
+        # Closing with unread bytes pending makes the kernel send RST, and the client loses the answer:
+        # end our side, drop whatever still arrives (data_received ignores it) and close a little later.
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, transport.close)
+        else:
+            transport.close()
 
 
 GUARD = web.AppKey("connection_guard", Guard)
