@@ -246,16 +246,26 @@ GUARD = web.AppKey("connection_guard", Guard)
 @web.middleware
 async def track(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                 ) -> web.StreamResponse:
-    """Tell the watchdog a head is complete and a request runs (outermost middleware of each app)."""
+    """Tell the watchdog a head is complete and a request runs (outermost middleware of each app).
+
+    A request whose body was not read to its end (refused before it was needed) closes its connection
+    after the response: aiohttp reads and drops the rest, and those bytes must not count as a head.
+    """
     guard = request.app.get(GUARD)
     connection = guard.connections.get(request.protocol) if guard is not None else None
-    if connection is not None:
-        connection.request_started()
-    try:
+    if connection is None:
         return await handler(request)
+    connection.request_started()
+    drained = False
+    try:
+        response = await handler(request)
     finally:
-        if connection is not None:
+        drained = request.content.is_eof()
+        if drained:
             connection.request_finished()
+    if not drained:
+        response.force_close()
+    return response
 
 
 class GuardedRunner(web.AppRunner):

@@ -160,3 +160,16 @@ async def test_a_narrowed_token_with_a_datalog_bomb_appended_offline_is_401_malf
     assert (response.status, body["error"], body["reason"]) == (401, "invalid_token", "malformed")
     assert (await probe).status == 200
     assert sc.upstream.seen == []
+
+
+async def test_an_unread_body_after_a_refusal_is_not_mistaken_for_a_head(sidecar: MakeSidecar) -> None:
+    sc = await sidecar()
+    body = b"x" * 300_000  # refused before it is needed; aiohttp drops it after the answer
+    reader, writer = await _open(sc, b"POST /flights/nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                                 % len(body) + body + b"GET /flights/search HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        await _close(writer)
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"header_too_large" not in answer
