@@ -69,6 +69,10 @@ async def read(request: web.Request, limit: int, reader: Awaitable[T]) -> T:
         raise errors.SidecarError(408, "bad_request", "body_timeout",
                                   f"the request body did not arrive within {seconds:g} s",
                                   headers={"Connection": "close"}) from None
+    except ConnectionResetError:
+        # The agent went away mid-body: nothing to decide, and not an internal error worth a traceback.
+        raise errors.SidecarError(400, "bad_request", "client_disconnected",
+                                  "the connection closed before the body arrived") from None
 
 
 def release(request: web.Request) -> None:

@@ -12,6 +12,8 @@ import json
 from collections.abc import Callable
 from datetime import timedelta
 
+import pytest
+
 from capgate.capabilities import tokens
 from capgate.sidecar import buffers, server
 from tests.sidecar.conftest import MakeSidecar, Sidecar
@@ -173,3 +175,14 @@ async def test_an_unread_body_after_a_refusal_is_not_mistaken_for_a_head(sidecar
         await _close(writer)
     assert answer.startswith(b"HTTP/1.1 403 ")
     assert b"header_too_large" not in answer
+
+
+async def test_an_agent_vanishing_mid_body_is_recorded_as_disconnected_not_as_an_internal_error(
+        sidecar: MakeSidecar, caplog: pytest.LogCaptureFixture) -> None:
+    sc = await sidecar()
+    _, writer = await _open(sc, CHARGE_HEAD % 1000 + b'{"amount": 1')
+    await _until(lambda: sc.client.server.app[buffers.BUDGET].used >= 1000)
+    writer.transport.abort()
+    await _until(lambda: bool(sc.decisions()))
+    assert sc.decisions()[-1]["reason"] == "client_disconnected"
+    assert "internal error" not in caplog.text
