@@ -81,7 +81,8 @@ class Guard:
             if not waiting:
                 return False
             min(waiting, key=lambda c: c.since).refuse(503, "overloaded", "connection_limit",
-                                                       "too many connections; this one was waiting longest")
+                                                       "too many connections; this one was waiting longest",
+                                                       linger=False)
         self.connections[connection.inner] = connection
         return True
 
@@ -116,7 +117,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         if not self.guard.admit(self):
-            self.refuse(503, "overloaded", "connection_limit", "too many connections in a request")
+            self.refuse(503, "overloaded", "connection_limit", "too many connections in a request", linger=False)
             return
         self.connected = True
         self._arm()
@@ -215,13 +216,19 @@ class _Connection(asyncio.Protocol):
             self.guard.budget.give(self.held)
             self.held = 0
 
-    def refuse(self, status: int, error: str, reason: str, message: str) -> None:
-        """Answer once, outside any request, and close: the client gets a reason, not a reset."""
+    def refuse(self, status: int, error: str, reason: str, message: str, *, linger: bool = True) -> None:
+        """Answer once, outside any request, and close: the client gets a reason, not a reset.
+
+        A refused connection leaves the guard's count at once. Refusals for a full listener close
+        without lingering, so a flood of new connections cannot pile up lingering ones.
+        """
         if self.closed:
             return
         self.guard.count(reason)
         self._head_done()
         self.closed = True
+        if self.guard.connections.get(self.inner) is self:
+            del self.guard.connections[self.inner]
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -233,7 +240,7 @@ class _Connection(asyncio.Protocol):
                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         # Closing with unread bytes pending makes the kernel send RST, and the client loses the answer:
         # end our side, drop whatever still arrives (data_received ignores it) and close a little later.
-        if transport.can_write_eof():
+        if linger and transport.can_write_eof():
             transport.write_eof()
             self.loop.call_later(LINGER_SECONDS, transport.close)
         else:
