@@ -8,7 +8,7 @@ fail-closed rules live in one place:
   key; an unknown id fails before any signature work;
 * every authorization runs under explicit limits (:data:`LIMITS_*`), and *any* exception from the
   library is a failure, never an allow;
-* the blocks a holder appended are vetted by the caller's ``check_block`` and counted against
+* the blocks a holder appended are vetted by the caller's ``check_blocks`` and counted against
   ``max_blocks`` inside :func:`verify`, before any of their Datalog is loaded into an authorizer.
   The library's limits are checked only between fixpoint iterations (not within one rule's join)
   and not at all for checks, and evaluation holds the GIL, so they cannot bound a hostile block:
@@ -263,12 +263,12 @@ def _parse_unverified(token: str) -> Any:
 
 
 def verify(token: str, public_keys: Mapping[int, bytes], *, max_blocks: int,
-           check_block: Callable[[int, str], None]) -> Token:
+           check_blocks: Callable[[Sequence[str]], None]) -> Token:
     """Verify ``token`` against the root key its id names; unknown ids and bad signatures fail.
 
-    More than ``max_blocks`` blocks is ``too_deep`` before any signature work; every block after
-    the authority block is passed to ``check_block(index, printed_source)``, which raises
-    :class:`TokenError` to refuse it, before the token can reach an authorizer.
+    More than ``max_blocks`` blocks is ``too_deep`` before any signature work; the printed sources
+    of the blocks after the authority block go to ``check_blocks``, which raises
+    :class:`TokenError` to refuse them, before the token can reach an authorizer.
     """
     unverified = _parse_unverified(token)
     try:
@@ -285,8 +285,7 @@ def verify(token: str, public_keys: Mapping[int, bytes], *, max_blocks: int,
         biscuit = unverified.verify(public)
     except Exception as exc:
         raise TokenError("bad_signature", f"signature does not verify under root key id {key_id}") from exc
-    for index in range(1, count):
-        check_block(index, str(biscuit.block_source(index)))
+    check_blocks([str(biscuit.block_source(index)) for index in range(1, count)])
     return Token(biscuit, key_id)
 
 

@@ -12,8 +12,8 @@ no thread can keep the event loop answering meanwhile.
 So the bound is structural: a block after the authority block may contain only what
 :func:`capgate.capabilities.tokens.attenuate` writes — the ``attenuation`` description fact and
 checks of four fixed shapes (allowed rules, a lowered limit, an expiry, a holder binding), each
-evaluated in time linear in the request's facts — at most :data:`MAX_STATEMENTS` of them in at
-most :data:`MAX_SOURCE_BYTES`. Anything else (a rule, another fact, another check, a scope
+evaluated in time linear in the request's facts — at most :data:`MAX_STATEMENTS` of them in all,
+at most :data:`MAX_SOURCE_BYTES` per block. Anything else (a rule, another fact, another check, a scope
 annotation) refuses the token with 401 ``invalid_token`` / ``malformed``. Narrowing by hand
 (``biscuit attenuate``) with other Datalog is therefore not supported: ask the sidecar
 (``/_capgate/v1/attenuate``) or ``capgate attenuate``.
@@ -28,12 +28,15 @@ description may contain quotes, but no character a rule or a check needs.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from capgate.capabilities.errors import TokenError
 
 MAX_STATEMENTS = 64
-"""One description fact, one rules check, one expiry, one binding and the lowered limits: a
-capability rarely limits more than a few fields, so 64 leaves room without leaving a lever."""
+"""Across all narrowing blocks of a token: each capgate narrowing writes a description fact, a rules
+check, an expiry, a binding and one check per lowered limit, so eight narrowings of a capability with
+a few limited fields stay well below. Every check is evaluated on every request (and per scope of an
+``authorize`` call), so this is also what bounds a decision's cost: ~1 ms at 64."""
 MAX_SOURCE_BYTES = 16 * 1024
 """The printed block; capgate's own narrowing of a 64-rule capability prints in ~2 KiB."""
 
@@ -51,14 +54,21 @@ _SHAPES = (
 )
 
 
-def check_block(index: int, source: str) -> None:
-    """Refuse narrowing block ``index`` (printed as ``source``) unless it is made of capgate's shapes."""
-    if len(source.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
-        raise TokenError("malformed", f"narrowing block {index} is larger than {MAX_SOURCE_BYTES} bytes")
-    lines = [line for line in source.split("\n") if line]
-    if len(lines) > MAX_STATEMENTS:
-        raise TokenError("malformed", f"narrowing block {index} holds more than {MAX_STATEMENTS} statements")
-    for line in lines:
-        if not any(shape.fullmatch(line) for shape in _SHAPES):
-            raise TokenError("malformed", f"narrowing block {index} holds Datalog capgate does not write "
-                                          "(only the checks of /_capgate/v1/attenuate are accepted)")
+def statements(source: str) -> int:
+    return sum(1 for line in source.split("\n") if line)
+
+
+def check_blocks(sources: Sequence[str]) -> None:
+    """Refuse the narrowing blocks (printed as ``sources``, block 1 first) unless made of capgate's shapes."""
+    total = 0
+    for index, source in enumerate(sources, start=1):
+        if len(source.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
+            raise TokenError("malformed", f"narrowing block {index} is larger than {MAX_SOURCE_BYTES} bytes")
+        lines = [line for line in source.split("\n") if line]
+        total += len(lines)
+        if total > MAX_STATEMENTS:
+            raise TokenError("malformed", f"narrowing blocks hold more than {MAX_STATEMENTS} statements")
+        for line in lines:
+            if not any(shape.fullmatch(line) for shape in _SHAPES):
+                raise TokenError("malformed", f"narrowing block {index} holds Datalog capgate does not write "
+                                              "(only the checks of /_capgate/v1/attenuate are accepted)")

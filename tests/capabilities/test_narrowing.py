@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 
 from capgate.capabilities import _biscuit, decision, narrowing, tokens
-from capgate.capabilities.errors import TokenError
+from capgate.capabilities.errors import AttenuationError, TokenError
 from capgate.capabilities.spec import MAX_DEPTH
 
 from . import _support
@@ -84,12 +84,14 @@ def test_a_description_fact_with_datalog_characters_is_refused() -> None:
         _load(hostile)
 
 
-def test_a_block_with_more_statements_than_capgate_writes_is_refused() -> None:
+def test_narrowing_blocks_with_more_statements_than_capgate_writes_are_refused() -> None:
     expiry = ("check if time($t), $t <= {exp};", {"exp": NOW + timedelta(minutes=5)})
-    hostile = _narrowed().parsed.append([expiry] * (narrowing.MAX_STATEMENTS + 1))
+    one_block = _narrowed().parsed.append([expiry] * (narrowing.MAX_STATEMENTS + 1))
+    spread = _narrowed().parsed.append([expiry] * 40).append([expiry] * 40)  # each under, together over
 
-    with pytest.raises(TokenError, match="more than 64 statements"):
-        _load(hostile.to_base64())
+    for hostile in (one_block, spread):
+        with pytest.raises(TokenError, match="more than 64 statements"):
+            _load(hostile.to_base64())
 
 
 def test_a_token_with_more_blocks_than_any_capability_allows_is_too_deep_before_verification() -> None:
@@ -101,3 +103,12 @@ def test_a_token_with_more_blocks_than_any_capability_allows_is_too_deep_before_
     with pytest.raises(TokenError) as caught:
         tokens.load(token.to_base64(), _support.trust(), now=NOW)
     assert caught.value.reason == "too_deep"
+
+
+def test_attenuate_refuses_to_write_more_checks_than_loading_accepts() -> None:
+    fields = [f"f{i}" for i in range(narrowing.MAX_STATEMENTS)]
+    cap = _support.parse(lambda spec: spec["rules"][1].update(
+        limits=[{"field": name, "max": 10} for name in fields]))
+    parent = _support.credential(cap)
+    with pytest.raises(AttenuationError, match="at most 64 checks"):
+        tokens.attenuate(parent, limits={"charge": dict.fromkeys(fields, 1)}, now=NOW)
