@@ -131,6 +131,7 @@ def mint(cap: Capability, keyset: KeySet, *, now: datetime | None = None, ttl: t
 def load(token: str, trust: TrustBundle, *, now: datetime | None = None) -> Credential:
     """Verify ``token`` and read its capability; raises :class:`TokenError` (never a partial result)."""
     moment = now or datetime.now(UTC)
+    narrowing.check_encoded(token)
     parsed = _biscuit.verify(token, trust.public_keys(moment), max_blocks=1 + MAX_DEPTH,
                              check_blocks=narrowing.check_blocks)
     try:

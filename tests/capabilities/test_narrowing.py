@@ -112,3 +112,28 @@ def test_attenuate_refuses_to_write_more_checks_than_loading_accepts() -> None:
     parent = _support.credential(cap)
     with pytest.raises(AttenuationError, match="at most 64 checks"):
         tokens.attenuate(parent, limits={"charge": dict.fromkeys(fields, 1)}, now=NOW)
+
+
+def test_a_block_that_would_print_megabytes_is_refused_before_it_is_printed() -> None:
+    # Strings are shared through the symbol table: each reference to the authority's spec JSON costs the
+    # token two bytes and its printing the whole JSON, so the bound must hold before anything is printed.
+    parent = _narrowed()
+    spec_json = str(parent.parsed.query_authority("q($j) <- spec($j)")[0][0])
+    references = ", ".join(f"$p == {{s{i}}}" for i in range(200))
+    code = (f"check if principal($p), {references};", {f"s{i}": spec_json for i in range(200)})
+    hostile = parent.parsed.append([code]).to_base64()
+
+    with pytest.raises(TokenError, match="malformed"):
+        narrowing.check_encoded(hostile)
+    with pytest.raises(TokenError, match="malformed"):
+        _load(hostile)
+
+
+def test_capgates_own_narrowings_pass_the_wire_check_at_full_depth() -> None:
+    cap = _support.parse(lambda spec: spec.update(delegation={"serviceAccounts": ["helper"], "maxDepth": 8}))
+    token = _support.credential(cap)
+    for _ in range(8):
+        token = _support.narrow(token, rules=["search", "charge"], limits={"charge": {"amount": 5}},
+                                ttl=timedelta(minutes=5), principal=HELPER)
+    narrowing.check_encoded(token.token)
+    assert decision.decide([token], _support.charge(5, principal=HELPER)).allowed
