@@ -76,7 +76,9 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent[SETTINGS] = settings
     agent[buffers.BUDGET] = budget = buffers.Budget(settings.max_inflight_bytes)
     agent[buffers.BODY_TIMEOUT] = settings.body_timeout
-    agent[server.GUARD] = server.agent_guard(settings.header_timeout, settings.max_connections, budget)
+    refused = gate.metrics.connections_refused
+    agent[server.GUARD] = server.agent_guard(settings.header_timeout, settings.max_connections, budget,
+                                             lambda reason: refused.labels("agent", reason).inc())
     agent[GATE] = gate
     agent[SECRETS] = secrets
     agent[SOURCE] = source
@@ -90,7 +92,8 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
 
     admin = web.Application(middlewares=[server.track])
     admin[GATE] = gate
-    admin[server.GUARD] = server.admin_guard(settings.header_timeout)
+    admin[server.GUARD] = server.admin_guard(settings.header_timeout,
+                                             lambda reason: refused.labels("admin", reason).inc())
     admin.router.add_get("/metrics", handle_metrics)
     admin.router.add_get("/healthz", handle_healthz)
     admin.router.add_get("/readyz", handle_readyz)

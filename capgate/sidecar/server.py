@@ -63,12 +63,12 @@ class Limits:
 class Guard:
     """The connections of one listener and what they may hold."""
 
-    def __init__(self, limits: Limits, budget: Budget) -> None:
+    def __init__(self, limits: Limits, budget: Budget, on_refuse: Callable[[str], None] | None = None) -> None:
         self.limits = limits
         self.budget = budget
+        self._on_refuse = on_refuse
         self.connections: dict[object, _Connection] = {}
         """By the aiohttp protocol each one wraps (what ``request.protocol`` is)."""
-        self.refused: dict[str, int] = {}
 
     def factory(self, make: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         def protocol() -> asyncio.Protocol:
@@ -87,7 +87,8 @@ class Guard:
         return True
 
     def count(self, reason: str) -> None:
-        self.refused[reason] = self.refused.get(reason, 0) + 1
+        if self._on_refuse is not None:
+            self._on_refuse(reason)
 
 
 class _Connection(asyncio.Protocol):
@@ -298,9 +299,10 @@ class GuardedRunner(web.AppRunner):
         return self._wrapped[1]
 
 
-def agent_guard(header_timeout: float, max_connections: int, budget: Budget) -> Guard:
-    return Guard(Limits(header_timeout, MAX_HEAD_BYTES, max_connections), budget)
+def agent_guard(header_timeout: float, max_connections: int, budget: Budget,
+                on_refuse: Callable[[str], None] | None = None) -> Guard:
+    return Guard(Limits(header_timeout, MAX_HEAD_BYTES, max_connections), budget, on_refuse)
 
 
-def admin_guard(header_timeout: float) -> Guard:
-    return Guard(Limits(header_timeout, ADMIN_HEAD_BYTES, ADMIN_CONNECTIONS), Budget(ADMIN_BUDGET))
+def admin_guard(header_timeout: float, on_refuse: Callable[[str], None] | None = None) -> Guard:
+    return Guard(Limits(header_timeout, ADMIN_HEAD_BYTES, ADMIN_CONNECTIONS), Budget(ADMIN_BUDGET), on_refuse)

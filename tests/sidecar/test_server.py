@@ -61,6 +61,8 @@ async def test_a_head_that_is_never_finished_is_answered_408_and_closed(sidecar:
         await _close(writer)
     assert (status, body["reason"]) == (408, "header_timeout")
     assert (await sc.client.get("/flights/search")).status == 200
+    metrics = await (await sc.admin.get("/metrics")).text()
+    assert 'capgate_connections_refused_total{listener="agent",reason="header_timeout"} 1.0' in metrics
 
 
 async def test_a_slow_second_head_on_a_kept_alive_connection_is_cut_too(sidecar: MakeSidecar) -> None:
