@@ -32,7 +32,7 @@ from aiohttp import web
 from capgate import timestamps
 from capgate.capabilities import decision, paths, spec, tokens
 from capgate.capabilities.errors import AttenuationError, RequestError, SpecError, TokenError
-from capgate.sidecar import buffers, errors, facts
+from capgate.sidecar import errors, facts
 from capgate.sidecar.credentials import Loaded
 from capgate.sidecar.gate import ID_PREFIX, Gate, Trace
 from capgate.sidecar.receipts import split_header
