@@ -297,7 +297,7 @@ class ControlPlane:
         # Pods reach the API server as the `kubernetes` Service (its IP and names), kube-proxy DNATs
         # that to the node address; the host uses the node address too when there is a node.
         hosts = ("127.0.0.1", "localhost", NODE_ADDRESS, KUBERNETES_SERVICE_IP, *_KUBERNETES_NAMES)
-        key, cert = ca.issue("kube-apiserver", hosts=hosts, server=True, rsa_key=self._node is not None)
+        key, cert = ca.issue("kube-apiserver", hosts=hosts, server=True)
         pki.write(work / "pki" / "apiserver.key", key, private=True)
         pki.write(work / "pki" / "apiserver.crt", cert)
         key, cert = ca.issue("admin", organizations=("system:masters",), client=True)

@@ -26,9 +26,9 @@ import contextlib
 import ctypes
 import fcntl
 import itertools
-import shlex
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess

@@ -8,8 +8,10 @@ mtime 0, root-owned), so the same inputs give the same image ID and a cached imp
   ``pause.c`` (the copy in ``hack/pause/`` when present, else the one in the ``k8s.io/kubernetes``
   module that ``hack/build-controlplane.sh`` downloaded). It must be PID 1 of the sandbox: it reaps
   zombies and exits on SIGTERM, so pods stop at once instead of after the kill grace period.
-- ``capgate.local/busybox:e2e``: Debian's static busybox with a symlink per applet. Tests use its
-  ``sh``, ``wget`` (with TLS), ``nslookup`` and ``httpd`` as real processes in real pods.
+- ``capgate.local/busybox:e2e``: Debian's static busybox with a symlink per applet, plus ``kubeget``
+  (``hack/controlplane/kubeget``, Go's standard library only): busybox's TLS offers no signature
+  algorithms, which kube-apiserver rightly refuses, and never verifies a certificate. Tests use ``sh``,
+  ``wget``, ``nslookup``, ``httpd`` and ``kubeget`` as real processes in real pods.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ PAUSE_IMAGE = "capgate.local/pause:3.10"
 BUSYBOX_IMAGE = "capgate.local/busybox:e2e"
 BUSYBOX = Path("/bin/busybox")  # Debian package busybox-static
 KUBE_MODULE = "k8s.io/kubernetes@v1.35.8"
+KUBEGET_MODULE = REPO_ROOT / "hack" / "controlplane" / "kubeget"
 
 
 class ImageBuildError(RuntimeError):
@@ -123,13 +126,40 @@ def pause_archive(workdir: Path) -> bytes:
     return _archive(PAUSE_IMAGE, layer, {"Entrypoint": ["/pause"], "User": "65535:65535"})
 
 
-def busybox_archive() -> bytes:
+def _build_kubeget(workdir: Path) -> bytes:
+    go = shutil.which("go")
+    if go is None:
+        raise ImageBuildError("the go toolchain is needed to build kubeget (as for hack/build-controlplane.sh)")
+    cache = Path(os.environ.get("CAPGATE_CACHE", Path.home() / ".cache" / "capgate"))
+    env = {
+        **os.environ,
+        "CGO_ENABLED": "0",
+        "GOFLAGS": "-mod=mod",
+        "GOTOOLCHAIN": os.environ.get("GOTOOLCHAIN", "local"),
+        "GOCACHE": os.environ.get("GOCACHE", str(cache / "go" / "build")),
+    }
+    output = workdir / "kubeget"
+    result = subprocess.run(
+        [go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(output), "."],
+        cwd=KUBEGET_MODULE,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise ImageBuildError(f"building kubeget failed:\n{result.stderr}")
+    return output.read_bytes()
+
+
+def busybox_archive(workdir: Path) -> bytes:
     if not BUSYBOX.is_file():
         raise ImageBuildError(f"{BUSYBOX} is missing: install Debian's busybox-static")
     applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True, check=True).stdout.split()
     entries = [
         _Entry("bin"),
         _Entry("bin/busybox", BUSYBOX.read_bytes()),
+        _Entry("bin/kubeget", _build_kubeget(workdir)),
         _Entry("etc"),
         _Entry("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n", 0o644),
         _Entry("etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644),
@@ -144,7 +174,7 @@ def busybox_archive() -> bytes:
 def build(directory: Path) -> dict[str, Path]:
     """Write both archives into ``directory`` (rebuilt every time: about a second) and return them."""
     directory.mkdir(parents=True, exist_ok=True)
-    archives = {PAUSE_IMAGE: pause_archive(directory), BUSYBOX_IMAGE: busybox_archive()}
+    archives = {PAUSE_IMAGE: pause_archive(directory), BUSYBOX_IMAGE: busybox_archive(directory)}
     paths = {}
     for reference, data in archives.items():
         path = directory / (reference.rsplit("/", 1)[-1].replace(":", "_") + ".tar")

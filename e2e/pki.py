@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CERT_VALIDITY = datetime.timedelta(days=365)  # long enough for a demo cluster left running
@@ -44,7 +44,7 @@ class ServingCert:
         return context
 
 
-def pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -95,18 +95,9 @@ class CertificateAuthority:
         hosts: Sequence[str] = (),
         server: bool = False,
         client: bool = False,
-        rsa_key: bool = False,
     ) -> tuple[bytes, bytes]:
-        """Return (key PEM, certificate PEM) for a leaf; ``hosts`` become IP or DNS SANs.
-
-        ``rsa_key``: an RSA-2048 key instead of P-256, for servers that small TLS clients must reach
-        (busybox's wget, used in test pods, offers only RSA signature algorithms).
-        """
-        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-        if rsa_key:
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        else:
-            key = ec.generate_private_key(ec.SECP256R1())
+        """Return (key PEM, certificate PEM) for a leaf; ``hosts`` become IP or DNS SANs."""
+        key = ec.generate_private_key(ec.SECP256R1())
         attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
         attributes += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
         usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
