@@ -667,6 +667,9 @@ def _down() -> int:
         print(f"stopping the cluster of pid {holder}", file=sys.stderr)
         with contextlib.suppress(ProcessLookupError):
             os.kill(holder, signal.SIGTERM)
+        deadline = time.monotonic() + 60.0
+        while node_host.alive(holder) and time.monotonic() < deadline:
+            time.sleep(0.2)  # its stop() removes the node, then the control plane
     try:
         lock = node_host.acquire_lock(timeout=60.0)
     except node_host.NodeBusyError as error:

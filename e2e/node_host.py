@@ -97,8 +97,10 @@ def acquire_lock(timeout: float) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            if time.monotonic() > deadline:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            # A live holder is a running node: refuse at once. A dead one left its janitor holding the
+            # lock while it cleans up: wait for that, up to ``timeout``.
+            if alive(holder) or time.monotonic() > deadline:
                 os.close(fd)
                 raise NodeBusyError(
                     f"another capgate node is running on this machine (pid {holder} holds {LOCK_PATH}); "
@@ -108,6 +110,18 @@ def acquire_lock(timeout: float) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def alive(pid: int | str) -> bool:
+    if not str(pid).isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def lock_holder() -> int | None:
