@@ -5,8 +5,8 @@ ready, every test using it errors with the reason and the tail of the logs. The 
 binaries (10-20 minutes on 2 cores); later runs find them in the cache.
 
 The session's control plane has a real node (e2e/node.py): pods are scheduled and run. Tests that
-play the kubelet themselves (e2e/cluster.py) use images no registry here serves, so their pods stay
-in ImagePullBackOff on the node and never run twice.
+play the kubelet themselves (e2e/cluster.py) name images the node does not hold and cannot pull, so
+kubelet never starts those pods: their sidecar runs once, as the harness's local process.
 """
 
 from __future__ import annotations

@@ -641,6 +641,9 @@ def _up(control_plane: ControlPlane) -> int:
     try:
         control_plane.start()
         what = "cluster (with node " + NODE_NAME + ")" if control_plane.has_node else "control plane"
+        if control_plane.has_node:
+            steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in control_plane.node.timings.items())
+            print(f"node: {steps} (after the API server)", flush=True)
         print(
             f"{what} ready in {time.monotonic() - started:.1f}s: {control_plane.server}\n"
             f"  kubeconfig: {control_plane.kubeconfig}\n"
