@@ -248,8 +248,10 @@ class ControlPlane:
         change it made to the host (see e2e/node_host.py).
         """
         if self._node is not None:
-            self._node.stop()
+            self._node.stop_daemons()
         self._stop_children()
+        if self._node is not None:
+            self._node.release_host()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None

@@ -271,6 +271,11 @@ class Node:
 
     def stop(self) -> None:
         """Stop the daemons, undo every host change, dismiss the janitor and release the lock."""
+        self.stop_daemons()
+        self.release_host()
+
+    def stop_daemons(self) -> None:
+        """Stop the node's processes (TERM all at once, then KILL), leaving the host as it is."""
         for child in self._children:
             if child.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -281,6 +286,13 @@ class Node:
                 child.process.wait(max(0.0, deadline - time.monotonic()))
         while self._children:
             self._children.pop().stop()  # SIGKILLs what is left
+
+    def release_host(self) -> None:
+        """Undo every host change (pods, mounts, chains, bridge, address, sysctls) and release the lock.
+
+        After the API server has stopped: it binds the node address, and would otherwise spend its
+        shutdown timing out on a request to itself.
+        """
         if self._lock_fd is None:
             return
         node_host.clean(self._progress)
