@@ -634,7 +634,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def _up(control_plane: ControlPlane) -> int:
+def _up(control_plane: ControlPlane, images: Sequence[str] = ()) -> int:
     # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then leaves it so.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -642,6 +642,8 @@ def _up(control_plane: ControlPlane) -> int:
     started = time.monotonic()
     try:
         control_plane.start()
+        for image in images:
+            control_plane.node.import_docker_image(image)
         what = "cluster (with node " + NODE_NAME + ")" if control_plane.has_node else "control plane"
         if control_plane.has_node:
             steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in control_plane.node.timings.items())
@@ -695,6 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = commands.add_parser("up", help="start a cluster and keep it running until Ctrl-C")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
     up.add_argument("--no-node", action="store_true", help="etcd + kube-apiserver only: pods stay Pending")
+    up.add_argument(
+        "--image", action="append", default=[], metavar="REF", help="import a docker image into the node (repeatable)"
+    )
     commands.add_parser("down", help="stop the node running on this machine and undo its host changes")
     args = parser.parse_args(argv)
     try:
@@ -703,8 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "down":
             return _down()
-        return _up(ControlPlane(startup_timeout=args.timeout, node=not args.no_node))
-    except ControlPlaneError as error:
+        return _up(ControlPlane(startup_timeout=args.timeout, node=not args.no_node), images=args.image)
+    except (ControlPlaneError, NodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -318,7 +318,7 @@ class Node:
         containerd's root, and the image must still be listed (a wiped root re-imports).
         """
         digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-        marker = self.containerd_root.parent / "imported" / (hashlib.sha256(reference.encode()).hexdigest()[:16])
+        marker = self._import_marker(reference)
         listed = reference in self.ctr("images", "list", "--quiet").stdout.split()
         if listed and marker.is_file() and marker.read_text() == digest:
             return False
@@ -327,6 +327,35 @@ class Node:
         pki.write(marker, digest.encode())
         self._progress(f"node: imported {reference} in {time.monotonic() - started:.1f}s")
         return True
+
+    def import_docker_image(self, reference: str) -> bool:
+        """Import an image from the local dockerd (``make image`` builds there) into the node's containerd.
+
+        Skipped when the same image ID was imported before and is still listed; returns whether an
+        import happened. ``docker save`` streams straight into ``ctr images import``.
+        """
+        argv = ["docker", "image", "inspect", "--format", "{{.Id}}", reference]
+        inspect = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if inspect.returncode != 0:
+            raise NodeError(f"docker has no image {reference}: {inspect.stderr.strip()}")
+        image_id = inspect.stdout.strip()
+        marker = self._import_marker(reference)
+        listed = reference in self.ctr("images", "list", "--quiet").stdout.split()
+        if listed and marker.is_file() and marker.read_text() == image_id:
+            return False
+        started = time.monotonic()
+        ctr = ["ctr", f"--address={self.containerd_socket}", "--namespace=k8s.io", "images", "import", "-"]
+        env = {**os.environ, "PATH": _path()}
+        with subprocess.Popen(["docker", "save", reference], stdout=subprocess.PIPE) as save:
+            imported = subprocess.run(ctr, stdin=save.stdout, capture_output=True, text=True, check=False, env=env)
+        if save.returncode != 0 or imported.returncode != 0:
+            raise NodeError(f"importing {reference} from docker failed: {imported.stderr.strip()}")
+        pki.write(marker, image_id.encode())
+        self._progress(f"node: imported {reference} from docker in {time.monotonic() - started:.1f}s")
+        return True
+
+    def _import_marker(self, reference: str) -> Path:
+        return self.containerd_root.parent / "imported" / hashlib.sha256(reference.encode()).hexdigest()[:16]
 
     def _import_images(self) -> None:
         for reference, archive in node_images.build(self.state_dir / "images").items():
