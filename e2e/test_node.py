@@ -3,20 +3,24 @@
 Each test makes objects in its own namespace and checks what a user would see with kubectl: the
 node is Ready, a native sidecar starts before the main container, Secret volumes and projected
 ServiceAccount tokens are mounted, ``kubectl logs``/``exec`` work, a Deployment gets its replicas
-through controller-manager and scheduler, Services answer by ``*.svc`` name and ClusterIP, and a pod
+through controller-manager and scheduler, Services answer by ``*.svc`` name and ClusterIP (also when
+the host drops forwarded traffic, as dockerd's FORWARD policy does), and a pod
 reaches the API server through the ``kubernetes`` Service with its own token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from e2e.controlplane import ControlPlane, ControlPlaneError
-from e2e.node import NODE_ADDRESS, NODE_NAME, Node
+from e2e.node import BRIDGE, NODE_ADDRESS, NODE_NAME, Node
 from e2e.node_images import BUSYBOX_IMAGE
 
 READY_TIMEOUT = "90s"  # kubectl wait; a warm pod is Ready in seconds
@@ -145,7 +149,7 @@ def test_a_pod_with_a_native_sidecar_secret_and_token(control_plane: ControlPlan
     assert ca.encode() == control_plane.ca_path.read_bytes()
 
 
-def test_a_service_over_a_deployment_answers_by_name_and_cluster_ip(
+def test_a_service_over_a_deployment_answers_by_name_and_cluster_ip_even_with_forward_dropped(
     control_plane: ControlPlane, namespace: str
 ) -> None:
     labels = {"app": "web"}
@@ -195,14 +199,30 @@ def test_a_service_over_a_deployment_answers_by_name_and_cluster_ip(
         "get", "service", "web", "-n", namespace, "-o", "jsonpath={.spec.clusterIP}"
     ).stdout
     answers = set()
-    for url in (f"http://web.{namespace}.svc.cluster.local/", "http://web/", f"http://{cluster_ip}/"):
-        # kube-proxy programs rules within a second of the endpoints; retry briefly rather than sleep.
-        # (busybox 1.35's `wget -T` crashes: `timeout` bounds each try instead)
-        script = f"for i in 1 2 3 4 5 6 7 8 9 10; do timeout 2 wget -q -O- {url} && exit 0; sleep 0.5; done; exit 1"
-        try:
-            answers.add(_exec(control_plane, namespace, "client", "client", script).strip())
-        except ControlPlaneError as error:
-            raise AssertionError(
-                f"{url} unreachable from a pod:\n{error}\n{control_plane.log_tails()[-4000:]}"
-            ) from error
+    with _forward_dropped_but_for_cni():
+        for url in (f"http://web.{namespace}.svc.cluster.local/", "http://web/", f"http://{cluster_ip}/"):
+            answers.add(_fetch_from(control_plane, namespace, url))
     assert answers <= replicas and answers  # every answer came from one of the Deployment's pods
+
+
+@contextlib.contextmanager
+def _forward_dropped_but_for_cni() -> Iterator[None]:
+    """What dockerd's FORWARD policy DROP does to the node's bridge, without touching other traffic."""
+    rules = [["-o", BRIDGE, "-j", "DROP"], ["-i", BRIDGE, "-j", "DROP"]]
+    for rule in rules:
+        subprocess.run(["iptables", "-w", "-A", "FORWARD", *rule], check=True)
+    try:
+        yield
+    finally:
+        for rule in rules:
+            subprocess.run(["iptables", "-w", "-D", "FORWARD", *rule], check=False)
+
+
+def _fetch_from(control_plane: ControlPlane, namespace: str, url: str) -> str:
+    # kube-proxy programs rules within a second of the endpoints; retry briefly rather than sleep.
+    # (busybox 1.35's `wget -T` crashes: `timeout` bounds each try instead)
+    script = f"for i in 1 2 3 4 5 6 7 8 9 10; do timeout 2 wget -q -O- {url} && exit 0; sleep 0.5; done; exit 1"
+    try:
+        return _exec(control_plane, namespace, "client", "client", script).strip()
+    except ControlPlaneError as error:
+        raise AssertionError(f"{url} unreachable from a pod:\n{error}\n{control_plane.log_tails()[-4000:]}") from error
