@@ -42,7 +42,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -109,6 +109,7 @@ class ControlPlane:
         progress: Progress | None = None,
         extra_apiserver_flags: Sequence[str] = (),
         node: bool = False,
+        kubelet_config: Mapping[str, object] | None = None,
     ) -> None:
         self.startup_timeout = startup_timeout
         self.extra_apiserver_flags = tuple(extra_apiserver_flags)
@@ -119,7 +120,7 @@ class ControlPlane:
         self._children: list[Child] = []
         self._port = 0
         self._atexit_registered = False
-        self._node: Node | None = Node(self, self._progress) if node else None
+        self._node: Node | None = Node(self, self._progress, kubelet_config=kubelet_config) if node else None
 
     # ---- binaries
 

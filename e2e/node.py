@@ -44,7 +44,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,9 +98,18 @@ def _direct_get(url: str) -> bool:
 class Node:
     """The node of a :class:`~e2e.controlplane.ControlPlane`; started and stopped by it."""
 
-    def __init__(self, plane: ControlPlane, progress: Progress, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        progress: Progress,
+        timeout: float = 120.0,
+        kubelet_config: Mapping[str, object] | None = None,
+    ) -> None:
+        """``kubelet_config``: KubeletConfiguration fields that replace the defaults here (for example
+        ``syncFrequency``, which bounds how soon a changed Secret reaches a pod's volume)."""
         self.plane = plane
         self.timeout = timeout
+        self._kubelet_overrides = dict(kubelet_config or {})
         self._progress = progress
         self._children: list[Child] = []
         self._lock_fd: int | None = None
@@ -258,6 +267,21 @@ class Node:
             f"\n--- {child.log_path}\n{tail(child.log_path)}" for child in self._children if child.name != exclude
         )
 
+    def wait_pods_ready(self, namespace: str, *selector: str, timeout: float = 90.0) -> None:
+        """``kubectl wait`` until the pods are Ready (``selector``: ``pod/NAME``, ``-l k=v``, ``pods --all``).
+
+        On timeout the error carries ``kubectl describe pods`` and the node's log tails: why a pod is
+        not Ready is nearly always in one of them (image missing, probe failing, CNI, kubelet).
+        """
+        result = self.plane.kubectl(
+            "wait", "-n", namespace, "--for=condition=Ready", f"--timeout={timeout:.0f}s", *selector, check=False
+        )
+        if result.returncode != 0:
+            described = self.plane.kubectl("describe", "pods", "-n", namespace, check=False).stdout
+            raise NodeError(
+                f"pods not Ready in {namespace}: {result.stderr.strip()}\n{described[-4000:]}" + self._log_tails()
+            )
+
     def _node_ready(self) -> bool:
         with contextlib.closing(self.plane.client()) as api:
             try:
@@ -383,7 +407,8 @@ class Node:
         pki.write(config / "kubelet-serving.crt", cert)
         pki.write(config / "containerd.toml", self._containerd_config().encode())
         pki.write(self.state_dir / "cni" / "net.d" / "10-capgate.conflist", json.dumps(_cni_config()).encode())
-        pki.write(config / "kubelet.json", json.dumps(self._kubelet_config()).encode())
+        kubelet = {**self._kubelet_config(), **self._kubelet_overrides}
+        pki.write(config / "kubelet.json", json.dumps(kubelet).encode())
         pki.write(config / "kube-proxy.json", json.dumps(self._kube_proxy_config()).encode())
         pki.write(config / "Corefile", self._corefile().encode())
 

@@ -20,10 +20,8 @@ from typing import Any
 import pytest
 
 from e2e.controlplane import ControlPlane, ControlPlaneError
-from e2e.node import BRIDGE, NODE_ADDRESS, NODE_NAME, Node
+from e2e.node import BRIDGE, NODE_ADDRESS, NODE_NAME, Node, NodeError
 from e2e.node_images import BUSYBOX_IMAGE
-
-READY_TIMEOUT = "90s"  # kubectl wait; a warm pod is Ready in seconds
 
 
 @pytest.fixture
@@ -39,13 +37,10 @@ def _apply(plane: ControlPlane, namespace: str, *objects: dict[str, Any]) -> Non
 
 
 def _wait_ready(plane: ControlPlane, namespace: str, *selector: str) -> None:
-    """``kubectl wait`` for Ready; on timeout, fail with what kubelet and the pods say."""
-    result = plane.kubectl(
-        "wait", "-n", namespace, "--for=condition=Ready", f"--timeout={READY_TIMEOUT}", *selector, check=False
-    )
-    if result.returncode != 0:
-        described = plane.kubectl("describe", "pods", "-n", namespace, check=False).stdout
-        raise AssertionError(f"pods not Ready: {result.stderr}\n{described[-4000:]}\n{plane.log_tails()[-6000:]}")
+    try:
+        plane.node.wait_pods_ready(namespace, *selector)
+    except NodeError as error:
+        raise AssertionError(str(error)[-10000:]) from error
 
 
 def _busybox(name: str, script: str, **extra: Any) -> dict[str, Any]:
