@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from capgate.capabilities import decision, spec
-from capgate.sidecar import control, egress, errors, facts, proxy, routing
+from capgate.sidecar import buffers, control, egress, errors, facts, proxy, routing, server
 from capgate.sidecar.audit import AuditLog
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded, UpstreamSecrets
@@ -75,8 +75,13 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
 
         source = KubeSource((env or os.environ).get("KUBECONFIG"), store.current.capability.lockdown_after)
 
-    agent = web.Application(middlewares=[outcome_middleware], client_max_size=settings.max_body_bytes)
+    agent = web.Application(middlewares=[server.track, outcome_middleware], client_max_size=settings.max_body_bytes)
     agent[SETTINGS] = settings
+    agent[buffers.BUDGET] = budget = buffers.Budget(settings.max_inflight_bytes)
+    agent[buffers.BODY_TIMEOUT] = settings.body_timeout
+    refused = gate.metrics.connections_refused
+    agent[server.GUARD] = server.agent_guard(settings.header_timeout, settings.max_connections, budget,
+                                             lambda reason: refused.labels("agent", reason).inc())
     agent[GATE] = gate
     agent[SECRETS] = secrets
     agent[TRUST] = UpstreamTrust(settings.upstream_ca_dir)
@@ -90,8 +95,10 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent.router.add_route("*", r"/_capgate/{tail:[\s\S]*}", _control(unknown_control))
     agent.router.add_route("*", r"/{tail:[\s\S]*}", handle_proxy)
 
-    admin = web.Application()
+    admin = web.Application(middlewares=[server.track])
     admin[GATE] = gate
+    admin[server.GUARD] = server.admin_guard(settings.header_timeout,
+                                             lambda reason: refused.labels("admin", reason).inc())
     admin.router.add_get("/metrics", handle_metrics)
     admin.router.add_get("/healthz", handle_healthz)
     admin.router.add_get("/readyz", handle_readyz)
@@ -138,6 +145,7 @@ async def outcome_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await _guarded(request, handler, trace)
     finally:
+        buffers.release(request)
         gate.finish(trace)
     if not response.prepared:
         response.headers[facts.DECISION_HEADER] = trace.decision_id
