@@ -47,6 +47,7 @@ RAW_PORT = 9000
 API_KEY = "sk_pods_payments_5f2c8e0d"
 AGENT_AUTHORIZATION = "Bearer agent-made-this-up"
 READY_TIMEOUT_S = 180
+WEBHOOK_REACHABLE_S = 30  # kube-proxy programs a new endpoint within a second or two; generous on 2 shared cores
 IDLE = "import time\nwhile True:\n    time.sleep(3600)\n"
 
 
@@ -155,8 +156,21 @@ class Stack:
         return self.plane.kubectl("-n", self.namespace, *args, input=input, check=check)
 
     def apply(self, objects: list[dict[str, Any]]) -> None:
-        manifest = {"apiVersion": "v1", "kind": "List", "items": with_image(objects, self.image)}
-        self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+        """``kubectl apply``; retried while the API server cannot reach the webhook *yet*.
+
+        A Ready operator pod is not yet an endpoint kube-proxy has programmed (the Service answers
+        "connection refused" until it is), so a failed call of the webhook is retried for a while;
+        any other error, or one that lasts, fails the test.
+        """
+        manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": with_image(objects, self.image)})
+        deadline = time.monotonic() + WEBHOOK_REACHABLE_S
+        while True:
+            result = self.kubectl("apply", "-f", "-", input=manifest, check=False)
+            if result.returncode == 0:
+                return
+            if "failed calling webhook" not in result.stderr or time.monotonic() > deadline:
+                raise AssertionError(f"kubectl apply failed: {result.stderr}\n{self.describe()}")
+            time.sleep(0.5)
 
     def get(self, *what: str) -> dict[str, Any]:
         return dict(json.loads(self.kubectl("get", *what, "-o", "json").stdout))

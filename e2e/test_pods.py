@@ -212,7 +212,7 @@ def test_an_agent_calling_declared_upstreams_by_their_real_urls_is_enforced_and_
          "json": {"amount": 1000}, "proxy": False},
     ])
     assert outcome(search) == (200, None)
-    assert "x-capgate-decision" in search["headers"]  # the sidecar decided, though the agent went direct
+    assert "x-capgate-decision-id" in search["headers"]  # the sidecar decided, though the agent went direct
     assert outcome(delete) == (403, "deny_rule")
     assert outcome(charge) == (200, None)  # https by its real URL: intercepted with the pod CA, then keyed
     charges = [r for r in stack.seen("payments") if r.get("method")][before:]
@@ -269,7 +269,8 @@ def test_helm_upgrade_replaces_the_operator_and_new_replicas_are_still_injected(
                        "--set", "podAnnotations.capgate\\.dev/e2e-upgraded=yes", "--wait", "--timeout", "300s",
                        *local_image_values(image))
     release.plane.kubectl("rollout", "status", "-n", release.namespace, f"deployment/{RELEASE}", "--timeout=120s")
-    assert operator_pods().isdisjoint(before)
+    release.plane.kubectl("wait", "-n", release.namespace, "--for=delete", *before, "--timeout=60s")
+    assert operator_pods() and operator_pods().isdisjoint(before)
 
     replaced = names(stack)[0]
     stack.kubectl("delete", "pod", replaced, "--wait=true")
