@@ -320,6 +320,13 @@ def test_helm_uninstall_leaves_nothing_of_the_release(deployed: Deployed) -> Non
     plane = release.plane
     release.uninstall()
     selector = f"app.kubernetes.io/instance={RELEASE}"
+    started = time.monotonic()
+    # helm deletes the Deployment; its pods go with their grace period (the operator exits on SIGTERM).
+    plane.kubectl("wait", "-n", release.namespace, "--for=delete", "pods", "-l", selector, "--timeout=60s")
+    TIMINGS_SEEN["operator pod gone after helm uninstall s"] = time.monotonic() - started
+    everything = plane.kubectl("get", "all,configmaps,secrets,serviceaccounts,roles,rolebindings,leases",
+                               "-n", release.namespace, "-o", "name").stdout.split()
+    print(f"\nleft in {release.namespace} after uninstall: {everything}")
     leftovers = plane.kubectl("get", "deployments,replicasets,pods,services,serviceaccounts,configmaps,secrets,"
                               "roles,rolebindings,poddisruptionbudgets", "-n", release.namespace, "-l", selector,
                               "-o", "name").stdout.split()
