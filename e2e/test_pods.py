@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from capgate import injection
+from capgate import injection, resources
 from e2e import images
 from e2e.controlplane import ControlPlane
 from e2e.node import Node
@@ -282,6 +282,43 @@ def test_helm_upgrade_replaces_the_operator_and_new_replicas_are_still_injected(
         assert outcome(search) == (200, None)
 
 
+# ---------------------------------------------------------------------------------------- sidecar killed
+
+def test_a_killed_sidecar_fails_closed_and_the_kubelet_brings_it_back(stack: Stack, node: Node) -> None:
+    pod = names(stack)[0]
+    status = {s["name"]: s for s in stack.get("pod", pod)["status"]["initContainerStatuses"]}[SIDECAR]
+    restarts = status["restartCount"]
+    before = len([r for r in stack.seen("flights") if r.get("method")])
+    flights = f"http://flights.{stack.namespace}.svc:{HTTP_PORT}/search"
+    # The agent keeps calling, through the sidecar's port and around it, while the sidecar is killed.
+    watcher = stack.agent_process(pod, [{"watch": [{"http": "$CAPGATE_UPSTREAM_FLIGHTS_URL/search"},
+                                                   {"http": flights, "proxy": False}], "seconds": 8}])
+    assert watcher.stdout is not None
+    assert watcher.stdout.readline().strip() == "ready"
+    time.sleep(1)
+    killed_at = time.time()
+    node.ctr("tasks", "kill", "--signal", "SIGKILL", status["containerID"].removeprefix("containerd://"))
+    out, err = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, err
+    (result,) = json.loads(out.strip().splitlines()[-1])
+    outcomes = result["outcomes"]
+
+    after = [o for o in outcomes if o["at"] > killed_at]
+    failed = [o for o in after if o["status"] is None]
+    assert failed, "no call failed: the sidecar was never seen down"  # the outage was observed...
+    assert all(o["decided"] for o in outcomes if o["status"] is not None)  # ...and every answer came from it
+    back = max(o["at"] for o in failed)
+    assert [o["status"] for o in after if o["at"] > back] != [] and all(
+        o["status"] == 200 for o in after if o["at"] > back)  # recovered: everything after the outage works
+    TIMINGS_SEEN["sidecar outage after SIGKILL s"] = back - killed_at
+    status = {s["name"]: s for s in stack.get("pod", pod)["status"]["initContainerStatuses"]}[SIDECAR]
+    assert status["restartCount"] == restarts + 1
+    assert status["ready"] is True
+    # Nothing reached flights around the sidecar: a direct call would carry the agent's own Authorization.
+    arrived = [r for r in stack.seen("flights") if r.get("method")][before:]
+    assert arrived and AGENT_AUTHORIZATION not in {r["authorization"] for r in arrived}, err
+
+
 # ------------------------------------------------------------------------------------------- revocation
 
 def test_revocation_refuses_every_replica_within_a_second(stack: Stack) -> None:
@@ -315,22 +352,35 @@ def test_revocation_refuses_every_replica_within_a_second(stack: Stack) -> None:
 
 # --------------------------------------------------------------------------------------------- uninstall
 
-def test_helm_uninstall_leaves_nothing_of_the_release(deployed: Deployed) -> None:
-    release = deployed.release
+def _bindings_for(plane: ControlPlane, namespace: str) -> list[str]:
+    """The ClusterRoleBindings the operator made for ServiceAccounts of ``namespace`` (revocation readers)."""
+    listed = json.loads(plane.kubectl("get", "clusterrolebindings", "-l", "app.kubernetes.io/managed-by=capgate",
+                                      "-o", "json").stdout)["items"]
+    return [b["metadata"]["name"] for b in listed
+            if any(s.get("namespace") == namespace for s in b.get("subjects") or [])]
+
+
+def test_removing_capgate_as_documented_leaves_only_the_root_key_and_webhook_secrets(deployed: Deployed) -> None:
+    release, stack = deployed.release, deployed.stack
     plane = release.plane
+    assert _bindings_for(plane, stack.namespace) != []
+    # helm/capgate/README.md, "Uninstall": delete the capabilities while the operator runs, then uninstall.
+    stack.kubectl("delete", f"acap/{CAPABILITY}", "--wait=true", "--timeout=60s")
+    stack.kubectl("wait", "--for=delete", f"secret/{CAPABILITY}{resources.CREDENTIAL_SECRET_SUFFIX}",
+                  "--timeout=60s")
+    assert _bindings_for(plane, stack.namespace) == []
+
     release.uninstall()
     selector = f"app.kubernetes.io/instance={RELEASE}"
     started = time.monotonic()
     # helm deletes the Deployment; its pods go with their grace period (the operator exits on SIGTERM).
     plane.kubectl("wait", "-n", release.namespace, "--for=delete", "pods", "-l", selector, "--timeout=60s")
     TIMINGS_SEEN["operator pod gone after helm uninstall s"] = time.monotonic() - started
+    leftovers = plane.kubectl("get", "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,"
+                              "validatingwebhookconfigurations", "-l", selector, "-o", "name").stdout.split()
+    assert leftovers == []
     everything = plane.kubectl("get", "all,configmaps,secrets,serviceaccounts,roles,rolebindings,leases",
                                "-n", release.namespace, "-o", "name").stdout.split()
-    print(f"\nleft in {release.namespace} after uninstall: {everything}")
-    leftovers = plane.kubectl("get", "deployments,replicasets,pods,services,serviceaccounts,configmaps,secrets,"
-                              "roles,rolebindings,poddisruptionbudgets", "-n", release.namespace, "-l", selector,
-                              "-o", "name").stdout.split()
-    leftovers += plane.kubectl("get", "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,"
-                               "validatingwebhookconfigurations", "-l", selector, "-o", "name").stdout.split()
-    assert leftovers == []
-    assert plane.kubectl("get", "pods", "-n", release.namespace, "-o", "name").stdout.split() == []
+    # What the README says stays (the operator made them at run time), and what every namespace has.
+    assert sorted(everything) == ["configmap/kube-root-ca.crt", "secret/capgate-root-key",
+                                  "secret/capgate-webhook-tls", "serviceaccount/default"]

@@ -9,6 +9,8 @@
 - ``{"udp": [HOST, PORT], "send": TEXT}``: one datagram. -> ``{"sent": true}`` or ``{"error"}``.
 - ``{"until_refused": URL, "seconds": N}``: call URL in a loop; prints ``ready`` after the first answer,
   then stops at the first 401 -> ``{"refused_at": time.time()}`` (the revocation clock).
+- ``{"watch": [HTTP CALLS], "seconds": N}``: prints ``ready``, then makes the calls over and over for N s
+  -> ``{"outcomes": [{"at", "status", "decided", "error"}]}`` (``decided``: the sidecar's decision id came back).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPException
 from typing import Any
 
 
@@ -36,7 +39,7 @@ def http(call: dict[str, Any]) -> dict[str, Any]:
             status, body, answer = response.status, response.read(), response.headers
     except urllib.error.HTTPError as error:
         status, body, answer = error.code, error.read(), error.headers
-    except OSError as error:
+    except (OSError, HTTPException) as error:  # no HTTP answer (refused, reset, cut short)
         return {"error": f"{type(error).__name__}: {error}"}
     try:
         parsed = json.loads(body or b"{}")
@@ -80,7 +83,21 @@ def until_refused(call: dict[str, Any]) -> dict[str, Any]:
     return {"error": "never refused"}
 
 
-CALLS = {"http": http, "tcp": tcp, "udp": udp, "until_refused": until_refused}
+def watch(call: dict[str, Any]) -> dict[str, Any]:
+    deadline = time.monotonic() + call["seconds"]
+    outcomes = []
+    print("ready", flush=True)
+    while time.monotonic() < deadline:
+        for inner in call["watch"]:
+            result = http({**inner, "timeout": 1})
+            outcomes.append({"at": time.time(), "status": result.get("status"),
+                             "decided": "x-capgate-decision-id" in result.get("headers", {}),
+                             "error": result.get("error", "")[:80]})
+        time.sleep(0.02)
+    return {"outcomes": outcomes}
+
+
+CALLS = {"http": http, "tcp": tcp, "udp": udp, "until_refused": until_refused, "watch": watch}
 
 
 def main() -> None:
