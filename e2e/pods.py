@@ -47,6 +47,7 @@ RAW_PORT = 9000
 API_KEY = "sk_pods_payments_5f2c8e0d"
 AGENT_AUTHORIZATION = "Bearer agent-made-this-up"
 READY_TIMEOUT_S = 180
+CREDENTIAL_TTL, ROTATE_BEFORE = "2m", "110s"
 WEBHOOK_REACHABLE_S = 30  # kube-proxy programs a new endpoint within a second or two; generous on 2 shared cores
 IDLE = "import time\nwhile True:\n    time.sleep(3600)\n"
 
@@ -68,6 +69,9 @@ def capability(namespace: str) -> dict[str, Any]:
     spec.pop("datalog", None)  # the example's calendar check; not what these tests are about
     # The revocation test polls each sidecar every few ms; the example's 600/h would answer 429 first.
     spec["rateLimit"] = {"requests": 100000, "per": "1h"}
+    # A credential re-minted every ~10 s, so the kubelet's real Secret sync (up to about a minute) is seen
+    # rotating it in a running sidecar while every other test runs; each one is valid for 2 minutes.
+    spec["credential"] = {"ttl": CREDENTIAL_TTL, "rotateBefore": ROTATE_BEFORE}
     flights, payments = spec["upstreams"]
     flights["url"] = f"http://flights.{namespace}.svc:{HTTP_PORT}"
     payments["url"] = f"https://payments.{namespace}.svc:{TLS_PORT}"

@@ -11,6 +11,7 @@ and written to ``CAPGATE_CACHE/pods-timings.json``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -41,6 +42,7 @@ from e2e.pods import (
 )
 from e2e.test_helm_install import CHART, RELEASE, Release
 
+ROTATION_WAIT_S = 150  # a re-minted credential (every ~10 s) reaches the volume at the kubelet's next sync
 REVOCATION_CLAIM_S = 1.0  # the README: "revocation reaches every sidecar within a second"
 EGRESS = hasattr(injection, "INIT_CONTAINER_NAME")
 INIT = getattr(injection, "INIT_CONTAINER_NAME", "capgate-init")
@@ -280,6 +282,25 @@ def test_helm_upgrade_replaces_the_operator_and_new_replicas_are_still_injected(
     for pod in fresh:
         (search,) = stack.agent(pod, demo_calls()[:1])
         assert outcome(search) == (200, None)
+
+
+# ------------------------------------------------------------------------------------------- rotation
+
+def test_credential_rotation_reaches_a_running_sidecar_through_the_kubelet_without_a_failed_call(
+        stack: Stack) -> None:
+    pod = names(stack)[-1]
+    (result,) = stack.agent(pod, [{"until_rotated": "$CAPGATE_UPSTREAM_FLIGHTS_URL/search",
+                                   "whoami": "$CAPGATE_URL/_capgate/v1/whoami", "seconds": ROTATION_WAIT_S}])
+    calls = result["calls"]
+    credentials = list(dict.fromkeys(c["credential"] for c in calls))
+    assert len(credentials) >= 2, f"the sidecar kept credential {credentials} for {ROTATION_WAIT_S} s"
+    assert None not in credentials
+    # Every call allowed, each with its receipt: no gap while the Secret volume was swapped underneath.
+    assert [(c["status"], c["receipt"]) for c in calls if (c["status"], c["receipt"]) != (200, True)] == []
+    changes = [c["at"] for previous, c in itertools.pairwise(calls)
+               if c["credential"] != previous["credential"]]
+    TIMINGS_SEEN["credential rotation seen in the sidecar after s"] = round(changes[0] - calls[0]["at"], 1)
+    TIMINGS_SEEN["calls during rotation"] = len(calls)
 
 
 # ---------------------------------------------------------------------------------------- sidecar killed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -340,6 +340,8 @@ async def _revoke(ctx: Context, cap: Capability, stored: minting.Stored, reason:
     entries = [revocation.Entry(id=rid, expires_at=expires, capability=cap.qualified_name, reason=reason)
                for rid in stored.revocation_ids]
     entries.extend(stored.pending)
+    # Rotated-out credentials still verify, and a pod presents one until the kubelet syncs its volume.
+    entries.extend(replace(e, reason=reason) for e in minting.still_valid(stored.retired, now))
     if entries:
         await ctx.client().update_revocation_list(lambda spec: revocation.with_revoked(spec, entries, now))
     already = any(c.get("reason") == "Revoked" for c in status.get("conditions") or [])

@@ -2,8 +2,15 @@
 
 The Secret (mounted into the sidecar container only) holds the Biscuit ``token``, the
 receipt-signing ``session.key`` with its root endorsement, the ``trust.json`` bundle, and
-``settings.json`` (generation, lifetimes, and revocations still to push). Writing all of them in
-one Secret update is what makes minting crash-safe: a sidecar either sees the old set or the new.
+``settings.json`` (generation, lifetimes, revocations still to push, and the credentials rotated out
+but still valid). Writing all of them in one Secret update is what makes minting crash-safe: a
+sidecar either sees the old set or the new.
+
+A rotation leaves the previous credential valid until it expires, and a pod keeps presenting it
+until the kubelet syncs its Secret volume (up to about a minute). Revoking the capability must
+therefore cover every credential that can still verify, not just the current one: those are kept
+as ``retiredCredentials`` until they expire (found on real pods, where ``revoked: true`` right after
+a rotation left one replica working for a minute).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ class Stored:
     generation: int | None = None
     session: receipts.SessionKey | None = None
     pending: tuple[revocation.Entry, ...] = ()
+    retired: tuple[revocation.Entry, ...] = ()
+    """Credentials rotated out that still verify: a revocation of the capability covers them too."""
 
     @classmethod
     def read(cls, data: dict[str, bytes] | None) -> Stored:
@@ -57,14 +66,25 @@ class Stored:
             session: receipts.SessionKey | None = receipts.SessionKey.from_json(data[resources.SESSION_KEY_FILE])
         except (KeyError, CapabilityError):
             session = None  # unreadable or from an older capgate: a new one is issued, the credential stays
-        pending = tuple(revocation.Entry(id=str(p["id"]),
-                                         expires_at=timestamps.parse(p["expiresAt"]) or datetime.now(UTC),
-                                         capability=str(p.get("capability", "")), reason=str(p.get("reason", "")))
-                        for p in settings.get("pendingRevocations", []) if isinstance(p, dict) and "id" in p)
         return cls(token=token, credential_id=info["revocationIds"][0], root_key_id=info["rootKeyId"],
                    revocation_ids=tuple(info["revocationIds"]), issued_at=timestamps.parse(settings.get("issuedAt")),
                    expires_at=timestamps.parse(settings.get("expiresAt")), generation=settings.get("generation"),
-                   session=session, pending=pending)
+                   session=session, pending=_entries(settings.get("pendingRevocations")),
+                   retired=_entries(settings.get("retiredCredentials")))
+
+
+def _entries(listed: object) -> tuple[revocation.Entry, ...]:
+    """Revocation entries from settings.json; an entry without a readable expiry counts as expiring now."""
+    if not isinstance(listed, list):
+        return ()
+    return tuple(revocation.Entry(id=str(p["id"]), expires_at=timestamps.parse(p.get("expiresAt")) or datetime.now(UTC),
+                                  capability=str(p.get("capability", "")), reason=str(p.get("reason", "")))
+                 for p in listed if isinstance(p, dict) and "id" in p)
+
+
+def still_valid(entries: tuple[revocation.Entry, ...], now: datetime) -> tuple[revocation.Entry, ...]:
+    """The entries whose credential could still verify (expiry plus the verification skew, with margin)."""
+    return tuple(e for e in entries if e.expires_at + revocation.PRUNE_GRACE > now)
 
 
 def rotate_at(cap: Capability, stored: Stored) -> datetime | None:
@@ -118,12 +138,16 @@ def build(cap: Capability, generation: int, stored: Stored, the_plan: Plan, keys
           now: datetime, session_lifetime: timedelta) -> Minted:
     """The Secret content after ``the_plan``: new token and/or session key, pending revocations."""
     pending = list(stored.pending)
+    retired = list(still_valid(stored.retired, now))
     if the_plan.mint is not None:
         token = tokens.mint(cap, keyset, now=now)
         credential = tokens.load(token, keyset.trust_bundle(), now=now)
         if the_plan.revoke_previous and stored.expires_at is not None:
             pending.extend(revocation.Entry(id=rid, expires_at=stored.expires_at, capability=cap.qualified_name,
                                             reason="spec changed") for rid in stored.revocation_ids)
+        elif stored.expires_at is not None:  # rotated out, not revoked: still valid until it expires
+            retired.extend(revocation.Entry(id=rid, expires_at=stored.expires_at, capability=cap.qualified_name,
+                                            reason="rotated") for rid in stored.revocation_ids)
         token_id, ids = credential.id, credential.revocation_ids
         issued, expires = credential.issued_at, credential.expires_at
     else:
@@ -142,6 +166,7 @@ def build(cap: Capability, generation: int, stored: Stored, the_plan: Plan, keys
         "sessionKeyNotAfter": timestamps.iso(session.not_after),
         "revocationList": resources.REVOCATION_LIST_NAME,
         "pendingRevocations": [dict(e.as_dict()) for e in pending],
+        "retiredCredentials": [dict(e.as_dict()) for e in retired],
     }
     data = {
         resources.TOKEN_FILE: token.encode("ascii"),

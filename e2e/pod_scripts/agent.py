@@ -9,6 +9,8 @@
 - ``{"udp": [HOST, PORT], "send": TEXT}``: one datagram. -> ``{"sent": true}`` or ``{"error"}``.
 - ``{"until_refused": URL, "seconds": N}``: call URL in a loop; prints ``ready`` after the first answer,
   then stops at the first 401 -> ``{"refused_at": time.time()}`` (the revocation clock).
+- ``{"until_rotated": URL, "whoami": URL, "seconds": N}``: call URL (and whoami) until the credential id
+  whoami reports has changed, and 10 calls more -> ``{"calls": [{"at", "credential", "status", "receipt"}]}``.
 - ``{"watch": [HTTP CALLS], "seconds": N}``: prints ``ready``, then makes the calls over and over for N s
   -> ``{"outcomes": [{"at", "status", "decided", "error"}]}`` (``decided``: the sidecar's decision id came back).
 """
@@ -97,7 +99,26 @@ def watch(call: dict[str, Any]) -> dict[str, Any]:
     return {"outcomes": outcomes}
 
 
-CALLS = {"http": http, "tcp": tcp, "udp": udp, "until_refused": until_refused, "watch": watch}
+def until_rotated(call: dict[str, Any]) -> dict[str, Any]:
+    deadline = time.monotonic() + call["seconds"]
+    calls: list[dict[str, Any]] = []
+    seen: list[str] = []
+    after = 0
+    while time.monotonic() < deadline and after < 10:
+        who = http({"http": call["whoami"], "timeout": 2})
+        credential = (who.get("body") or {}).get("credential", {}).get("id")
+        if credential and credential not in seen:
+            seen.append(credential)
+        result = http({"http": call["until_rotated"], "timeout": 2})
+        calls.append({"at": time.time(), "credential": credential, "status": result.get("status"),
+                      "receipt": "x-capgate-receipt" in result.get("headers", {}), "error": result.get("error")})
+        after += len(seen) > 1
+        time.sleep(0.2)
+    return {"calls": calls}
+
+
+CALLS = {"http": http, "tcp": tcp, "udp": udp, "until_refused": until_refused, "watch": watch,
+         "until_rotated": until_rotated}
 
 
 def main() -> None:

@@ -84,3 +84,22 @@ def test_a_session_key_of_another_credential_is_replaced() -> None:
     plan = minting.plan(_support.parse(), 1, stray, _support.keyset().active_id, NOW + timedelta(seconds=10))
 
     assert plan.mint is None and plan.new_session_key
+
+
+def test_a_rotated_out_credential_stays_revocable_until_it_expires() -> None:
+    first = issue(minting.Stored(), lifetime=timedelta(hours=1))
+    stored = minting.Stored.read(first.data)
+    rotation = minting.rotate_at(_support.parse(), stored)
+    assert rotation is not None and stored.expires_at is not None
+    rotated = minting.Stored.read(issue(stored, now=rotation + timedelta(seconds=1), lifetime=timedelta(hours=1)).data)
+
+    # A pod keeps presenting the first credential until the kubelet syncs its volume: revoking must cover it.
+    assert [(e.id, e.expires_at, e.reason) for e in rotated.retired] == [
+        (rid, stored.expires_at, "rotated") for rid in stored.revocation_ids]
+    assert rotated.revocation_ids != stored.revocation_ids
+    assert minting.still_valid(rotated.retired, stored.expires_at) == rotated.retired
+    # Once it could no longer verify anyway, it is dropped at the next write of the Secret.
+    gone = stored.expires_at + timedelta(minutes=2)
+    assert minting.still_valid(rotated.retired, gone) == ()
+    renewed = minting.Stored.read(issue(rotated, now=gone, lifetime=timedelta(hours=1)).data)
+    assert stored.credential_id not in {e.id for e in renewed.retired}
