@@ -35,7 +35,8 @@ from e2e.controlplane import ControlPlane
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "capgate"
 RELEASE = "capgate"
-CRDS = (f"{resources.CAPABILITY_PLURAL}.{resources.GROUP}", f"{resources.REVOCATION_PLURAL}.{resources.GROUP}")
+CRDS = (f"{resources.CAPABILITY_PLURAL}.{resources.GROUP}", f"{resources.REVOCATION_PLURAL}.{resources.GROUP}",
+        f"{resources.USAGE_PLURAL}.{resources.GROUP}")
 # Cluster-scoped objects of the chart that an e2e operator process (or an earlier run) may have made.
 SHARED = (("mutatingwebhookconfiguration", manifests.MUTATING_CONFIG),
           ("validatingwebhookconfiguration", manifests.VALIDATING_CONFIG),
