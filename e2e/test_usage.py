@@ -9,7 +9,9 @@ cluster admin (who is allowed everything RBAC can allow) and expect the API serv
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from capgate import resources
-from e2e.cluster import install_crds
+from e2e.cluster import Environment, PodSidecar, call, environment, example_capability, install_crds, wait_for
 from e2e.controlplane import ControlPlane
 
 NAMESPACE = "fleet"
@@ -110,3 +112,152 @@ def test_a_write_from_a_stale_read_is_refused_with_a_conflict(custom: k8s.Custom
     with pytest.raises(ApiException) as caught:
         _replace_status(custom, {**first, "status": {**BASE, "windows": {KEY: {"start": 3600, "spent": 700}}}})
     assert caught.value.status == 409
+
+
+# ------------------------------------------------------------------------------ sidecars sharing a budget
+
+API_KEY = "sk_live_e2e_fleet_7c1d"
+SA = "booking-agent"
+
+
+def budget_capability(name: str, max_amount: int) -> dict[str, Any]:
+    obj = example_capability(name, NAMESPACE, budgets=[{"upstream": "payments", "field": "amount",
+                                                        "max": max_amount, "per": "24h"}])
+    obj["spec"].pop("rateLimit", None)  # searches stay unmetered: the calls fail-closed must leave alone
+    for rule in obj["spec"]["rules"]:
+        rule.pop("requires", None)
+    return obj
+
+
+@pytest.fixture(scope="module")
+def cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
+    with environment(control_plane, tmp_path_factory.mktemp("usage"), NAMESPACE, API_KEY) as env:
+        yield env
+
+
+def _stored(env: Environment, name: str) -> dict[str, Any]:
+    result = env.plane.kubectl("get", resources.USAGE_PLURAL, name, "-n", NAMESPACE, "-o", "json")
+    return dict(json.loads(result.stdout))
+
+
+def _charged(env: Environment, marker: str) -> int:
+    """The amount that reached the payments upstream for calls tagged with ``marker``."""
+    total = 0
+    for seen in list(env.upstream.seen):
+        if seen.path == "/v1/charges" and seen.body:
+            body = json.loads(seen.body)
+            if body.get("marker") == marker:
+                total += int(body["amount"])
+    return total
+
+
+def _hammer(sidecars: list[PodSidecar], marker: str, amount: int, calls: int) -> list[int]:
+    def one(index: int) -> int:
+        status, body, _ = call(sidecars[index % len(sidecars)], "POST", "/payments/v1/charges",
+                               {"amount": amount, "marker": marker})
+        assert status == 200 or (status == 429 and body["error"] == "budget_exhausted"), (status, body)
+        return status
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        return list(pool.map(one, range(calls)))
+
+
+def test_the_operator_creates_the_usage_object_and_its_sidecar_only_access(cluster: Environment) -> None:
+    cluster.apply(budget_capability("shared-budget", 1000))
+    cluster.wait_ready("shared-budget")
+    stored = _stored(cluster, "shared-budget")
+    assert stored["spec"] == {"capability": "shared-budget"}
+    assert stored["metadata"]["ownerReferences"][0]["kind"] == resources.CAPABILITY_KIND
+
+    kubeconfig = cluster.plane.kubeconfig_for_service_account(NAMESPACE, SA)
+
+    def can(verb: str, resource: str, name: str) -> bool:
+        args = ["auth", "can-i", verb, f"{resources.USAGE_PLURAL}.{resources.GROUP}/{name}", "-n", NAMESPACE,
+                f"--kubeconfig={kubeconfig}"]
+        if resource == "status":
+            args.append("--subresource=status")
+        out = cluster.plane.kubectl(*args, check=False)
+        return out.stdout.strip() == "yes"
+
+    assert can("get", "main", "shared-budget")
+    assert can("update", "status", "shared-budget")
+    assert not can("update", "main", "shared-budget")
+    assert not can("delete", "main", "shared-budget")
+    assert not can("patch", "status", "other-capability")
+    assert not can("update", "status", "other-capability")
+    assert not can("create", "main", "anything")
+
+
+def test_the_agent_identity_can_spend_but_never_reset(cluster: Environment) -> None:
+    cluster.apply(budget_capability("agent-reset", 1000))
+    cluster.wait_ready("agent-reset")
+    token = cluster.plane.service_account_token(NAMESPACE, SA)
+    api = cluster.plane.client(token)
+    try:
+        custom = k8s.CustomObjectsApi(api)
+        obj = custom.get_namespaced_custom_object(resources.GROUP, resources.VERSION, NAMESPACE,
+                                                  resources.USAGE_PLURAL, "agent-reset")
+        obj["status"] = {"windows": {"budget/payments/amount/86400s": {"start": 86400, "spent": 900}}}
+        obj = _replace_status(custom, obj)  # spending more: allowed
+        obj["status"] = {"windows": {"budget/payments/amount/86400s": {"start": 86400, "spent": 0}}}
+        assert "spent only grows" in _refused(custom, obj, obj["status"])
+        with pytest.raises(ApiException) as caught:
+            custom.delete_namespaced_custom_object(resources.GROUP, resources.VERSION, NAMESPACE,
+                                                   resources.USAGE_PLURAL, "agent-reset")
+        assert caught.value.status == 403
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
+
+
+def test_three_sidecars_with_one_killed_mid_lease_never_overspend_and_a_restart_keeps_the_spending(
+        cluster: Environment) -> None:
+    cluster.apply(budget_capability("shared-budget", 1000))
+    cluster.wait_ready("shared-budget")
+    for pod in ("fleet-a", "fleet-b", "fleet-c"):
+        result = cluster.create_pod(pod, "shared-budget", SA)
+        assert result.returncode == 0, result.stderr
+    sidecars = [cluster.sidecar(pod) for pod in ("fleet-a", "fleet-b", "fleet-c")]
+
+    _hammer(sidecars, "fleet", 7, 30)
+    assert sidecars[1].process is not None
+    sidecars[1].process.kill()  # SIGKILL mid-lease: its unused slice is lost, never handed out again
+    sidecars[1].process.wait(5)
+    sidecars[1].process = None
+    sidecars[1] = cluster.sidecar("fleet-b")
+    statuses = _hammer(sidecars, "fleet", 7, 300)
+
+    charged = _charged(cluster, "fleet")
+    window = _stored(cluster, "shared-budget")["status"]["windows"]["budget/payments/amount/86400s"]
+    assert charged <= 1000, f"{charged} charged of a 1000 budget"
+    assert charged <= window["spent"] <= 1000
+    assert charged >= 1000 - 200, f"only {charged} of 1000 usable: slices strand too much"
+    assert statuses.count(429) > 0
+
+    for sidecar in sidecars:  # a rollout: every sidecar restarts, the spending stays
+        sidecar.stop()
+    restarted = cluster.sidecar("fleet-a")
+    status, body, _ = call(restarted, "POST", "/payments/v1/charges", {"amount": 1000 - window["spent"] + 1,
+                                                                         "marker": "fleet"})
+    assert (status, body["error"]) == (429, "budget_exhausted")
+    assert _charged(cluster, "fleet") == charged
+
+
+def test_with_the_api_server_stopped_budgeted_calls_are_refused_and_others_pass(
+        cluster: Environment, control_plane: ControlPlane) -> None:
+    cluster.apply(budget_capability("unreachable", 16))  # slices of 2: the lease in hand runs out fast
+    cluster.wait_ready("unreachable")
+    assert cluster.create_pod("fleet-down", "unreachable", SA).returncode == 0
+    sidecar = cluster.sidecar("fleet-down")
+    assert call(sidecar, "POST", "/payments/v1/charges", {"amount": 1, "marker": "down"})[0] == 200
+    control_plane.stop_apiserver()
+    try:
+        results = [call(sidecar, "POST", "/payments/v1/charges", {"amount": 1, "marker": "down"}) for _ in range(3)]
+        refused = [body for status, body, _ in results if status == 429]
+        assert refused, results
+        assert refused[0]["error"] == "budget_exhausted"
+        assert refused[0]["reason"] == "usage_unavailable"
+        assert call(sidecar, "GET", "/flights/search")[0] == 200
+    finally:
+        control_plane.start_apiserver()
+    wait_for(lambda: call(sidecar, "POST", "/payments/v1/charges", {"amount": 1, "marker": "down"})[0] == 200,
+             30, "budgeted calls to pass again once the API server is back")
