@@ -219,3 +219,31 @@ def apply(status: object, claim: Claim) -> dict[str, object]:
         windows[key] = {"start": window.start, "spent": window.spent}
     base["windows"] = windows
     return base
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of ``capgate usage``: a meter's current window across the fleet."""
+
+    meter: Meter
+    start: int
+    spent: int
+    """Leased out in the current window (an upper bound of what the agent spent)."""
+    remaining: int
+    ahead: bool = False
+    """The stored window is later than ``now``: nothing can be spent until then."""
+
+
+def table(cap: spec.Capability, status: object, now: float) -> list[Row]:
+    """What each meter of ``cap`` has left now, from a stored status (a window that ended counts as empty)."""
+    stored = parse_windows(status)
+    rows: list[Row] = []
+    for meter in meters(cap):
+        current = window_start(now, meter.per)
+        window = stored.get(meter.key)
+        if window is not None and window.start > current:
+            rows.append(Row(meter, window.start, window.spent, 0, ahead=True))
+            continue
+        spent = window.spent if window is not None and window.start == current else 0
+        rows.append(Row(meter, current, spent, max(0, meter.max - spent)))
+    return rows

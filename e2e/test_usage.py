@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -240,6 +243,36 @@ def test_three_sidecars_with_one_killed_mid_lease_never_overspend_and_a_restart_
                                                                          "marker": "fleet"})
     assert (status, body["error"]) == (429, "budget_exhausted")
     assert _charged(cluster, "fleet") == charged
+
+
+def test_a_fully_spent_window_that_ended_rolls_over_and_the_new_one_starts_empty(
+        cluster: Environment, custom: k8s.CustomObjectsApi) -> None:
+    cluster.apply(budget_capability("rollover", 100))
+    cluster.wait_ready("rollover")
+    key = "budget/payments/amount/86400s"
+    today = int(time.time()) // 86400 * 86400
+    obj = custom.get_namespaced_custom_object(resources.GROUP, resources.VERSION, NAMESPACE, resources.USAGE_PLURAL,
+                                              "rollover")
+    obj["status"] = {"windows": {key: {"start": today - 86400, "spent": 100}}}  # yesterday: all spent
+    _replace_status(custom, obj)
+    assert cluster.create_pod("fleet-rollover", "rollover", SA).returncode == 0
+    sidecar = cluster.sidecar("fleet-rollover")
+    assert call(sidecar, "POST", "/payments/v1/charges", {"amount": 60, "marker": "rollover"})[0] == 200
+    window = _stored(cluster, "rollover")["status"]["windows"][key]
+    assert window["start"] == today
+    assert 60 <= window["spent"] <= 100
+    status, body, headers = call(sidecar, "POST", "/payments/v1/charges", {"amount": 41, "marker": "rollover"})
+    assert (status, body["error"]) == (429, "budget_exhausted")
+    assert 0 < int(headers["Retry-After"]) <= today + 86400 - int(time.time()) + 1
+
+    shown = subprocess.run([sys.executable, "-m", "capgate.cli", "usage", "rollover", "-n", NAMESPACE, "--json",
+                            "--kubeconfig", str(cluster.plane.kubeconfig)], capture_output=True, text=True, check=True)
+    (row,) = json.loads(shown.stdout)
+    assert (row["meter"], row["windowStart"], row["max"]) == (key, today, 100)
+    assert row["spent"] == window["spent"] and row["remaining"] == 100 - window["spent"]
+    table = subprocess.run([sys.executable, "-m", "capgate.cli", "usage", "rollover", "-n", NAMESPACE,
+                            "--kubeconfig", str(cluster.plane.kubeconfig)], capture_output=True, text=True, check=True)
+    assert "budget payments.amount" in table.stdout and "REMAINING" in table.stdout
 
 
 def test_with_the_api_server_stopped_budgeted_calls_are_refused_and_others_pass(

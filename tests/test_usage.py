@@ -200,3 +200,14 @@ def test_spending_is_all_or_nothing_across_meters() -> None:
 def test_a_malformed_stored_state_is_refused_never_read_as_zero(status: Any) -> None:
     with pytest.raises(usage.UsageError):
         usage.parse_windows(status)
+
+
+def test_the_usage_table_counts_an_ended_window_as_empty_and_marks_one_ahead() -> None:
+    cap = _cap()
+    status = {"windows": {"requests/3600s": {"start": 0, "spent": 600},
+                          "budget/payments/amount/86400s": {"start": 86400, "spent": 10}}}
+    rate, budget = usage.table(cap, status, 4000.0)
+    assert (rate.start, rate.spent, rate.remaining) == (3600, 0, 600)
+    assert budget.ahead and budget.remaining == 0
+    rate, budget = usage.table(cap, status, 86400.0 + 5)
+    assert (budget.spent, budget.remaining) == (10, 59990)
