@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from capgate.capabilities import decision, keys, paths, spec, tokens
+from capgate.capabilities import bodies, decision, keys, paths, spec, tokens
 from capgate.capabilities.errors import CapabilityError, RequestError
 from capgate.cluster import ClusterError
 
@@ -146,9 +146,11 @@ class Case:
 
     request: str
     body: object = None
+    """The body as sent: a string is its bytes (``--body``), anything else is sent as its JSON."""
     receipts: tuple[str, ...] = ()
     principal: str | None = None
     at: datetime | None = None
+    content_type: str = "application/json"
 
 
 def parse_request(cap: spec.Capability, case: Case, correlation: str = "explain") -> decision.Request:
@@ -158,12 +160,28 @@ def parse_request(cap: spec.Capability, case: Case, correlation: str = "explain"
     base = {"principal": principal, "correlation": correlation, "receipts": frozenset(case.receipts),
             "body": case.body, "now": now}
     if len(words) == 3 and words[0].upper() in spec.METHODS:
-        raw_path = urlsplit(words[2]).path if words[2].startswith("/") else words[2]
+        target = urlsplit(words[2]) if words[2].startswith("/") else None
+        raw_path = target.path if target is not None else words[2]
+        base["body"] = read_body(cap, words[1], case, target.query if target is not None else "")
         return decision.Request(method=words[0].upper(), upstream=words[1], path=paths.normalize(raw_path),
                                 **base)  # type: ignore[arg-type]
     if len(words) == 2:
-        return decision.Request(action=words[0], resource=words[1], **base)  # type: ignore[arg-type]
+        return decision.Request(action=words[0], resource=paths.normalize_resource(words[1]),
+                                **base)  # type: ignore[arg-type]
     raise UsageError(f"request {case.request!r}: expected 'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
+
+
+def read_body(cap: spec.Capability, upstream: str, case: Case, query: str) -> object:
+    """The document the sidecar would judge, through the sidecar's own reader (BodyError if it would refuse)."""
+    if cap.upstream(upstream) is None:
+        return None  # refused as an unknown upstream first, as the sidecar does
+    fields = bodies.fields_for(cap, upstream)
+    body = case.body
+    raw = b"" if body is None else body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    if not fields:
+        bodies.check_query(query, fields)
+        return None
+    return bodies.read(raw, content_type=[case.content_type], content_encoding=[], query=query, fields=fields)
 
 
 def evaluate(cap: spec.Capability, case: Case) -> decision.Decision:
@@ -174,6 +192,8 @@ def evaluate(cap: spec.Capability, case: Case) -> decision.Decision:
     credential = tokens.load(token, keyset.trust_bundle(), now=now)
     try:
         request = parse_request(cap, case)
+    except bodies.BodyError as exc:
+        return decision.Decision(False, "denied", "bad_request", f"{exc.reason}: {exc.message}")
     except RequestError as exc:
         return decision.Decision(False, "denied", "bad_request", f"ambiguous path refused: {exc}")
     if request.upstream is not None and cap.upstream(request.upstream) is None:
@@ -183,11 +203,10 @@ def evaluate(cap: spec.Capability, case: Case) -> decision.Decision:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     cap = spec.load_capability_file(args.capability)
-    body = _json_arg(args.body, "--body")
     at = _time_arg(args.at)
     principal = args.identity
-    result = evaluate(cap, Case(request=args.request, body=body, receipts=tuple(args.receipt or ()),
-                                principal=principal, at=at))
+    result = evaluate(cap, Case(request=args.request, body=args.body, receipts=tuple(args.receipt or ()),
+                                principal=principal, at=at, content_type=args.content_type))
     if args.json:
         print(json.dumps({"allowed": result.allowed, "rule": result.rule, "reason": result.reason,
                           "message": result.message}))
@@ -197,15 +216,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"  rule:   {result.rule or '-'}")
         print(f"  reason: {result.reason} — {result.message}")
     return EXIT_OK if result.allowed else EXIT_DENIED
-
-
-def _json_arg(text: str | None, flag: str) -> object:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"{flag}: not valid JSON ({exc.args[0]})") from exc
 
 
 def _time_arg(text: object) -> datetime | None:
@@ -345,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="decide one request against a capability file")
     explain.add_argument("capability")
     explain.add_argument("--request", required=True, help="'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
-    explain.add_argument("--body", help="JSON request body")
+    explain.add_argument("--body", help="the request body, as sent (read exactly as the sidecar reads it)")
+    explain.add_argument("--content-type", default="application/json", help="the body's Content-Type")
     explain.add_argument("--receipt", action="append", help="a rule with a receipt in this correlation")
     explain.add_argument("--identity", help="namespace/serviceaccount of the caller (default: the capability's)")
     explain.add_argument("--at", help="evaluate at this RFC 3339 time (default: now)")

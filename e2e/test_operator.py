@@ -98,13 +98,37 @@ def test_a_bad_glob_is_rejected_at_apply_with_the_field_path(cluster: Cluster) -
 
 def test_a_labelled_pod_gets_the_native_sidecar_and_proxy_settings(cluster: Cluster) -> None:
     pod = json.loads(cluster.plane.kubectl("get", "pod", "agent-1", "-n", NAMESPACE, "-o", "json").stdout)
-    sidecar = pod["spec"]["initContainers"][0]
+    init, sidecar = pod["spec"]["initContainers"][:2]
+    assert init["name"] == "capgate-init"  # programs the pod network first, then the sidecar starts
     assert sidecar["name"] == "capgate-sidecar" and sidecar["restartPolicy"] == "Always"
     agent_env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert agent_env["HTTP_PROXY"] == "http://127.0.0.1:15080"
     assert agent_env["CAPGATE_UPSTREAM_PAYMENTS_URL"] == "http://127.0.0.1:15080/payments"
     mounted = {m["name"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts") or []}
-    assert not any(name.startswith("capgate-") for name in mounted)
+    assert {n for n in mounted if n.startswith("capgate-")} == {"capgate-ca"}  # the pod CA certificate only
+
+
+def test_cooperative_egress_injects_no_init_container_and_says_pods_are_not_mediated(cluster: Cluster) -> None:
+    cluster.plane.kubectl("create", "serviceaccount", "coop-agent", "-n", NAMESPACE)
+    cluster.apply(capability("coop-agent", serviceAccountName="coop-agent", egress={"mode": "cooperative"}))
+    status = cluster.wait_ready("coop-agent")
+    mediated = next(c for c in status["conditions"] if c["type"] == "Mediated")
+    assert (mediated["status"], mediated["reason"]) == ("False", "Cooperative")
+    assert "MEDIATED" in cluster.plane.kubectl("get", "acap", "coop-agent", "-n", NAMESPACE, "-o", "wide").stdout
+    pod = agent_pod("coop-1", NAMESPACE, "coop-agent", "coop-agent")
+    del pod["spec"]["securityContext"]  # cooperative mode has no UID exemption to protect
+    assert cluster.apply(pod, check=False).returncode == 0
+    created = json.loads(cluster.plane.kubectl("get", "pod", "coop-1", "-n", NAMESPACE, "-o", "json").stdout)
+    assert [c["name"] for c in created["spec"]["initContainers"]] == ["capgate-sidecar"]
+    assert created["spec"]["containers"][0]["securityContext"]["capabilities"]["drop"] == ["NET_ADMIN", "NET_RAW"]
+
+
+def test_enforce_mode_refuses_an_agent_whose_uid_is_left_to_its_image(cluster: Cluster) -> None:
+    pod = agent_pod("unknown-uid", NAMESPACE, "booking-agent", "booking-agent")
+    del pod["spec"]["securityContext"]
+    result = cluster.apply(pod, check=False)
+    assert result.returncode != 0
+    assert "sets no runAsUser" in result.stderr and "65532" in result.stderr
 
 
 def test_a_pod_with_the_wrong_service_account_is_refused(cluster: Cluster) -> None:
@@ -367,8 +391,9 @@ def test_an_ephemeral_debug_container_may_not_target_the_sidecar(cluster: Cluste
                                     "--target=capgate-sidecar", "--container=peek", check=False)
     assert refused.returncode != 0
     assert "ephemeral.capgate.dev" in refused.stderr
+    # The restricted profile drops ALL capabilities: a debug container with NET_RAW could sniff the pod network.
     allowed = cluster.plane.kubectl("debug", "agent-1", "-n", NAMESPACE, "--image=busybox", "--target=agent",
-                                    "--container=debug-agent", check=False)
+                                    "--container=debug-agent", "--profile=restricted", check=False)
     assert allowed.returncode == 0, allowed.stderr
 
 
@@ -377,14 +402,15 @@ def test_the_sidecar_has_its_own_token_mount_even_when_the_pod_opts_out(cluster:
     pod["spec"]["automountServiceAccountToken"] = False
     assert cluster.apply(pod).returncode == 0
     created = json.loads(cluster.plane.kubectl("get", "pod", "no-token", "-n", NAMESPACE, "-o", "json").stdout)
-    sidecar = created["spec"]["initContainers"][0]
+    sidecar = next(c for c in created["spec"]["initContainers"] if c["name"] == "capgate-sidecar")
     paths = [m["mountPath"] for m in sidecar["volumeMounts"]]
     assert paths.count("/var/run/secrets/kubernetes.io/serviceaccount") == 1
     agent_mounts = [m["mountPath"] for m in created["spec"]["containers"][0].get("volumeMounts") or []]
     assert "/var/run/secrets/kubernetes.io/serviceaccount" not in agent_mounts
     # With the default automount, the ServiceAccount plugin leaves the sidecar's own mount alone.
     usual = json.loads(cluster.plane.kubectl("get", "pod", "agent-1", "-n", NAMESPACE, "-o", "json").stdout)
-    usual_paths = [m["mountPath"] for m in usual["spec"]["initContainers"][0]["volumeMounts"]]
+    usual_sidecar = next(c for c in usual["spec"]["initContainers"] if c["name"] == "capgate-sidecar")
+    usual_paths = [m["mountPath"] for m in usual_sidecar["volumeMounts"]]
     assert usual_paths.count("/var/run/secrets/kubernetes.io/serviceaccount") == 1
 
 

@@ -8,11 +8,12 @@ outcomes in exactly one place each, so every class carries the machine-readable 
     ├── SpecError                   an AgentCapability that cannot be compiled (names the field path)
     ├── KeyFileError                a root key or trust bundle that cannot be loaded
     ├── TokenError                  401 invalid_token: malformed, bad_signature, unknown_root,
-    │                               expired, revoked, too_deep, identity
+    │                               expired, not_yet_valid, revoked, too_deep, identity
     ├── ReceiptError                a carried receipt that must be ignored: malformed, bad_signature,
     │                               unknown_key, unendorsed, expired, wrong_correlation,
     │                               wrong_credential
     ├── RequestError                400 bad_request: an ambiguous path, an unreadable body
+    │   └── BodyError               (bodies.py) a body or query a limit cannot read unambiguously
     └── AttenuationError            a narrowing that would widen, or is not allowed by the capability
 
 None of these messages ever contains a token, a key or a secret value: they name fields, rule
@@ -24,7 +25,7 @@ from __future__ import annotations
 from typing import Literal
 
 TokenReason = Literal[
-    "malformed", "bad_signature", "unknown_root", "expired", "revoked", "too_deep", "identity"
+    "malformed", "bad_signature", "unknown_root", "expired", "not_yet_valid", "revoked", "too_deep", "identity"
 ]
 ReceiptReason = Literal[
     "malformed", "bad_signature", "unknown_key", "unendorsed", "expired", "wrong_correlation", "wrong_credential"

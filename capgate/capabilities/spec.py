@@ -27,6 +27,9 @@ from capgate.capabilities.errors import SpecError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_DEPTH = 8
+"""The most narrowing blocks any capability allows (``delegation.maxDepth``); a token with more is refused
+before its signatures are checked."""
 RULE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
 FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -44,6 +47,7 @@ MAX_DATALOG_BYTES = 16 * 1024
 
 Effect = Literal["allow", "deny"]
 Mode = Literal["enforce", "audit"]
+EgressMode = Literal["enforce", "cooperative"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,8 @@ class Capability:
     mode: Mode = "enforce"
     lockdown_after: timedelta = timedelta(seconds=60)
     revoked: bool = False
+    egress_mode: EgressMode = "enforce"
+    """``spec.egress.mode``: enforce = the pod's egress is captured (capgate-init); cooperative = HTTP_PROXY only."""
 
     @property
     def principal(self) -> str:
@@ -366,8 +372,9 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
     names: dict[str, list[str]] = {}
     for key in ("actions", "resources"):
         names[key] = []
+        validate = paths.validate_resource_glob if key == "resources" else paths.validate_name_glob
         for npath, value in reader.strings(key):
-            problem = paths.validate_name_glob(value)
+            problem = validate(value)
             if problem:
                 raise SpecError(npath, problem)
             names[key].append(value)
@@ -418,7 +425,8 @@ def _parse_delegation(spec: _Reader, namespace: str) -> Delegation:
         if not DNS_LABEL.fullmatch(ns) or not DNS_SUBDOMAIN.fullmatch(sa):
             raise SpecError(path, f"{value!r} is not 'serviceaccount' or 'namespace/serviceaccount'")
         principals.append(f"{ns}/{sa}")
-    return Delegation(principals=tuple(principals), max_depth=reader.integer("maxDepth", maximum=8, default=3))
+    return Delegation(principals=tuple(principals),
+                      max_depth=reader.integer("maxDepth", maximum=MAX_DEPTH, default=3))
 
 
 def _parse_budgets(spec: _Reader, upstreams: tuple[Upstream, ...]) -> tuple[Budget, ...]:
@@ -458,7 +466,8 @@ def parse_capability(obj: Mapping[str, Any]) -> Capability:
 def parse_spec(data: object, *, name: str, namespace: str) -> Capability:
     """Parse ``spec`` of an AgentCapability named ``namespace/name``."""
     spec = _Reader(data, "spec", ("serviceAccountName", "upstreams", "rules", "rateLimit", "budgets", "datalog",
-                                  "credential", "receipts", "delegation", "mode", "lockdownAfter", "revoked"))
+                                  "credential", "receipts", "delegation", "mode", "lockdownAfter", "revoked",
+                                  "egress"))
     upstreams = _parse_upstreams(spec)
     rate_limit = None
     if spec.has("rateLimit"):
@@ -477,6 +486,10 @@ def parse_spec(data: object, *, name: str, namespace: str) -> Capability:
     if mode not in ("enforce", "audit"):
         raise SpecError(spec.sub("mode"), "must be 'enforce' or 'audit'")
     datalog = spec.string("datalog", default="", max_len=MAX_DATALOG_BYTES)
+    egress = _Reader(spec.data.get("egress") or {}, spec.sub("egress"), ("mode",))
+    egress_mode = egress.string("mode", default="enforce")
+    if egress_mode not in ("enforce", "cooperative"):
+        raise SpecError(egress.sub("mode"), "must be 'enforce' or 'cooperative'")
     return Capability(
         name=name,
         namespace=namespace,
@@ -495,6 +508,7 @@ def parse_spec(data: object, *, name: str, namespace: str) -> Capability:
         lockdown_after=spec.duration("lockdownAfter", timedelta(seconds=60), minimum=timedelta(seconds=1),
                                      maximum=timedelta(days=1)),
         revoked=spec.boolean("revoked", False),
+        egress_mode=cast(EgressMode, egress_mode),
     )
 
 
@@ -543,6 +557,7 @@ def to_spec(cap: Capability) -> dict[str, Any]:
         "mode": cap.mode,
         "lockdownAfter": format_duration(cap.lockdown_after),
         "revoked": cap.revoked,
+        "egress": {"mode": cap.egress_mode},
     }
     if cap.rate_limit:
         spec["rateLimit"] = {"requests": cap.rate_limit.requests, "per": format_duration(cap.rate_limit.per)}

@@ -19,15 +19,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from capgate import timestamps
-from capgate.capabilities import _biscuit, compiler
+from capgate.capabilities import _biscuit, compiler, narrowing
 from capgate.capabilities.errors import AttenuationError, SpecError, TokenError
 from capgate.capabilities.keys import KeySet, TrustBundle, parse_time
-from capgate.capabilities.paths import glob_matches
-from capgate.capabilities.spec import Capability, parse_spec
+from capgate.capabilities.spec import MAX_DEPTH, MAX_INT64, Capability, parse_spec
 
 
 class DecisionIndex:
-    """Prepared authorizers for one credential, keyed by the request's (method, upstream, globs).
+    """Prepared authorizers for one credential, keyed by the request's (method, upstream, matched globs).
 
     The exact path (``Token.authorize``) loads the whole token and evaluates every rule for every
     request. For a credential that is just its authority block, the code is regenerated from the
@@ -45,29 +44,29 @@ class DecisionIndex:
         self._parsed = parsed
         self._code = code
         self._capability = capability
-        self._globs: dict[str, frozenset[str]] = {}
-        self._prepared: dict[tuple[str | None, str | None, frozenset[str]], _biscuit.Prepared] = {}
+        self._globs: dict[str, compiler.PathMatch] = {}
+        self._prepared: dict[tuple[str | None, str | None, compiler.PathMatch], _biscuit.Prepared] = {}
 
     @property
     def exact_only(self) -> bool:
         return self._code is None
 
-    def globs_for(self, path: str) -> frozenset[str]:
+    def globs_for(self, path: str) -> compiler.PathMatch:
         """The capability's globs that match ``path`` (agents repeat paths, so this is remembered)."""
         found = self._globs.get(path)
         if found is None:
-            found = frozenset(glob for glob in self._capability.sorted_globs if glob_matches(glob, path))
+            found = compiler.match_path(self._capability, path)
             if len(self._globs) >= self.MAX_PATHS:
                 self._globs.clear()
             self._globs[path] = found
         return found
 
-    def authorize(self, method: str | None, upstream: str | None, globs: frozenset[str],
+    def authorize(self, method: str | None, upstream: str | None, globs: compiler.PathMatch,
                   facts: _biscuit.Code) -> _biscuit.AuthzResult:
         """Authorize a request whose path matched exactly ``globs`` of the capability."""
         if self._code is None:
             return self._parsed.authorize([facts])
-        key = (method, upstream, globs) if method is not None else (None, None, frozenset())
+        key = (method, upstream, globs) if method is not None else (None, None, compiler.PathMatch())
         prepared = self._prepared.get(key)
         if prepared is None:
             if len(self._prepared) >= self.MAX_ENTRIES:
@@ -86,6 +85,10 @@ class Credential:
     capability: Capability
     issued_at: datetime
     expires_at: datetime
+    not_before: datetime
+    """The latest issue time of its blocks (authority ``issuedAt``, narrowing ``notBefore``): a token
+    used earlier than this (minus the skew) is refused, so a credential minted by a clock that runs
+    ahead, or a narrowed token stamped in the future, does not work early."""
     principals: frozenset[str]
     index: DecisionIndex
     bound_to: frozenset[str] = frozenset()
@@ -131,7 +134,9 @@ def mint(cap: Capability, keyset: KeySet, *, now: datetime | None = None, ttl: t
 def load(token: str, trust: TrustBundle, *, now: datetime | None = None) -> Credential:
     """Verify ``token`` and read its capability; raises :class:`TokenError` (never a partial result)."""
     moment = now or datetime.now(UTC)
-    parsed = _biscuit.verify(token, trust.public_keys(moment))
+    narrowing.check_encoded(token)
+    parsed = _biscuit.verify(token, trust.public_keys(moment), max_blocks=1 + MAX_DEPTH,
+                             check_blocks=narrowing.check_blocks)
     try:
         rows = parsed.query_authority("q($j) <- spec($j)")
         versions = parsed.query_authority("q($v) <- capgate_version($v)")
@@ -150,17 +155,19 @@ def load(token: str, trust: TrustBundle, *, now: datetime | None = None) -> Cred
         raise TokenError("malformed", "credential without lifetime")
     narrowed = [parsed.block_source(index) for index in range(1, parsed.block_count)]
     expires = min([expires, *(_block_expiries(narrowed))])
+    not_before = max([issued, *_block_not_befores(narrowed)])
     code: list[_biscuit.Code] | None = None
     if parsed.block_count == 1:
         regenerated = compiler.compile_authority(capability, issued, expires)
         code = regenerated if parsed.authority_equals(regenerated) else None
     return Credential(token=token.strip(), parsed=parsed, capability=capability, issued_at=issued,
                       expires_at=expires, principals=principals, index=DecisionIndex(parsed, code, capability),
-                      bound_to=frozenset(_block_bindings(narrowed)))
+                      bound_to=frozenset(_block_bindings(narrowed)), not_before=not_before)
 
 
 _EXPIRY_CHECK = re.compile(r"^check if time\(\$t\), \$t <= (\S+);$", re.MULTILINE)
 _BINDING_CHECK = re.compile(r'^check if principal\("([^"]+)"\);$', re.MULTILINE)
+_NOT_BEFORE = re.compile(r'^attenuation\(".*"notBefore": "([^"]+)".*"\);$', re.MULTILINE)
 
 
 def _block_expiries(sources: list[str]) -> list[datetime]:
@@ -170,6 +177,18 @@ def _block_expiries(sources: list[str]) -> list[datetime]:
         for match in _EXPIRY_CHECK.finditer(source):
             moment = parse_time(match.group(1), "expiry")
             if moment is not None:
+                found.append(moment)
+    return found
+
+
+def _block_not_befores(sources: list[str]) -> list[datetime]:
+    """``notBefore`` of narrowing blocks (in their ``attenuation`` description; Biscuit prints strings
+    unescaped). A block anyone appended can only make its token valid *later*, so reading it is safe."""
+    found = []
+    for source in sources:
+        for match in _NOT_BEFORE.finditer(source):
+            moment = timestamps.parse(match.group(1))
+            if moment is not None:  # an unreadable claim restricts nothing
                 found.append(moment)
     return found
 
@@ -212,8 +231,8 @@ def attenuate(
         if rule is None or rule.effect != "allow":
             raise AttenuationError(f"no allow rule {rule_name!r} to lower limits on")
         for field, maximum in fields.items():
-            if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 0:
-                raise AttenuationError(f"limit {rule_name}.{field} must be a non-negative integer")
+            if isinstance(maximum, bool) or not isinstance(maximum, int) or not 0 <= maximum <= MAX_INT64:
+                raise AttenuationError(f"limit {rule_name}.{field} must be a non-negative integer up to {MAX_INT64}")
             current = next((lim.max for lim in rule.limits if lim.field == field), None)
             if current is not None and maximum > current:
                 raise AttenuationError(f"limit {rule_name}.{field}={maximum} is above the parent's {current}")
@@ -221,6 +240,7 @@ def attenuate(
                          {"rule": rule_name, "field": field, "max": maximum}))
             description.setdefault("limits", {}).setdefault(rule_name, {})[field] = maximum
     moment = (now or datetime.now(UTC)).replace(microsecond=0)
+    description["notBefore"] = timestamps.iso(moment)
     if ttl is not None:
         if ttl <= timedelta(0):
             raise AttenuationError("ttl must be positive")
@@ -236,7 +256,16 @@ def attenuate(
     if not code:
         raise AttenuationError("nothing to narrow: give rules, limits, ttl or principal")
     code.insert(0, ("attenuation({json});", {"json": json.dumps(description, sort_keys=True)}))
+    _check_room(parent, len(code))
     return parent.parsed.append(code).to_base64()
+
+
+def _check_room(parent: Credential, adding: int) -> None:
+    """Never hand out a token that loading would refuse (:data:`narrowing.MAX_STATEMENTS`)."""
+    held = sum(narrowing.statements(parent.parsed.block_source(i)) for i in range(1, parent.parsed.block_count))
+    if held + adding > narrowing.MAX_STATEMENTS:
+        raise AttenuationError(f"a narrowed token holds at most {narrowing.MAX_STATEMENTS} checks; "
+                               f"this one would hold {held + adding}")
 
 
 def inspect(token: str) -> dict[str, Any]:

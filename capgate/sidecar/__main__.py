@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from capgate.sidecar import config
-from capgate.sidecar.app import create_apps
+from capgate.sidecar import config, server
+from capgate.sidecar.app import EGRESS, create_apps
 
 log = logging.getLogger("capgate.sidecar")
 MAX_HEADER_BYTES = 64 * 1024 + 1024
@@ -36,18 +36,26 @@ async def serve(settings: config.Settings, agent: web.Application, admin: web.Ap
             loop.add_signal_handler(sig, stop.set)
     # A narrowed token of a large capability outgrows aiohttp's 8 KiB header default; the sidecar
     # itself accepts X-Capgate-Token up to 64 KiB, so the agent port parses headers that long.
-    agent_runner = web.AppRunner(agent, access_log=None, max_field_size=MAX_HEADER_BYTES,
-                                 max_line_size=MAX_HEADER_BYTES)
-    runners = [agent_runner, web.AppRunner(admin, access_log=None)]
+    # auto_decompress=False: aiohttp's server inflates gzip/deflate/br request bodies by default, so
+    # a gzip bomb would stall the loop and the upstream would get inflated bytes labelled gzip.
+    agent_runner = server.GuardedRunner(agent, agent[server.GUARD], access_log=None, max_field_size=MAX_HEADER_BYTES,
+                                        max_line_size=MAX_HEADER_BYTES, auto_decompress=False)
+    runners = [agent_runner, server.GuardedRunner(admin, admin[server.GUARD], access_log=None)]
+    outbound = agent[EGRESS]
     try:
         for runner, address in zip(runners, (settings.listen, settings.admin_listen), strict=True):
             await runner.setup()
             await web.TCPSite(runner, address.host, address.port, reuse_address=True, backlog=BACKLOG).start()
+        if outbound is not None:  # captured egress is served by the agent app's own server
+            assert agent_runner.server is not None
+            await outbound.start(agent_runner.server)
         log.info("capgate-sidecar listening on http://%s (agent) and http://%s (admin)",
                  settings.listen, settings.admin_listen)
         await stop.wait()
         log.info("shutting down")
     finally:
+        if outbound is not None:
+            await outbound.close()
         for runner in reversed(runners):
             await runner.cleanup()
 

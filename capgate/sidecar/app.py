@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from capgate.capabilities import decision, spec
-from capgate.sidecar import control, errors, facts, proxy, routing
+from capgate.sidecar import buffers, control, egress, errors, facts, proxy, routing, server
 from capgate.sidecar.audit import AuditLog
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded, UpstreamSecrets
@@ -45,6 +45,7 @@ GATE = web.AppKey("gate", Gate)
 SECRETS = web.AppKey("upstream_secrets", UpstreamSecrets)
 SOURCE: web.AppKey[RevocationSource | None] = web.AppKey("revocation_source")
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
+EGRESS: web.AppKey[egress.Egress | None] = web.AppKey("egress")
 TRACE = web.RequestKey("trace", Trace)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -74,11 +75,17 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
 
         source = KubeSource((env or os.environ).get("KUBECONFIG"), store.current.capability.lockdown_after)
 
-    agent = web.Application(middlewares=[outcome_middleware], client_max_size=settings.max_body_bytes)
+    agent = web.Application(middlewares=[server.track, outcome_middleware], client_max_size=settings.max_body_bytes)
     agent[SETTINGS] = settings
+    agent[buffers.BUDGET] = budget = buffers.Budget(settings.max_inflight_bytes)
+    agent[buffers.BODY_TIMEOUT] = settings.body_timeout
+    refused = gate.metrics.connections_refused
+    agent[server.GUARD] = server.agent_guard(settings.header_timeout, settings.max_connections, budget,
+                                             lambda reason: refused.labels("agent", reason).inc())
     agent[GATE] = gate
     agent[SECRETS] = secrets
     agent[SOURCE] = source
+    agent[EGRESS] = egress.Egress(settings, gate) if settings.outbound_listen is not None else None
     agent.cleanup_ctx.append(runtime)
     agent.cleanup_ctx.append(_closing(charger))
     agent.router.add_post("/_capgate/v1/authorize", _control(control.authorize))
@@ -88,8 +95,10 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent.router.add_route("*", r"/_capgate/{tail:[\s\S]*}", _control(unknown_control))
     agent.router.add_route("*", r"/{tail:[\s\S]*}", handle_proxy)
 
-    admin = web.Application()
+    admin = web.Application(middlewares=[server.track])
     admin[GATE] = gate
+    admin[server.GUARD] = server.admin_guard(settings.header_timeout,
+                                             lambda reason: refused.labels("admin", reason).inc())
     admin.router.add_get("/metrics", handle_metrics)
     admin.router.add_get("/healthz", handle_healthz)
     admin.router.add_get("/readyz", handle_readyz)
@@ -158,6 +167,7 @@ async def outcome_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await _guarded(request, handler, trace)
     finally:
+        buffers.release(request)
         gate.finish(trace)
     if not response.prepared:
         response.headers[facts.DECISION_HEADER] = trace.decision_id
@@ -213,15 +223,15 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     now = datetime.now(UTC)
     trace.method = request.method
     loaded = gate.loaded(trace)
-    route = routing.resolve(request.raw_path, loaded.capability, settings.upstream_urls)
+    route = await _route(request, loaded.capability, settings, trace)
     trace.upstream, trace.path = route.upstream.name, route.path
     correlation = facts.correlation(request, gate.session_id)
     trace.correlation = correlation
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, now)
     gate.check_lockdown(loaded, request.method)
-    body = None
-    if facts.needs_body(request, loaded.capability, route.upstream.name):
-        body = await facts.read_body(request, settings.max_body_bytes)
+    facts.check_headers(request)
+    body = await facts.limited_body(request, loaded.capability, route.upstream.name, route.query,
+                                    settings.max_body_bytes)
     parsed = body.parsed if body is not None else None
     carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
     receipts = gate.receipt_rules(loaded, carried, correlation, trace, now)
@@ -231,6 +241,16 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     gate.enforce(loaded, verdict, trace)
     await gate.charge(loaded, route.upstream.name, parsed, trace)
     return await _forward(request, gate, loaded, route, verdict, correlation, body.raw if body else None)
+
+
+async def _route(request: web.Request, cap: spec.Capability, settings: Settings, trace: Trace) -> routing.Route:
+    """Path/absolute form on the agent port; the original destination on the outbound listener."""
+    outbound = request.app[EGRESS]
+    if outbound is not None:
+        captured = outbound.captured(request)
+        if captured is not None:
+            return await outbound.route(request, captured, cap, trace)
+    return routing.resolve(request.raw_path, cap, settings.upstream_urls)
 
 
 def _injection(request: web.Request, upstream: spec.Upstream) -> proxy.Injection | None:
@@ -271,8 +291,9 @@ ControlHandler = Callable[[web.Request, Gate, Trace], Awaitable[web.StreamRespon
 
 def _control(func: ControlHandler) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        if not request.raw_path.startswith("/"):
-            return await handle_proxy(request)  # absolute-form: an upstream's path, not ours
+        outbound = request.app[EGRESS]
+        if not request.raw_path.startswith("/") or (outbound is not None and outbound.captured(request)):
+            return await handle_proxy(request)  # absolute-form or captured: an upstream's path, not ours
         return await func(request, request.app[GATE], request[TRACE])
     return handler
 

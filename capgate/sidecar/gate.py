@@ -66,7 +66,11 @@ class Trace:
     reason: str = "internal_error"
     status: int | None = None
     upstream_status: int | None = None
+    destination: str | None = None
+    """``ip:port`` a captured connection was going to (outbound listener only)."""
     receipts_ignored: list[str] = field(default_factory=list)
+    scopes: list[dict[str, Any]] = field(default_factory=list)
+    """What each scope of a several-scope ``authorize`` asked, and its answer."""
     receipt_minted: bool = False
     forwarded: bool = False
     """The request may have reached the upstream (and taken effect): never recorded as denied."""
@@ -80,12 +84,14 @@ class Trace:
             "status": self.status, "latency_ms": round((time.perf_counter() - self.started) * 1000, 3),
         }
         for key in ("capability", "principal", "credential", "narrowed", "upstream", "method", "path", "action",
-                    "resource", "correlation", "rule", "upstream_status"):
+                    "resource", "correlation", "rule", "upstream_status", "destination"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
         if self.receipts_ignored:
             out["receipts_ignored"] = self.receipts_ignored
+        if self.scopes:
+            out["scopes"] = self.scopes
         if self.receipt_minted:
             out["receipt_minted"] = True
         if self.forwarded:

@@ -31,6 +31,10 @@ class Metrics:
                                     registry=self.registry)
         self.credential_expiry = Gauge("capgate_credential_expiry_timestamp_seconds",
                                        "Unix time the base credential expires", registry=self.registry)
+        self.connections_refused = Counter("capgate_connections_refused",
+                                           "Connections closed outside a request (header_timeout, header_too_large, "
+                                           "buffer_full, connection_limit), by listener",
+                                           ("listener", "reason"), registry=self.registry)
         # Fleet-wide usage (capgate.sidecar.usage); the meter label is a key built from the capability.
         self.leases_taken = Counter("capgate_usage_leases", "Slices of a fleet-wide window leased by this sidecar",
                                     ("meter",), registry=self.registry)

@@ -33,11 +33,17 @@ from aiohttp import web
 from capgate import ledger
 from capgate.capabilities import keys, receipts, tokens
 from capgate.sidecar import app as sidecar_app
+from capgate.sidecar import server
 from capgate.sidecar.config import SecretRef, Settings
 from tests.adversarial import generate, oracle
 
 CORRELATIONS = ("trip-1", "trip-2", "trip-3")
 RESPONSE_TIMEOUT = 15.0
+_HOSTILE_BLOCKS = (
+    " ".join(f"f({i});" for i in range(100)) + " g($a, $b, $c) <- f($a), f($b), f($c);",
+    'allow_match("r0");',
+    'check if method("GET");',
+)
 
 
 @dataclass
@@ -159,7 +165,7 @@ class Upstream:
     async def start(self) -> None:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(app, access_log=None, auto_decompress=False)  # record bytes as forwarded
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -225,7 +231,8 @@ class Rig:
                             upstream_credentials={names[0]: SecretRef("env", "FUZZ_API_KEY")},
                             read_timeout=5, total_timeout=10, connect_timeout=2)
         agent, _admin = sidecar_app.create_apps(settings, env={"FUZZ_API_KEY": generate.API_KEY})
-        runner = web.AppRunner(agent, access_log=None)
+        runner = server.GuardedRunner(agent, agent[server.GUARD], access_log=None,
+                                      auto_decompress=False)  # as capgate-sidecar serves it
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -253,6 +260,8 @@ class Rig:
             token[: len(token) // 2], token[:-3], token[:40] + ("A" if token[40] != "A" else "B") + token[41:],
             tokens.mint(loaded.capability, self.other_root),
             "", "not-a-token", "E" * 7000, token + "." + token,
+            # Blocks appended offline (they verify): a Datalog bomb, a fact granting a rule, a foreign check.
+            *(credential.parsed.append([(code, {})]).to_base64() for code in _HOSTILE_BLOCKS),
         ]
         other = tokens.mint(replace(loaded.capability, service_account="someone-else"), self.keyset)
         self.tokens.valid[other] = oracle.Narrowed(spec, holder="someone-else")
@@ -349,6 +358,7 @@ class Rig:
             self.forwarded_ids.add(response.headers["x-capgate-decision-id"])
         if seen is not None:
             counts.allowed += 1
+            state.charged()
             if expected is not None:
                 counts.false_allows += 1
                 counts.note("FALSE ALLOW", attempt, f"oracle {expected}, upstream saw {seen['path']!r}")
@@ -412,6 +422,13 @@ class Rig:
             if inject is not None and lower == inject["header"].lower() and value != inject["valuePrefix"] + \
                     generate.API_KEY:
                 problems.append(f"{name} not the injected key")
+        sent = {n.lower() for n, _ in attempt.headers}
+        for name, _value in seen["headers"]:
+            lower = name.lower()
+            if lower in oracle.METHOD_OVERRIDE_HEADERS:
+                problems.append(f"method override {name} forwarded")
+            if lower in ("accept", "accept-encoding", "user-agent", "content-type") and lower not in sent:
+                problems.append(f"{name} added by the forwarder")
         if inject is not None and sum(1 for n, _ in seen["headers"] if n.lower() == inject["header"].lower()) != 1:
             problems.append(f"injected {inject['header']} not exactly once")
         from urllib.parse import unquote

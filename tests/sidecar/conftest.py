@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from capgate.capabilities import keys
 from capgate.sidecar import app as sidecar_app
+from capgate.sidecar import server
 from capgate.sidecar.config import SecretRef, Settings
 from capgate.sidecar.gate import Gate
 
@@ -104,7 +105,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     holder = Upstream(server=None)  # type: ignore[arg-type]
     server = TestServer(upstream_app(holder))
     holder.server = server
-    await server.start_server()
+    await server.start_server(auto_decompress=False)  # record the bytes as they arrived
     yield holder
     holder.never.set()
     await server.close()
@@ -140,6 +141,13 @@ class Sidecar:
 MakeSidecar = Callable[..., Awaitable[Sidecar]]
 
 
+class GuardedTestServer(TestServer):
+    """Serves an app through the sidecar's own runner, connection watchdog included, as capgate-sidecar does."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return server.GuardedRunner(self.app, self.app[server.GUARD], **kwargs)
+
+
 @pytest.fixture
 async def sidecar(tmp_path: Path, root_key: Path, upstream: Upstream) -> AsyncIterator[MakeSidecar]:
     clients: list[TestClient] = []
@@ -158,8 +166,10 @@ async def sidecar(tmp_path: Path, root_key: Path, upstream: Upstream) -> AsyncIt
         settings = replace(settings, **changes)
         agent, admin = sidecar_app.create_apps(settings, env={"PAYMENTS_API_KEY": API_KEY, **(env or {})},
                                                revocation_source=revocation_source, limits=limits)
-        client = TestClient(TestServer(agent))
-        admin_client = TestClient(TestServer(admin))
+        server = GuardedTestServer(agent)
+        await server.start_server(auto_decompress=False)  # as capgate-sidecar serves it: never inflate
+        client = TestClient(server)
+        admin_client = TestClient(GuardedTestServer(admin))
         await client.start_server()
         await admin_client.start_server()
         clients.extend([client, admin_client])
