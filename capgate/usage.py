@@ -38,6 +38,11 @@ SHARE = 8
 budget of N takes about ln(N)/ln(8/7) + 8 writes to exhaust (~90 for 60,000) however many calls spend it."""
 
 
+LOW_WATER = 4
+"""A lease with a quarter of its last slice left is renewed in the background, so the call that would
+have run it dry does not wait for the API server (the adapter does the renewing)."""
+
+
 class UsageError(ValueError):
     """The stored usage state is not what the CRD schema allows: callers refuse (fail closed)."""
 
@@ -66,6 +71,8 @@ class Lease:
 
     start: int
     balance: int
+    granted: int = 0
+    """The size of the last slice taken (what "running low" is measured against)."""
 
 
 @dataclass(frozen=True)
@@ -156,10 +163,13 @@ class LeaseBook:
             return 0
         return lease.balance
 
+    def covers(self, demands: Sequence[Demand], now: float) -> bool:
+        return all(amount <= self.balance(meter, now) for meter, amount in _merged(demands))
+
     def spend_local(self, demands: Sequence[Demand], now: float) -> bool:
         """Spend every demand from the leases, or nothing at all when one does not fit."""
         merged = _merged(demands)
-        if any(amount > self.balance(meter, now) for meter, amount in merged):
+        if not self.covers(merged, now):
             return False
         for meter, amount in merged:
             if amount:
@@ -191,15 +201,23 @@ class LeaseBook:
             grants[meter.key] = grant
         return Claim(windows, grants)
 
+    def running_low(self, meter: Meter, now: float) -> bool:
+        """Worth renewing ahead of need: a quarter of the last slice or less is left in this window."""
+        lease = self.leases.get(meter.key)
+        if lease is None or lease.start != window_start(now, meter.per):
+            return False
+        return lease.balance <= lease.granted // LOW_WATER
+
     def granted(self, claim: Claim) -> None:
         """Record the slices of a claim whose write the API server accepted."""
         for key, grant in claim.grants.items():
             start = claim.windows[key].start
             lease = self.leases.get(key)
             if lease is None or lease.start != start:
-                self.leases[key] = Lease(start, grant)
+                self.leases[key] = Lease(start, grant, grant)
             else:
                 lease.balance += grant
+                lease.granted = grant
 
 
 def _merged(demands: Iterable[Demand]) -> list[Demand]:

@@ -5,8 +5,10 @@ created by the operator). :class:`FleetLimits` is the gate's :class:`~capgate.si
 there: a call whose meters the leases in hand cover costs no I/O; otherwise one renewal at a time
 (an :class:`asyncio.Lock`) reads the object, plans a claim and writes the status back with the
 resourceVersion it read. A 409 means another sidecar (or the agent) wrote first: read again and
-re-plan. The grant counts only once the API server accepted the write, so a write that timed out
-either took effect (that slice is lost) or did not (nothing was taken) — never double-spent.
+re-plan. A lease down to a quarter of its last slice is renewed in the background (one task at a
+time), so in steady use no call waits for the API server. The grant counts only once the API
+server accepted the write, so a write that timed out either took effect (that slice is lost) or
+did not (nothing was taken) — never double-spent.
 
 Fail closed: when the object cannot be read or written (API server down, object missing, a
 malformed status), a call that needs a new lease is refused with 429 and reason
@@ -143,6 +145,7 @@ class FleetLimits:
         self._cached_at = 0.0
         self._lock = asyncio.Lock()
         self._retry_at = 0.0
+        self._renewing: asyncio.Task[None] | None = None
         self.last_contact: float | None = None
         """Monotonic time of the last successful read or write (the state age metric)."""
         metrics.usage_state_age.set_function(lambda: -1.0 if self.last_contact is None else self.age() or 0.0)
@@ -159,14 +162,19 @@ class FleetLimits:
         if cap.qualified_name != self.capability:
             return self._refused(_unavailable(demands, f"this sidecar keeps usage for {self.capability} only"))
         async with self._lock:
-            refusal = await self._renew(demands)
-        return self._refused(refusal) if refusal is not None else None
+            refusal = await self._acquire(demands, spend=True)
+        if refusal is not None:
+            return self._refused(refusal)
+        self._observe(demands)
+        return None
 
-    async def _renew(self, demands: list[usage.Demand]) -> Refusal | None:
+    async def _acquire(self, demands: list[usage.Demand], *, spend: bool) -> Refusal | None:
+        """Lease enough for ``demands`` (and spend them, for a call); under the lock."""
         for _ in range(MAX_ATTEMPTS):
             now = self.clock()
-            if self.book.spend_local(demands, now):  # another call renewed while we waited for the lock
-                self._observe(demands)
+            if self.book.covers(demands, now):  # another call renewed while we waited for the lock
+                if spend:
+                    self.book.spend_local(demands, now)
                 return None
             if time.monotonic() < self._retry_at:
                 return _unavailable(demands, "the shared usage state was unreachable moments ago")
@@ -188,10 +196,32 @@ class FleetLimits:
             self.book.granted(claim)
             for key in claim.grants:
                 self.metrics.leases_taken.labels(key).inc()
-            if self.book.spend_local(demands, now):
-                self._observe(demands)
+            if not spend or self.book.spend_local(demands, now):
                 return None
         return _unavailable(demands, f"the shared usage state kept changing ({MAX_ATTEMPTS} conflicts in a row)")
+
+    def _prefetch(self, demands: list[usage.Demand]) -> None:
+        """Renew leases running low in the background, one renewal at a time (never on a call's path)."""
+        if self._renewing is not None or time.monotonic() < self._retry_at:
+            return
+        now = self.clock()
+        low = [(meter, self.book.balance(meter, now) + 1) for meter, _ in demands
+               if self.book.running_low(meter, now)]
+        if low:
+            self._renewing = asyncio.create_task(self._renew_ahead(low), name="capgate-usage-renewal")
+
+    async def _renew_ahead(self, wanted: list[usage.Demand]) -> None:
+        try:
+            async with self._lock:
+                await self._acquire(wanted, spend=False)  # a refusal here is met again by the call that needs it
+        finally:
+            self._renewing = None
+
+    async def idle(self) -> None:
+        """Wait for a background renewal in flight (tests and shutdown)."""
+        task = self._renewing
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _state(self) -> tuple[str, dict[str, Any]]:
         if self._cached is not None and time.monotonic() - self._cached_at < CACHE_SECONDS:
@@ -208,6 +238,7 @@ class FleetLimits:
         now = self.clock()
         for meter, _ in demands:
             self.metrics.lease_remaining.labels(meter.key).set(self.book.balance(meter, now))
+        self._prefetch(demands)
 
     def _refused(self, refusal: Refusal) -> Refusal:
         self.metrics.usage_refusals.labels(refusal.detail or refusal.reason).inc()
@@ -217,6 +248,9 @@ class FleetLimits:
         return None if self.last_contact is None else time.monotonic() - self.last_contact
 
     async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
         await self.store.close()
 
 

@@ -78,6 +78,27 @@ async def test_calls_within_a_lease_cost_no_api_request() -> None:
     assert store.status["windows"]["budget/payments/amount/86400s"]["spent"] == 10000
 
 
+async def test_a_lease_running_low_is_renewed_in_the_background_before_a_call_needs_it() -> None:
+    store, cap = MemoryStore(), _cap(budget=800)
+    charger = _charger(store)
+    for _ in range(75):  # the first call leases 100; 25 left is a quarter of it
+        assert await charger.charge(cap, "payments", {"amount": 1}) is None
+    await charger.idle()
+    assert store.writes == 2
+    key = "budget/payments/amount/86400s"
+    assert store.status["windows"][key]["spent"] == 100 + 700 // 8
+    writes = store.writes
+
+    class Down(MemoryStore):
+        async def write(self, version: str, status: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+            raise AssertionError("no call should wait for a write: the renewal happened ahead of need")
+
+    charger.store = Down()
+    for _ in range(25 + 700 // 8 - 30):
+        assert await charger.charge(cap, "payments", {"amount": 1}) is None
+    assert store.writes == writes
+
+
 async def test_an_unreachable_state_refuses_budgeted_calls_with_a_reason_and_leaves_others_alone() -> None:
     store, cap, metrics = MemoryStore(), _cap(), Metrics()
     store.down = True
