@@ -197,7 +197,7 @@ class Gate:
             return
         if loaded.capability.mode == "audit":
             if trace.outcome != "would_deny":  # the first would-be refusal is the one to report
-                trace.outcome, trace.reason = "would_deny", refusal.reason
+                trace.outcome, trace.reason = "would_deny", refusal.detail or refusal.reason
             return
         raise errors.SidecarError(429, refusal.reason, refusal.detail or refusal.reason, refusal.message,
                                   headers={"Retry-After": str(max(1, round(refusal.retry_after)))})
