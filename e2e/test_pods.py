@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,10 @@ def test_every_replica_runs_with_its_sidecar_ready_before_the_agent(stack: Stack
         # The private CA of payments is mounted into the sidecar, and only there.
         assert any(m["name"] == injection.UPSTREAM_CA_VOLUME for m in sidecar["volumeMounts"])
         assert all(m["name"] != injection.UPSTREAM_CA_VOLUME for m in spec["containers"][0].get("volumeMounts", []))
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        TIMINGS_SEEN.setdefault("agent pod created -> Ready s (1 s resolution)", []).append(
+            (datetime.fromisoformat(ready["lastTransitionTime"])
+             - datetime.fromisoformat(pod["metadata"]["creationTimestamp"])).total_seconds())
         # capgate-init programmed the pod's network and exited, before the sidecar started.
         assert inits[INIT]["state"]["terminated"]["exitCode"] == 0, inits[INIT]
         assert [c["name"] for c in spec["initContainers"]][:2] == [INIT, SIDECAR]
