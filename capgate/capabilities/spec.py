@@ -23,7 +23,7 @@ import yaml
 
 from capgate import resources
 from capgate.capabilities import paths
-from capgate.capabilities.errors import SpecError
+from capgate.capabilities.errors import RequestError, SpecError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -57,10 +57,30 @@ class Inject:
 
 
 @dataclass(frozen=True)
+class Mcp:
+    """``upstreams[].mcp``: where the upstream speaks MCP, so the sidecar decides each JSON-RPC message.
+
+    ``path`` for streamable HTTP; ``sse`` + ``messages`` for the old HTTP+SSE transport. All are
+    normalized paths on the upstream (as the agent sends them after ``/<upstream>``).
+    """
+
+    path: str | None = None
+    sse: str | None = None
+    messages: str | None = None
+
+    def covers(self, path: str) -> bool:
+        """Is ``path`` (normalized) an MCP endpoint of this upstream?"""
+        if path == self.path or path == self.sse:
+            return True
+        return self.messages is not None and (path == self.messages or path.startswith(self.messages.rstrip("/") + "/"))
+
+
+@dataclass(frozen=True)
 class Upstream:
     name: str
     url: str
     inject: Inject | None = None
+    mcp: Mcp | None = None
 
     @property
     def injects_in_cleartext(self) -> bool:
@@ -76,6 +96,16 @@ class Limit:
 
 
 @dataclass(frozen=True)
+class Arg:
+    """``args: [{field, in: [...]}]`` or ``[{field, glob}]``: a string argument of an action (MCP's
+    ``params.arguments``). A missing or non-string field never satisfies it."""
+
+    field: str
+    one_of: tuple[str, ...] = ()
+    glob: str | None = None
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     effect: Effect
@@ -86,6 +116,7 @@ class Rule:
     resources: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     limits: tuple[Limit, ...] = ()
+    args: tuple[Arg, ...] = ()
 
     @property
     def is_http(self) -> bool:
@@ -157,6 +188,11 @@ class Capability:
         found = {lim.field for rule in self.rules for lim in rule.limits}
         found.update(budget.field for budget in self.budgets)
         return frozenset(found)
+
+    @cached_property
+    def arg_fields(self) -> frozenset[str]:
+        """String argument fields some ``args`` constraint reads."""
+        return frozenset(arg.field for rule in self.rules for arg in rule.args)
 
     @cached_property
     def required_rules(self) -> frozenset[str]:
@@ -317,17 +353,67 @@ def _parse_inject(data: object, path: str) -> Inject:
 def _parse_upstreams(spec: _Reader) -> tuple[Upstream, ...]:
     out: list[Upstream] = []
     for path, item in spec.items("upstreams", required=True, max_items=MAX_UPSTREAMS):
-        reader = _Reader(item, path, ("name", "url", "inject"))
+        reader = _Reader(item, path, ("name", "url", "inject", "mcp"))
         name = reader.string("name", DNS_LABEL, max_len=63, what="a DNS label")
         if any(u.name == name for u in out):
             raise SpecError(reader.sub("name"), f"duplicate upstream name {name!r}")
         url = _parse_url(reader.sub("url"), reader.string("url", max_len=2048))
         inject = _parse_inject(reader.data["inject"], reader.sub("inject")) if reader.has("inject") else None
-        upstream = Upstream(name=name, url=url, inject=inject)
+        mcp = _parse_mcp(reader.data["mcp"], reader.sub("mcp")) if reader.has("mcp") else None
+        upstream = Upstream(name=name, url=url, inject=inject, mcp=mcp)
         if inject is not None and upstream.injects_in_cleartext and not inject.allow_insecure_transport:
             raise SpecError(reader.sub("url"), "injects a credential over cleartext http://; use an https:// URL, "
                                                "or opt in with inject.allowInsecureTransport: true")
         out.append(upstream)
+    return tuple(out)
+
+
+def _mcp_path(reader: _Reader, key: str) -> str | None:
+    if not reader.has(key):
+        return None
+    value = reader.string(key, max_len=paths.MAX_PATH_BYTES)
+    try:
+        normal = paths.normalize(value)
+    except RequestError as exc:
+        raise SpecError(reader.sub(key), str(exc)) from None
+    if normal != value or "*" in value:
+        raise SpecError(reader.sub(key), "must be a plain normalized path (no globs, no percent-encoding)")
+    return value
+
+
+def _parse_mcp(data: object, path: str) -> Mcp:
+    reader = _Reader(data, path, ("path", "sse", "messages"))
+    mcp = Mcp(path=_mcp_path(reader, "path"), sse=_mcp_path(reader, "sse"), messages=_mcp_path(reader, "messages"))
+    if (mcp.path is None) == (mcp.sse is None and mcp.messages is None):
+        raise SpecError(path, "needs either path (streamable HTTP) or sse and messages (HTTP+SSE)")
+    if (mcp.sse is None) != (mcp.messages is None):
+        raise SpecError(path, "the HTTP+SSE transport needs both sse and messages")
+    if mcp.sse is not None and mcp.sse == mcp.messages:
+        raise SpecError(path, "sse and messages must be different paths")
+    return mcp
+
+
+def _parse_args(reader: _Reader) -> tuple[Arg, ...]:
+    out = []
+    for path, item in reader.items("args"):
+        arg = _Reader(item, path, ("field", "in", "glob"))
+        field_path = arg.string("field", FIELD_PATH, max_len=256, what="a dotted JSON field path")
+        if arg.has("in") == arg.has("glob"):
+            raise SpecError(path, "needs exactly one of 'in' (a non-empty list) and 'glob'")
+        values = arg.strings("in")
+        for vpath, value in values:
+            if len(value) > paths.MAX_PATH_BYTES:
+                raise SpecError(vpath, f"longer than {paths.MAX_PATH_BYTES} characters")
+        one_of = tuple(dict.fromkeys(value for _, value in values))
+        glob = None
+        if arg.has("glob"):
+            glob = arg.string("glob", max_len=paths.MAX_PATH_BYTES)
+            problem = paths.validate_name_glob(glob)
+            if problem:
+                raise SpecError(arg.sub("glob"), problem)
+        if bool(one_of) == (glob is not None):
+            raise SpecError(path, "needs exactly one of 'in' (a non-empty list) and 'glob'")
+        out.append(Arg(field=field_path, one_of=one_of, glob=glob))
     return tuple(out)
 
 
@@ -342,7 +428,7 @@ def _parse_limits(reader: _Reader) -> tuple[Limit, ...]:
 
 def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rule:
     reader = _Reader(item, path, ("name", "effect", "upstream", "methods", "paths", "actions", "resources",
-                                  "requires", "limits"))
+                                  "requires", "limits", "args"))
     name = reader.string("name", RULE_NAME, max_len=63, what="a rule name (lowercase, digits, '-', '_', '.')")
     effect = reader.string("effect")
     if effect not in ("allow", "deny"):
@@ -373,9 +459,10 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
             names[key].append(value)
     requires = [value for _, value in reader.strings("requires")]
     limits = _parse_limits(reader)
+    args = _parse_args(reader)
     rule = Rule(name=name, effect=cast(Effect, effect), upstream=upstream, methods=tuple(dict.fromkeys(methods)),
                 paths=tuple(dict.fromkeys(globs)), actions=tuple(names["actions"]),
-                resources=tuple(names["resources"]), requires=tuple(dict.fromkeys(requires)), limits=limits)
+                resources=tuple(names["resources"]), requires=tuple(dict.fromkeys(requires)), limits=limits, args=args)
     if not (rule.upstream or rule.methods or rule.paths or rule.actions or rule.resources):
         raise SpecError(path, "a rule must name at least one of upstream, methods, paths, actions, resources")
     if not rule.is_http and (rule.methods or rule.paths):
@@ -383,6 +470,9 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
     if not rule.is_http and rule.upstream:
         raise SpecError(f"{path}.upstream", "action rules name their upstream in the resource "
                                             "(mcp://<upstream>/<tool>), not in 'upstream'")
+    if rule.args and rule.is_http:
+        raise SpecError(f"{path}.args", "args constrain action arguments (MCP params.arguments); "
+                                        "use actions/resources")
     if rule.effect == "deny" and (rule.requires or rule.limits):
         raise SpecError(path, "requires and limits only apply to allow rules")
     return rule
@@ -522,6 +612,9 @@ def to_spec(cap: Capability) -> dict[str, Any]:
                 out[key] = value
         if rule.limits:
             out["limits"] = [{"field": lim.field, "max": lim.max} for lim in rule.limits]
+        if rule.args:
+            out["args"] = [{"field": a.field, "in": list(a.one_of)} if a.one_of else {"field": a.field, "glob": a.glob}
+                           for a in rule.args]
         return out
 
     def upstream_dict(up: Upstream) -> dict[str, Any]:
@@ -531,6 +624,9 @@ def to_spec(cap: Capability) -> dict[str, Any]:
                              "header": up.inject.header, "valuePrefix": up.inject.value_prefix}
             if up.inject.allow_insecure_transport:
                 out["inject"]["allowInsecureTransport"] = True
+        if up.mcp:
+            out["mcp"] = {k: v for k, v in (("path", up.mcp.path), ("sse", up.mcp.sse), ("messages", up.mcp.messages))
+                          if v is not None}
         return out
 
     spec: dict[str, Any] = {
@@ -574,3 +670,13 @@ def numeric_field(body: object, dotted: str) -> int | None:
     if not -MAX_INT64 <= value <= MAX_INT64:
         return None
     return int(value)
+
+
+def string_field(body: object, dotted: str) -> str | None:
+    """The string an ``args`` constraint compares, or None when missing or not a string."""
+    value: object = body
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value if isinstance(value, str) else None
