@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from capgate.capabilities import decision, spec
-from capgate.sidecar import control, errors, facts, proxy, routing
+from capgate.sidecar import control, errors, facts, mcp, proxy, routing
 from capgate.sidecar.audit import AuditLog
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded, UpstreamSecrets
@@ -183,6 +183,9 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     trace.upstream, trace.path = route.upstream.name, route.path
     correlation = facts.correlation(request, gate.session_id)
     trace.correlation = correlation
+    if mcp.is_mcp(route):
+        return await mcp.handle(request, mcp.Context(gate, settings, trace, loaded, route, correlation, now,
+                                                     request.app[CLIENT], lambda: _injection(request, route.upstream)))
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, now)
     gate.check_lockdown(loaded, request.method)
     body = None

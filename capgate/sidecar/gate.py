@@ -68,6 +68,8 @@ class Trace:
     upstream_status: int | None = None
     receipts_ignored: list[str] = field(default_factory=list)
     receipt_minted: bool = False
+    mcp: dict[str, object] | None = None
+    """For an MCP message: its kind, JSON-RPC method, tool/URI, id and argument digest."""
     skip: bool = False
     """Not a decision (whoami, a refused CONNECT still counts); nothing is recorded."""
     recorded: bool = False
@@ -86,6 +88,8 @@ class Trace:
             out["receipts_ignored"] = self.receipts_ignored
         if self.receipt_minted:
             out["receipt_minted"] = True
+        if self.mcp is not None:
+            out["mcp"] = self.mcp
         return out
 
 

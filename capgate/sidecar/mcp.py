@@ -1,0 +1,330 @@
+"""MCP on the agent port: one decision per JSON-RPC message, not per HTTP request.
+
+On an upstream's declared MCP path (``upstreams[].mcp``) a POST carries exactly one JSON-RPC
+message. It is read whole (bounded by ``--max-body-bytes``) by the core's one reader
+(:mod:`capgate.capabilities.mcp`), checked against ``Mcp-Method``/``Mcp-Name``, and decided by the
+same core as every other request: a tool call is the action ``mcp.call`` on
+``mcp://<upstream>/<tool>`` with ``params.arguments`` as the body its limits, ``args`` and
+budgets read. Protocol plumbing is implied; the GET stream and ``DELETE`` of a session pass.
+
+A refusal keeps its HTTP status, and its body is a JSON-RPC error with the request's id whose
+``data`` is capgate's error object, so an SDK user sees *why* (the middleware renders it from
+:attr:`~capgate.sidecar.errors.SidecarError.jsonrpc`).
+
+Answers are read as they come: a JSON answer whole (bounded), an SSE answer event by event
+(passed on byte for byte: ``id:``, ``retry:`` and comment pings included). A receipt is minted for
+an allowed ``tools/call`` only when the answer to *its* id is a success — a ``result`` that is not
+``isError`` and not an unfinished multi-round-trip result — never for the transport's 200.
+With a JSON answer the receipt also rides ``X-Capgate-Receipt``; with SSE the headers are gone by
+then, so it is held by this sidecar for the correlation (which is what ``requires`` reads).
+
+Each message is one audit record: JSON-RPC method, tool/URI, id, argument digest, outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from capgate.capabilities import decision
+from capgate.capabilities import mcp as core_mcp
+from capgate.sidecar import errors, facts, proxy
+from capgate.sidecar.config import Settings
+from capgate.sidecar.credentials import Loaded
+from capgate.sidecar.gate import Gate, Trace
+from capgate.sidecar.receipts import split_header
+from capgate.sidecar.routing import Route
+
+log = logging.getLogger("capgate.sidecar.mcp")
+
+MAX_JSON_ANSWER = 16 * 1024 * 1024
+"""A JSON answer is read whole (to find its result); larger ones are refused (502), never cut."""
+MAX_SSE_EVENT = 16 * 1024 * 1024
+_EOL = re.compile(rb"\r\n|\n|\r")
+_STREAM_METHODS = frozenset({"GET", "DELETE"})
+
+
+def is_mcp(route: Route) -> bool:
+    """Does ``route`` address one of its upstream's MCP endpoints?"""
+    return route.upstream.mcp is not None and route.upstream.mcp.covers(route.path)
+
+
+@dataclass
+class Context:
+    """What the MCP handler needs from the app (kept explicit: this module does not import app)."""
+
+    gate: Gate
+    settings: Settings
+    trace: Trace
+    loaded: Loaded
+    route: Route
+    correlation: str
+    now: datetime
+    client: aiohttp.ClientSession
+    injection: Callable[[], proxy.Injection | None]
+
+
+async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
+    """Decide and forward one MCP HTTP request (raises SidecarError for refusals)."""
+    ctx.trace.kind = "mcp"
+    if request.method in _STREAM_METHODS:
+        return await _plumbing(request, ctx)
+    if request.method != "POST":
+        raise errors.SidecarError(405, "bad_request", "mcp_method",
+                                  "an MCP endpoint takes POST (messages), GET (the stream) and DELETE (a session)",
+                                  headers={"Allow": "GET, POST, DELETE"})
+    raw = await facts.read_body(request, ctx.settings.max_body_bytes)
+    ident: core_mcp.JsonRpcId | None = None
+    try:
+        message = core_mcp.parse(raw.raw)
+        ident = message.id
+        core_mcp.check_headers(message, request.headers.getall(core_mcp.METHOD_HEADER, []),
+                               request.headers.getall(core_mcp.NAME_HEADER, []))
+        target = core_mcp.target(message, ctx.route.upstream.name)
+    except core_mcp.McpError as exc:
+        raise _rpc(errors.bad_request(exc.reason, exc.message), ident, exc.rpc_code) from None
+    _describe(ctx.trace, message, target)
+    try:
+        verdict = _decide(request, ctx, target)
+    except errors.SidecarError as exc:
+        raise _rpc(exc, ident, core_mcp.DENIED) from None
+    return await _forward(request, ctx, raw.raw, Exchange(message, target, verdict))
+
+
+def _rpc(exc: errors.SidecarError, ident: core_mcp.JsonRpcId | None, code: int) -> errors.SidecarError:
+    exc.jsonrpc = (ident, code)
+    return exc
+
+
+def _describe(trace: Trace, message: core_mcp.Message, target: core_mcp.Target) -> None:
+    trace.action, trace.resource = target.action, target.resource
+    record: dict[str, object] = {"kind": message.kind}
+    if message.method is not None:
+        record["method"] = message.method
+    if target.name is not None and target.name != message.method:
+        record["name"] = target.name
+    if message.id is not None:
+        record["id"] = message.id
+    if target.arguments is not None:
+        record["arguments_digest"] = core_mcp.digest(target.arguments)
+    trace.mcp = record
+
+
+def _decide(request: web.Request, ctx: Context, target: core_mcp.Target) -> decision.Decision | None:
+    """None for implied plumbing; else the verdict (raises for a refusal, like the HTTP path)."""
+    gate, loaded, trace = ctx.gate, ctx.loaded, ctx.trace
+    creds = gate.credentials(loaded, facts.narrowed_token(request), trace, ctx.now)
+    if target.implied:
+        gate.charge(loaded, None, None, trace)  # the rate limit counts every message
+        trace.outcome, trace.reason = "allowed", "implied"
+        return None
+    gate.check_lockdown(loaded, request.method)
+    carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
+    receipts = gate.receipt_rules(loaded, carried, ctx.correlation, trace, ctx.now)
+    verdict = gate.decide(creds, decision.Request(
+        principal=loaded.principal, correlation=ctx.correlation, action=target.action, resource=target.resource,
+        body=dict(target.arguments) if target.arguments is not None else None, receipts=receipts, now=ctx.now),
+        trace)
+    gate.enforce(loaded, verdict, trace)
+    gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace)
+    return verdict
+
+
+# -- forwarding --------------------------------------------------------------------------------
+@dataclass
+class Exchange:
+    """One message on its way: what was asked, the verdict, and whether its answer was seen."""
+
+    message: core_mcp.Message | None
+    target: core_mcp.Target | None
+    verdict: decision.Decision | None
+    answered: bool = False
+    receipt: str | None = field(default=None, repr=False)
+
+
+def _timeout(ctx: Context, streaming: bool) -> aiohttp.ClientTimeout:
+    # A stream (the GET listen stream, a long tool call's SSE answer) is quiet for as long as the
+    # server has nothing to say: neither the read nor the total timeout may cut it.
+    if streaming:
+        return aiohttp.ClientTimeout(total=None, sock_connect=ctx.settings.connect_timeout, sock_read=None)
+    return proxy.timeout(ctx.settings)
+
+
+async def _send(request: web.Request, ctx: Context, body: bytes | None) -> aiohttp.ClientResponse:
+    headers = proxy.outgoing_headers(request.headers, ctx.injection(), body is not None)
+    name = ctx.route.upstream.name
+    try:
+        return await ctx.client.request(request.method, URL(ctx.route.target, encoded=True), headers=headers,
+                                        data=body, allow_redirects=False,
+                                        timeout=_timeout(ctx, request.method == "GET" or body is not None))
+    except TimeoutError as exc:
+        raise errors.SidecarError(504, "upstream_timeout", "timeout", f"upstream {name!r} did not answer in time") \
+            from exc
+    except aiohttp.ClientError as exc:
+        raise errors.SidecarError(502, "upstream_unavailable", "unreachable", f"upstream {name!r} is unavailable") \
+            from exc
+
+
+async def _plumbing(request: web.Request, ctx: Context) -> web.StreamResponse:
+    """The GET stream and DELETE of a session: implied by the upstream, still token-checked."""
+    ctx.gate.credentials(ctx.loaded, facts.narrowed_token(request), ctx.trace, ctx.now)
+    ctx.trace.outcome, ctx.trace.reason = "allowed", "implied"
+    ctx.trace.mcp = {"kind": "stream" if request.method == "GET" else "session_end"}
+    if request.body_exists:
+        raise errors.bad_request("mcp_body", f"an MCP {request.method} carries no body")
+    return await _forward(request, ctx, None, Exchange(None, None, None))
+
+
+async def _forward(request: web.Request, ctx: Context, body: bytes | None, exchange: Exchange) -> web.StreamResponse:
+    upstream = await _send(request, ctx, body)
+    trace = ctx.trace
+    trace.status = trace.upstream_status = upstream.status
+    async with upstream:
+        headers = proxy.incoming_headers(upstream.headers)
+        headers[facts.DECISION_HEADER] = trace.decision_id
+        media = upstream.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if media == "application/json" and exchange.message is not None:
+            return await _json_answer(ctx, upstream, headers, exchange)
+        if media == "text/event-stream":
+            return await _sse_answer(request, ctx, upstream, headers, exchange)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_chunked(proxy.CHUNK):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+async def _json_answer(ctx: Context, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                       exchange: Exchange) -> web.StreamResponse:
+    data = bytearray()
+    async for chunk in upstream.content.iter_chunked(proxy.CHUNK):
+        data.extend(chunk)
+        if len(data) > MAX_JSON_ANSWER:
+            raise errors.SidecarError(502, "upstream_unavailable", "answer_too_large",
+                                      f"the MCP answer is larger than {MAX_JSON_ANSWER} bytes")
+    _observe(ctx, exchange, bytes(data))
+    headers.popall("Content-Length", None)
+    if exchange.receipt is not None:
+        headers[facts.RECEIPT_HEADER] = exchange.receipt
+    return web.Response(status=upstream.status, reason=upstream.reason, body=bytes(data), headers=headers)
+
+
+async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.ClientResponse,
+                      headers: CIMultiDict[str], exchange: Exchange) -> web.StreamResponse:
+    headers.popall("Content-Length", None)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    await response.prepare(request)
+    events = SseEvents(MAX_SSE_EVENT)
+    try:
+        async for chunk in upstream.content.iter_any():
+            for event in events.feed(chunk):
+                if event.data is not None:
+                    _observe(ctx, exchange, event.data.encode("utf-8", "surrogatepass"))
+                await response.write(event.raw)
+        await response.write(events.rest())
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        log.warning("MCP stream from %s ended badly (%s); aborting the agent's connection",
+                    ctx.route.upstream.name, type(exc).__name__)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+def _observe(ctx: Context, exchange: Exchange, data: bytes) -> None:
+    """Look at one answer message: the answer to our tool call mints its receipt on success."""
+    if exchange.answered or exchange.message is None or exchange.message.kind != "request":
+        return
+    try:
+        answer = core_mcp.parse(data)
+    except core_mcp.McpError:
+        return  # not a message we must understand; the agent's SDK judges it
+    if answer.kind != "response" or answer.id != exchange.message.id:
+        return
+    exchange.answered = True
+    verdict, target = exchange.verdict, exchange.target
+    if not succeeded(answer.document) or verdict is None or not verdict.allowed or verdict.rule is None:
+        return
+    if target is None or target.action != core_mcp.CALL:
+        return
+    exchange.receipt = ctx.gate.mint_receipt(ctx.loaded, verdict.rule, ctx.correlation, ctx.trace)
+
+
+def succeeded(document: Mapping[str, object]) -> bool:
+    """A tool result that is a success: a ``result``, not ``isError``, not waiting for more input."""
+    result = document.get("result")
+    if not isinstance(result, Mapping) or result.get("isError", False) is not False:
+        return False
+    return bool(result.get("resultType", "complete") == "complete")
+
+
+# -- server-sent events ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Event:
+    raw: bytes
+    """The event exactly as the upstream sent it, blank line included."""
+    data: str | None
+    name: str | None
+
+
+class SseEvents:
+    """Split an SSE byte stream into whole events without changing a byte (WHATWG's line rules)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._buffer = b""
+        self._raw: list[bytes] = []
+        self._lines: list[bytes] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        self._buffer += chunk
+        out: list[Event] = []
+        while True:
+            match = _EOL.search(self._buffer)
+            if match is None or (match.group() == b"\r" and match.end() == len(self._buffer)):
+                break  # a lone CR at the end may be half of CRLF
+            line, raw = self._buffer[:match.start()], self._buffer[:match.end()]
+            self._buffer = self._buffer[match.end():]
+            self._raw.append(raw)
+            self._size += len(raw)
+            if line:
+                self._lines.append(line)
+                continue
+            out.append(self._event())
+        if self._size + len(self._buffer) > self._limit:
+            raise ValueError(f"an SSE event is larger than {self._limit} bytes")
+        return out
+
+    def rest(self) -> bytes:
+        """Bytes of an unfinished event at the end of the stream (passed on, never decided on)."""
+        return b"".join(self._raw) + self._buffer
+
+    def _event(self) -> Event:
+        data: list[str] = []
+        name = None
+        for line in self._lines:
+            key, _, value = line.decode("utf-8", "replace").partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if key == "data":
+                data.append(value)
+            elif key == "event":
+                name = value
+        event = Event(b"".join(self._raw), "\n".join(data) if data else None, name)
+        self._raw, self._lines, self._size = [], [], 0
+        return event
+
+
+def json_bytes(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

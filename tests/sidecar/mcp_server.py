@@ -1,0 +1,81 @@
+"""The booking MCP server the MCP tests talk to: the official SDK's MCPServer on loopback (uvicorn)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+
+
+@dataclass
+class Booking:
+    """What the tools actually did: a test asserts on effects, not on what the sidecar said."""
+
+    calls: list[tuple[str, dict[str, object]]] = field(default_factory=list)
+
+    def tools(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+def server(booking: Booking) -> MCPServer:
+    srv = MCPServer("booking")
+
+    @srv.tool()
+    def search_flights(origin: str, destination: str) -> str:
+        booking.calls.append(("search_flights", {"origin": origin, "destination": destination}))
+        if origin == "nowhere":
+            raise ValueError("no such airport")
+        return f"{origin}->{destination}: LH123 at 09:00"
+
+    @srv.tool()
+    def charge(amount: int, currency: str = "EUR") -> str:
+        booking.calls.append(("charge", {"amount": amount, "currency": currency}))
+        return f"charged {amount} {currency}"
+
+    @srv.tool()
+    def list_bookings() -> list[str]:
+        booking.calls.append(("list_bookings", {}))
+        return ["b1", "vip-7"]
+
+    @srv.tool()
+    def delete_booking(booking_id: str) -> str:
+        booking.calls.append(("delete_booking", {"booking_id": booking_id}))
+        return f"deleted {booking_id}"
+
+    @srv.tool()
+    def add_note(trip: str, text: str) -> str:
+        booking.calls.append(("add_note", {"trip": trip, "text": text}))
+        return "noted"
+
+    @srv.tool()
+    def transfer_funds(to: str) -> str:
+        booking.calls.append(("transfer_funds", {"to": to}))
+        return "sent"
+
+    return srv
+
+
+@asynccontextmanager
+async def running(booking: Booking, *, json_response: bool = False, stateless: bool = False) -> AsyncIterator[str]:
+    """The server's base URL (``http://127.0.0.1:<port>``) while it runs; its MCP path is ``/mcp``."""
+    app = server(booking).streamable_http_app(json_response=json_response, stateless_http=stateless)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(uv.serve(sockets=[sock]))
+    while not uv.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        await task
+        sock.close()
