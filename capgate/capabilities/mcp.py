@@ -42,7 +42,7 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -261,6 +261,55 @@ def _normalized(upstream: str, path: str, what: str) -> str:
         return f"mcp://{upstream}" + paths.normalize(path)
     except RequestError as exc:
         raise McpError(INVALID_PARAMS, f"ambiguous MCP {what}: {exc}", reason="ambiguous_resource") from None
+
+
+# -- lists -------------------------------------------------------------------------------------
+LIST_ITEMS: Mapping[str, tuple[str, str, str]] = {
+    "tools/list": ("tools", "name", CALL), "prompts/list": ("prompts", "name", PROMPT),
+    "resources/list": ("resources", "uri", READ),
+    "resources/templates/list": ("resourceTemplates", "uriTemplate", READ),
+}
+"""A list method: the result member holding the items, the item member naming each, the action it offers."""
+_TEMPLATE_EXPRESSION = re.compile(r"\{[^{}]*\}")
+
+
+def item_scope(upstream: str, method: str, item: object) -> tuple[str, str] | None:
+    """(action, resource) a listed item offers, or None when it cannot be read (the item is hidden).
+
+    A URI template is judged by one instance: each ``{expression}`` reads as the segment ``x``.
+    """
+    _, member, action = LIST_ITEMS[method]
+    name = item.get(member) if isinstance(item, Mapping) else None
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        if action == READ:
+            instance = _TEMPLATE_EXPRESSION.sub("x", name) if method == "resources/templates/list" else name
+            return action, uri_resource(upstream, instance)
+        return action, resource(upstream, name)
+    except McpError:
+        return None
+
+
+def filter_list(document: Mapping[str, object], method: str, upstream: str,
+                may: Callable[[str, str], bool]) -> dict[str, object] | None:
+    """The list answer with only the items ``may(action, resource)`` allows, marked uncacheable.
+
+    None when ``document`` is not a list result (an error, or no item array): passed on as is.
+    ``ttlMs: 0`` / ``cacheScope: private`` (2026-07-28 caching hints) keep a shared cache from
+    serving one credential's view to another.
+    """
+    result = document.get("result")
+    key = LIST_ITEMS[method][0]
+    if not isinstance(result, Mapping) or not isinstance(result.get(key), list):
+        return None
+    items = result[key]
+    assert isinstance(items, list)
+    kept = [item for item in items if (scope := item_scope(upstream, method, item)) is not None and may(*scope)]
+    filtered: dict[str, object] = {**result, key: kept}
+    if "ttlMs" in result or "cacheScope" in result:
+        filtered["ttlMs"], filtered["cacheScope"] = 0, "private"
+    return {**document, "result": filtered}
 
 
 # -- transport headers -------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from capgate.capabilities import decision
+from capgate.capabilities import decision, tokens
 from capgate.capabilities import mcp as core_mcp
 from capgate.sidecar import errors, facts, proxy
 from capgate.sidecar.config import Settings
@@ -94,10 +94,10 @@ async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
         raise _rpc(errors.bad_request(exc.reason, exc.message), ident, exc.rpc_code) from None
     _describe(ctx.trace, message, target)
     try:
-        verdict = _decide(request, ctx, target)
+        creds, verdict = _decide(request, ctx, target)
     except errors.SidecarError as exc:
         raise _rpc(exc, ident, core_mcp.DENIED) from None
-    return await _forward(request, ctx, raw.raw, Exchange(message, target, verdict))
+    return await _forward(request, ctx, raw.raw, Exchange(message, target, verdict, creds))
 
 
 def _rpc(exc: errors.SidecarError, ident: core_mcp.JsonRpcId | None, code: int) -> errors.SidecarError:
@@ -119,14 +119,15 @@ def _describe(trace: Trace, message: core_mcp.Message, target: core_mcp.Target) 
     trace.mcp = record
 
 
-def _decide(request: web.Request, ctx: Context, target: core_mcp.Target) -> decision.Decision | None:
-    """None for implied plumbing; else the verdict (raises for a refusal, like the HTTP path)."""
+def _decide(request: web.Request, ctx: Context,
+            target: core_mcp.Target) -> tuple[list[tokens.Credential], decision.Decision | None]:
+    """The verified tokens and the verdict (None for implied plumbing); raises for a refusal."""
     gate, loaded, trace = ctx.gate, ctx.loaded, ctx.trace
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, ctx.now)
     if target.implied:
         gate.charge(loaded, None, None, trace)  # the rate limit counts every message
         trace.outcome, trace.reason = "allowed", "implied"
-        return None
+        return creds, None
     gate.check_lockdown(loaded, request.method)
     carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
     receipts = gate.receipt_rules(loaded, carried, ctx.correlation, trace, ctx.now)
@@ -136,7 +137,24 @@ def _decide(request: web.Request, ctx: Context, target: core_mcp.Target) -> deci
         trace)
     gate.enforce(loaded, verdict, trace)
     gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace)
-    return verdict
+    return creds, verdict
+
+
+_CALLABLE_REASONS = frozenset({"allowed", "limit_missing", "limit_exceeded", "missing_receipt"})
+"""Denials that depend on the call's arguments or order, not on the tool: the tool stays listed."""
+
+
+def could_call(ctx: Context, creds: list[tokens.Credential], action: str, resource: str) -> bool:
+    """Would some call of this tool (prompt, resource) be allowed under every token sent?
+
+    Asked of the same decision core with every rule's receipt and no arguments: a tool whose rule
+    needs a receipt or argument values is still listed; a denied or unnamed one is not.
+    """
+    cap = ctx.loaded.capability
+    outcome = decision.decide(creds, decision.Request(
+        principal=ctx.loaded.principal, correlation=ctx.correlation, action=action, resource=resource,
+        receipts=frozenset(rule.name for rule in cap.rules), now=ctx.now), revoked=ctx.gate.revocations.revoked_ids)
+    return outcome.reason in _CALLABLE_REASONS
 
 
 # -- forwarding --------------------------------------------------------------------------------
@@ -147,6 +165,7 @@ class Exchange:
     message: core_mcp.Message | None
     target: core_mcp.Target | None
     verdict: decision.Decision | None
+    creds: list[tokens.Credential] = field(default_factory=list)
     answered: bool = False
     receipt: str | None = field(default=None, repr=False)
 
@@ -212,11 +231,11 @@ async def _json_answer(ctx: Context, upstream: aiohttp.ClientResponse, headers: 
         if len(data) > MAX_JSON_ANSWER:
             raise errors.SidecarError(502, "upstream_unavailable", "answer_too_large",
                                       f"the MCP answer is larger than {MAX_JSON_ANSWER} bytes")
-    _observe(ctx, exchange, bytes(data))
+    replaced = _observe(ctx, exchange, bytes(data))
     headers.popall("Content-Length", None)
     if exchange.receipt is not None:
         headers[facts.RECEIPT_HEADER] = exchange.receipt
-    return web.Response(status=upstream.status, reason=upstream.reason, body=bytes(data), headers=headers)
+    return web.Response(status=upstream.status, reason=upstream.reason, body=replaced or bytes(data), headers=headers)
 
 
 async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.ClientResponse,
@@ -228,9 +247,10 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
     try:
         async for chunk in upstream.content.iter_any():
             for event in events.feed(chunk):
+                replaced = None
                 if event.data is not None:
-                    _observe(ctx, exchange, event.data.encode("utf-8", "surrogatepass"))
-                await response.write(event.raw)
+                    replaced = _observe(ctx, exchange, event.data.encode("utf-8", "surrogatepass"))
+                await response.write(event.raw if replaced is None else event.with_data(replaced))
         await response.write(events.rest())
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         log.warning("MCP stream from %s ended badly (%s); aborting the agent's connection",
@@ -242,23 +262,37 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
     return response
 
 
-def _observe(ctx: Context, exchange: Exchange, data: bytes) -> None:
-    """Look at one answer message: the answer to our tool call mints its receipt on success."""
+def _observe(ctx: Context, exchange: Exchange, data: bytes) -> bytes | None:
+    """Look at one answer message: the answer to our request may be filtered (a list) or mint its
+    receipt (a successful tool call). Returns the bytes to send instead, or None to pass it on."""
     if exchange.answered or exchange.message is None or exchange.message.kind != "request":
-        return
+        return None
     try:
         answer = core_mcp.parse(data)
     except core_mcp.McpError:
-        return  # not a message we must understand; the agent's SDK judges it
+        return None  # not a message we must understand; the agent's SDK judges it
     if answer.kind != "response" or answer.id != exchange.message.id:
-        return
+        return None
     exchange.answered = True
     verdict, target = exchange.verdict, exchange.target
+    if target is not None and target.listing is not None and ctx.loaded.capability.mode == "enforce":
+        return _filtered(ctx, exchange, answer)
     if not succeeded(answer.document) or verdict is None or not verdict.allowed or verdict.rule is None:
-        return
-    if target is None or target.action != core_mcp.CALL:
-        return
-    exchange.receipt = ctx.gate.mint_receipt(ctx.loaded, verdict.rule, ctx.correlation, ctx.trace)
+        return None
+    if target is not None and target.action == core_mcp.CALL:
+        exchange.receipt = ctx.gate.mint_receipt(ctx.loaded, verdict.rule, ctx.correlation, ctx.trace)
+    return None
+
+
+def _filtered(ctx: Context, exchange: Exchange, answer: core_mcp.Message) -> bytes | None:
+    method = exchange.message.method if exchange.message is not None else None
+    assert method is not None
+
+    def may(action: str, resource: str) -> bool:
+        return could_call(ctx, exchange.creds, action, resource)
+
+    document = core_mcp.filter_list(answer.document, method, ctx.route.upstream.name, may)
+    return None if document is None else json_bytes(document)
 
 
 def succeeded(document: Mapping[str, object]) -> bool:
@@ -276,6 +310,11 @@ class Event:
     """The event exactly as the upstream sent it, blank line included."""
     data: str | None
     name: str | None
+
+    def with_data(self, data: bytes) -> bytes:
+        """This event with its data replaced by one ``data:`` line (``id:``, ``event:`` kept)."""
+        kept = [line for line in _EOL.split(self.raw) if line and not line.startswith(b"data")]
+        return b"".join(line + b"\n" for line in kept) + b"data: " + data + b"\n\n"
 
 
 class SseEvents:

@@ -162,3 +162,24 @@ def test_an_error_answer_carries_the_request_id_and_data() -> None:
 def test_the_argument_digest_ignores_key_order_but_not_values() -> None:
     assert mcp.digest({"a": 1, "b": 2}) == mcp.digest({"b": 2, "a": 1})
     assert mcp.digest({"a": 1}) != mcp.digest({"a": 2})
+
+
+def test_a_list_keeps_only_items_the_predicate_allows_and_turns_caching_private() -> None:
+    answer = {"jsonrpc": "2.0", "id": 3, "result": {"tools": [{"name": "search"}, {"name": "delete"},
+                                                             {"name": "../x"}, {"nom": "y"}],
+                                                   "nextCursor": "c", "ttlMs": 60000, "cacheScope": "public"}}
+    filtered = mcp.filter_list(answer, "tools/list", "booking",
+                               lambda action, resource: resource != "mcp://booking/delete")
+    assert filtered == {"jsonrpc": "2.0", "id": 3, "result": {"tools": [{"name": "search"}], "nextCursor": "c",
+                                                              "ttlMs": 0, "cacheScope": "private"}}
+
+
+def test_resource_templates_are_judged_by_one_instance() -> None:
+    assert mcp.item_scope("b", "resources/templates/list", {"uriTemplate": "booking://trips/{id}"}) == (
+        "mcp.read", "mcp://b/booking:/trips/x")
+    assert mcp.item_scope("b", "resources/list", {"uri": "file:///a"}) == ("mcp.read", "mcp://b/file:/a")
+
+
+def test_an_error_answer_to_a_list_is_not_rewritten() -> None:
+    assert mcp.filter_list({"jsonrpc": "2.0", "id": 1, "error": {"code": 1, "message": "x"}}, "tools/list", "b",
+                           lambda a, r: True) is None

@@ -117,3 +117,82 @@ async def test_a_deny_rule_with_args_denies_only_matching_arguments(mcp_sidecar:
             await client.call_tool("add_note", {"trip": "vip-7", "text": "upgrade"})
     assert caught.value.data["rule"] == "no-vip-notes"
     assert booking.calls == [("add_note", {"trip": "t-1", "text": "window seat"})]
+
+
+async def test_tools_list_shows_only_what_this_credential_may_call(mcp_sidecar: Sidecar, mode: str) -> None:
+    async with Client(url_of(mcp_sidecar), mode=mode) as client:
+        listed = await client.list_tools()
+    # delete_booking: a deny rule; transfer_funds: no rule. charge stays (it needs a receipt and arguments).
+    assert sorted(tool.name for tool in listed.tools) == ["add_note", "charge", "list_bookings", "search_flights"]
+
+
+async def test_a_json_answering_server_is_decided_the_same(sidecar: MakeSidecar, booking: Booking) -> None:
+    async with running(booking, json_response=True, stateless=True) as url:
+        side = await sidecar(example_spec(), upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        async with Client(url_of(side), mode="legacy") as client:
+            assert sorted(t.name for t in (await client.list_tools()).tools) == [
+                "add_note", "charge", "list_bookings", "search_flights"]
+            await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+            await client.call_tool("charge", {"amount": 50, "currency": "USD"})
+            with pytest.raises(MCPError):
+                await client.call_tool("delete_booking", {"booking_id": "b1"})
+    assert booking.tools() == ["search_flights", "charge"]
+
+
+def tool_call(name: str, ident: object = 1, **arguments: object) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": ident, "method": "tools/call", "params": {"name": name, "arguments": arguments}}
+
+
+HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(("headers", "reason"), [
+    ({"Mcp-Method": "tools/call", "Mcp-Name": "search_flights"}, "mcp_header_mismatch"),
+    ({"Mcp-Method": "tools/list", "Mcp-Name": "delete_booking"}, "mcp_header_mismatch"),
+    ({"Mcp-Method": "tools/call"}, "mcp_header_mismatch"),
+])
+async def test_headers_that_disagree_with_the_body_are_refused_with_32020(
+        mcp_sidecar: Sidecar, booking: Booking, headers: dict[str, str], reason: str) -> None:
+    response = await mcp_sidecar.client.post("/booking/mcp", json=tool_call("delete_booking", 9, booking_id="b1"),
+                                             headers={**HEADERS, **headers})
+    body = await response.json()
+    assert response.status == 400
+    assert body["id"] == 9 and body["error"]["code"] == -32020 and body["error"]["data"]["reason"] == reason
+    assert booking.calls == []
+
+
+async def test_a_batch_is_refused_before_the_server_sees_it(mcp_sidecar: Sidecar, booking: Booking) -> None:
+    batch = [tool_call("search_flights", 1, origin="a", destination="b"),
+             tool_call("delete_booking", 2, booking_id="x")]
+    response = await mcp_sidecar.client.post("/booking/mcp", data=json.dumps(batch), headers=HEADERS)
+    body = await response.json()
+    assert response.status == 400 and body["error"]["code"] == -32600 and body["error"]["data"]["reason"] == "mcp_batch"
+    assert booking.calls == []
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_flights","name":"delete_booking",'
+    b'"arguments":{"booking_id":"b1"}}}',
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_flights","Name":"delete_booking"}}',
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x/../delete_booking"}}',
+])
+async def test_a_message_two_parsers_could_read_differently_is_refused(mcp_sidecar: Sidecar, booking: Booking,
+                                                                       raw: bytes) -> None:
+    response = await mcp_sidecar.client.post("/booking/mcp", data=raw, headers=HEADERS)
+    assert response.status == 400
+    assert booking.calls == []
+
+
+async def test_a_denied_message_is_a_json_rpc_error_with_its_id_and_http_status(mcp_sidecar: Sidecar) -> None:
+    response = await mcp_sidecar.client.post("/booking/mcp", json=tool_call("transfer_funds", "req-7", to="m"),
+                                             headers=HEADERS)
+    body = await response.json()
+    assert response.status == 403
+    assert body["jsonrpc"] == "2.0" and body["id"] == "req-7" and body["error"]["code"] == -32001
+    assert body["error"]["data"]["error"] == "denied" and body["error"]["data"]["decision_id"]
+
+
+async def test_other_http_methods_on_the_mcp_path_are_refused(mcp_sidecar: Sidecar, booking: Booking) -> None:
+    response = await mcp_sidecar.client.put("/booking/mcp", json=tool_call("delete_booking", booking_id="b1"))
+    assert response.status == 405
+    assert booking.calls == []
