@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from capgate.capabilities import decision, keys, paths, spec, tokens
+from capgate.capabilities import mcp as core_mcp
 from capgate.capabilities.errors import CapabilityError, RequestError
 from capgate.cluster import ClusterError
 
@@ -149,6 +150,8 @@ class Case:
     receipts: tuple[str, ...] = ()
     principal: str | None = None
     at: datetime | None = None
+    mcp: str | None = None
+    """``'METHOD UPSTREAM [NAME]'`` of an MCP message (then ``body`` is ``params.arguments``)."""
 
 
 def parse_request(cap: spec.Capability, case: Case, correlation: str = "explain") -> decision.Request:
@@ -172,6 +175,8 @@ def evaluate(cap: spec.Capability, case: Case) -> decision.Decision:
     keyset = keys.KeySet.generate(now)
     token = tokens.mint(cap, keyset, now=now)
     credential = tokens.load(token, keyset.trust_bundle(), now=now)
+    if case.mcp is not None:
+        return _evaluate_mcp(cap, case, credential)
     try:
         request = parse_request(cap, case)
     except RequestError as exc:
@@ -181,19 +186,60 @@ def evaluate(cap: spec.Capability, case: Case) -> decision.Decision:
     return decision.decide([credential], request)
 
 
+def mcp_message(case: Case) -> tuple[dict[str, object], str]:
+    """The JSON-RPC message an ``--mcp 'METHOD UPSTREAM [NAME]'`` case stands for, and its upstream."""
+    words = (case.mcp or "").split(maxsplit=2)
+    if len(words) < 2:
+        raise UsageError(f"mcp {case.mcp!r}: expected 'METHOD UPSTREAM [NAME]', e.g. 'tools/call payments charge'")
+    method, upstream = words[0], words[1]
+    params: dict[str, object] = {}
+    named = core_mcp.NAMED.get(method)
+    if named is not None:
+        if len(words) != 3:
+            raise UsageError(f"mcp {case.mcp!r}: {method} needs a name")
+        params[named[1]] = words[2]
+        if named[0] in (core_mcp.CALL, core_mcp.PROMPT):
+            params["arguments"] = case.body if case.body is not None else {}
+    elif len(words) == 3:
+        raise UsageError(f"mcp {case.mcp!r}: {method} takes no name")
+    return {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, upstream
+
+
+def _evaluate_mcp(cap: spec.Capability, case: Case, credential: tokens.Credential) -> decision.Decision:
+    """Decide an MCP message as the sidecar does: the same reader, the same Request, the same core."""
+    document, upstream_name = mcp_message(case)
+    upstream = cap.upstream(upstream_name)
+    if upstream is None or upstream.mcp is None:
+        return decision.Decision(False, "denied", "unknown_upstream", f"no MCP upstream {upstream_name!r}")
+    try:
+        target = core_mcp.target(core_mcp.message_of(document), upstream_name)
+    except core_mcp.McpError as exc:
+        return decision.Decision(False, "denied", "bad_request", f"refused MCP message: {exc.message}")
+    if target.implied:
+        return decision.Decision(True, "allowed", "allowed", f"{target.method} is implied by the MCP upstream")
+    return decision.decide([credential], decision.Request(
+        principal=case.principal or cap.principal, correlation="explain", action=target.action,
+        resource=target.resource, body=dict(target.arguments) if target.arguments is not None else None,
+        receipts=frozenset(case.receipts), now=case.at or datetime.now(UTC)))
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     cap = spec.load_capability_file(args.capability)
-    body = _json_arg(args.body, "--body")
+    if (args.request is None) == (args.mcp is None):
+        raise UsageError("give exactly one of --request and --mcp")
+    if args.mcp is not None and args.body is not None:
+        raise UsageError("--body is for --request; an MCP call takes --args")
+    body = _json_arg(args.args if args.mcp is not None else args.body, "--args" if args.mcp else "--body")
     at = _time_arg(args.at)
     principal = args.identity
-    result = evaluate(cap, Case(request=args.request, body=body, receipts=tuple(args.receipt or ()),
-                                principal=principal, at=at))
+    result = evaluate(cap, Case(request=args.request or "", body=body, receipts=tuple(args.receipt or ()),
+                                principal=principal, at=at, mcp=args.mcp))
     if args.json:
         print(json.dumps({"allowed": result.allowed, "rule": result.rule, "reason": result.reason,
                           "message": result.message}))
     else:
         verdict = "ALLOWED" if result.allowed else "DENIED"
-        print(f"{verdict}  {args.request}")
+        print(f"{verdict}  {args.request or args.mcp}")
         print(f"  rule:   {result.rule or '-'}")
         print(f"  reason: {result.reason} — {result.message}")
     return EXIT_OK if result.allowed else EXIT_DENIED
@@ -241,13 +287,15 @@ def run_cases(path: Path) -> tuple[list[CaseResult], spec.Capability]:
 
 
 def _run_case(cap: spec.Capability, index: int, entry: object, default_at: datetime | None) -> CaseResult:
-    if not isinstance(entry, Mapping) or "request" not in entry or entry.get("expect") not in ("allow", "deny"):
-        raise UsageError(f"cases[{index}]: needs 'request' and 'expect: allow|deny'")
-    name = str(entry.get("name") or entry["request"])
+    if (not isinstance(entry, Mapping) or ("request" in entry) == ("mcp" in entry)
+            or entry.get("expect") not in ("allow", "deny")):
+        raise UsageError(f"cases[{index}]: needs one of 'request' and 'mcp', and 'expect: allow|deny'")
+    name = str(entry.get("name") or entry.get("request") or entry["mcp"])
     receipts = entry.get("receipts") or []
-    case = Case(request=str(entry["request"]), body=entry.get("body"),
+    mcp = entry.get("mcp")
+    case = Case(request=str(entry.get("request", "")), body=entry.get("args") if mcp is not None else entry.get("body"),
                 receipts=tuple(str(r) for r in receipts), principal=entry.get("identity"),
-                at=_time_arg(entry.get("at")) or default_at)
+                at=_time_arg(entry.get("at")) or default_at, mcp=str(mcp) if mcp is not None else None)
     result = evaluate(cap, case)
     expected = {"verdict": entry["expect"], "rule": entry.get("rule"), "reason": entry.get("reason")}
     got = {"verdict": "allow" if result.allowed else "deny", "rule": result.rule, "reason": result.reason}
@@ -334,8 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser("explain", help="decide one request against a capability file")
     explain.add_argument("capability")
-    explain.add_argument("--request", required=True, help="'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
+    explain.add_argument("--request", help="'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
+    explain.add_argument("--mcp", help="an MCP message: 'METHOD UPSTREAM [NAME]', e.g. 'tools/call payments charge'")
     explain.add_argument("--body", help="JSON request body")
+    explain.add_argument("--args", help="JSON arguments of an --mcp tool call or prompt (params.arguments)")
     explain.add_argument("--receipt", action="append", help="a rule with a receipt in this correlation")
     explain.add_argument("--identity", help="namespace/serviceaccount of the caller (default: the capability's)")
     explain.add_argument("--at", help="evaluate at this RFC 3339 time (default: now)")

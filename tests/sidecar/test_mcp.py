@@ -12,6 +12,8 @@ import yaml
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
+from capgate import cli
+from capgate.capabilities.spec import load_capability_file
 from tests.sidecar.conftest import MakeSidecar, Sidecar
 from tests.sidecar.mcp_server import Booking, running
 
@@ -196,3 +198,26 @@ async def test_other_http_methods_on_the_mcp_path_are_refused(mcp_sidecar: Sidec
     response = await mcp_sidecar.client.put("/booking/mcp", json=tool_call("delete_booking", booking_id="b1"))
     assert response.status == 405
     assert booking.calls == []
+
+
+@pytest.mark.parametrize(("tool", "arguments"), [
+    ("search_flights", {"origin": "LHR", "destination": "JFK"}),
+    ("charge", {"amount": 100, "currency": "EUR"}),
+    ("delete_booking", {"booking_id": "b1"}),
+    ("add_note", {"trip": "vip-7", "text": "x"}),
+    ("add_note", {"trip": "t-1", "text": "x"}),
+    ("transfer_funds", {"to": "m"}),
+])
+async def test_capgate_explain_gives_the_sidecars_verdict(mcp_sidecar: Sidecar, tool: str,
+                                                          arguments: dict[str, object]) -> None:
+    explained = cli.evaluate(load_capability_file(EXAMPLE), cli.Case(request="", mcp=f"tools/call booking {tool}",
+                                                                     body=arguments))
+    async with Client(url_of(mcp_sidecar), mode="legacy") as client:
+        try:
+            result = await client.call_tool(tool, arguments)
+            assert not result.is_error
+            record = next(r for r in mcp_records(mcp_sidecar) if r["mcp"].get("name") == tool)
+            sidecar = (record["reason"], record["rule"])
+        except MCPError as exc:
+            sidecar = (exc.data["reason"], exc.data["rule"])
+    assert sidecar == (explained.reason, explained.rule)
