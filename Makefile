@@ -1,10 +1,13 @@
-.PHONY: demo test bench lint
+.PHONY: demo test bench lint image
 
 demo:  ## the end-to-end demo on a local control plane
 	bash hack/demo.sh
 
 test:  ## set-up, static checks, unit and e2e tests
 	bash hack/test.sh
+
+image:  ## the capgate and pause images, built locally without a registry (bash hack/image.sh save: tarballs too)
+	bash hack/image.sh
 
 bench:  ## benchmark tables quoted in the README (each operator benchmark starts its own control plane)
 	.venv/bin/python bench/decision.py

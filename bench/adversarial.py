@@ -7,6 +7,8 @@
 * **requests tried / false allows / crashes** — random capabilities and adversarial requests
   (path, header, body, token and receipt tricks) through the real in-process sidecar, judged by
   an oracle written from DESIGN.md (tests/adversarial/oracle.py); campaigns run on every core.
+* **ledger lies** — every call the upstream saw must be recorded ``forwarded`` (never ``denied``),
+  and each worker's ledger must verify (every record signed) once its sidecars stopped.
 * **faults survived** — the fault tests (tests/adversarial/test_faults_local.py and, with the
   control plane, e2e/test_faults.py) that pass; strict-xfail known gaps are counted apart.
 * **secrets leaked** — e2e/test_secret_hygiene.py's scan of logs, ledger, statuses, events,
@@ -110,6 +112,8 @@ def main() -> int:
         ("crashes", f"{counts.crashes}", "5xx other than 502/503/504, tracebacks, hangs, dropped connections"),
         ("disagreements", f"{counts.disagreements + counts.false_denies}",
          f"{counts.false_denies} false denies; {counts.parser_refusals:,} malformed requests refused by the parser"),
+        ("ledger lies", f"{counts.ledger_lies}", "forwarded calls not recorded as forwarded (or as denied); "
+                                                 "ledgers not VERIFIED after clean stops"),
         ("faults survived", f"{fault_counts['survived']}/{fault_counts['faults']}",
          f"{fault_counts['known_gaps']} known gaps (strict xfail), {fault_counts['failed']} failed"),
         ("secrets leaked", "n/a" if fault_counts["leaks"] < 0 else f"{fault_counts['leaks']}",
@@ -127,8 +131,8 @@ def main() -> int:
         print(f"{name:<{width}} | {value:>{value_width}} | {detail}")
     for example in counts.examples[:10]:
         print("  ", example[:300])
-    bad = (counts.false_allows + counts.header_leaks + counts.crashes + fault_counts["failed"] + load.errors
-           + max(0, fault_counts["leaks"]))
+    bad = (counts.false_allows + counts.header_leaks + counts.crashes + counts.ledger_lies + fault_counts["failed"]
+           + load.errors + max(0, fault_counts["leaks"]))
     return 1 if bad else 0
 
 

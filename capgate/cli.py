@@ -165,7 +165,8 @@ def parse_request(cap: spec.Capability, case: Case, correlation: str = "explain"
         return decision.Request(method=words[0].upper(), upstream=words[1], path=paths.normalize(raw_path),
                                 **base)  # type: ignore[arg-type]
     if len(words) == 2:
-        return decision.Request(action=words[0], resource=words[1], **base)  # type: ignore[arg-type]
+        return decision.Request(action=words[0], resource=paths.normalize_resource(words[1]),
+                                **base)  # type: ignore[arg-type]
     raise UsageError(f"request {case.request!r}: expected 'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
 
 
@@ -330,13 +331,23 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- audit
 
+EXIT_UNVERIFIED = 3
+"""``audit verify``: nothing is tampered with, but not everything is proven (see :mod:`capgate.ledger`)."""
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Exit 0 only when every record is covered by a verified signature and the ledger was closed;
+    1 when something is tampered with; 3 when the chain holds but signatures do not prove it all."""
     from capgate import ledger
 
     trust = _trust(args.trust) if args.trust else None
     report = ledger.verify(Path(args.file), trust)
-    print(report.summary())
-    return EXIT_OK if report.ok else EXIT_DENIED
+    if args.json:
+        print(json.dumps(report.as_dict(open_ok=args.open), indent=2))
+    else:
+        print(report.summary(open_ok=args.open))
+    verdict = report.verdict(open_ok=args.open)
+    return {"VERIFIED": EXIT_OK, "TAMPERED": EXIT_DENIED}.get(verdict, EXIT_UNVERIFIED)
 
 
 # ---------------------------------------------------------------- wiring
@@ -397,9 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     test.set_defaults(func=cmd_test)
 
     audit = sub.add_parser("audit", help="audit ledgers").add_subparsers(dest="audit_command", required=True)
-    verify = audit.add_parser("verify", help="check a ledger's hash chain and signed checkpoints")
+    verify = audit.add_parser("verify", help="check a ledger's hash chain and signed checkpoints; exit 0 verified, "
+                              "1 tampered, 3 unverified (not every record covered by a signature)")
     verify.add_argument("file")
-    verify.add_argument("--trust", help="root.pub to verify checkpoint signatures")
+    verify.add_argument("--trust", help="root.pub to verify checkpoint signatures (without it: unverified)")
+    verify.add_argument("--open", action="store_true",
+                        help="the sidecar is still writing this ledger: accept a missing closing checkpoint "
+                             "(still reported; an unsigned tail is never accepted)")
+    verify.add_argument("--json", action="store_true")
     verify.set_defaults(func=cmd_audit_verify)
     from capgate import cluster
 

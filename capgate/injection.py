@@ -17,14 +17,16 @@ Public API::
 
 Decisions, and why:
 
-* **Native sidecar** (``initContainers[0]`` with ``restartPolicy: Always``): it starts before the
-  other init containers and the agent, and its startup probe on ``/readyz`` holds them back until
+* **Native sidecar** (an init container with ``restartPolicy: Always``, right after ``capgate-init``):
+  it starts before the other init containers and the agent, and its startup probe on ``/readyz`` holds them back until
   it can answer.
 * **The proxy variables are a convenience, not the boundary.** The agent is untrusted and may
-  ignore them; what stops it is that it never holds a credential. ``HTTP_PROXY``/``http_proxy``
+  ignore them; what stops it is the pod's egress rules (enforce mode) and that it never holds a
+  credential (both modes). ``HTTP_PROXY``/``http_proxy``
   point at the sidecar; ``HTTPS_PROXY`` is *not* set because the sidecar refuses ``CONNECT`` (it
   cannot inspect a tunnel): agents reach https upstreams through ``CAPGATE_UPSTREAM_<NAME>_URL``
-  (plain http to 127.0.0.1, the sidecar speaks TLS upstream). ``NO_PROXY`` is only
+  (plain http to 127.0.0.1, the sidecar speaks TLS upstream) or, in enforce mode, by their real
+  ``https://`` URL (captured and intercepted with the pod CA). ``NO_PROXY`` is only
   ``localhost,127.0.0.1,::1``: the sidecar's own base URLs must be called directly, never in
   absolute form, while cluster names such as ``flights.travel.svc`` must *not* be listed because
   upstreams live there. Our variables go first in ``env`` (so the user's may reference them as
@@ -35,6 +37,20 @@ Decisions, and why:
   that could otherwise reach its filesystem (shared process namespace, hostPID, an agent mounting
   the same Secrets, an ephemeral container targeting the sidecar) are refused. Whole-volume mounts,
   never ``subPath``, so credential rotations reach the running sidecar.
+* **Complete mediation** (``spec.egress.mode: enforce``, the default): ``capgate-init`` runs first
+  (``initContainers[0]``, root, NET_ADMIN + NET_RAW only) and programs the pod's network so every
+  TCP connection of every UID but the sidecar's reaches the sidecar's outbound listener; then the
+  native sidecar, Ready before anything else starts. Agent containers get the pod CA (an emptyDir,
+  read-only for them) and ``SSL_CERT_FILE``/``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``/
+  ``NODE_EXTRA_CA_CERTS``. The sidecar's UID is the rules' only exemption, so an agent container must
+  have a UID the pod spec states and that is not the sidecar's, must not escalate privileges (a
+  set-user-ID file of that UID) and loses SETUID/SETGID (a root agent could ``setuid(65532)``); one
+  whose UID is left to its image is refused, not guessed at. ``cooperative`` keeps only the proxy
+  variables and says so in status (the pod is not mediated).
+* **No agent container may sniff or rewrite the pod network**, in either mode: NET_RAW and NET_ADMIN
+  are dropped (added to ``capabilities.drop``), adding them, ``privileged`` and ``hostNetwork`` are
+  refused. Ephemeral containers cannot be mutated, so they must state the same themselves
+  (``kubectl debug --profile=restricted`` does).
 * **Idempotent by strict equality**: every field the API server would default is spelled out, so a
   re-invocation (``reinvocationPolicy: IfNeeded``) yields no ops, and a look-alike container named
   like the sidecar (say, with a ``postStart`` hook that reads the credential) is always overwritten.
@@ -51,6 +67,18 @@ from capgate import resources
 from capgate.capabilities.spec import Capability
 
 DEFAULT_CONTAINER_NAME = "capgate-sidecar"
+INIT_CONTAINER_NAME = "capgate-init"
+CA_VOLUME = "capgate-ca"
+CA_FILE = "ca.crt"
+CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
+"""OpenSSL-based clients (Python ssl, curl, Go's crypto/x509 reads SSL_CERT_FILE too), requests, curl, Node."""
+AGENT_DROPPED = ("NET_ADMIN", "NET_RAW")
+"""Dropped from every agent container in every mode: NET_RAW sniffs the pod network (the sidecar's
+cleartext requests to http:// upstreams carry injected keys), NET_ADMIN rewrites its firewall."""
+ENFORCE_DROPPED = ("SETUID", "SETGID")
+"""Also dropped in enforce mode: a root agent with CAP_SETUID becomes the sidecar's UID, which the egress
+rules exempt."""
+REFUSED_ADDS = frozenset({"ALL", "NET_ADMIN", "NET_RAW", "SETUID", "SETGID"})
 CREDENTIAL_VOLUME = "capgate-credential"
 UPSTREAMS_VOLUME = "capgate-upstreams"
 API_TOKEN_VOLUME = "capgate-api-token"
@@ -89,6 +117,11 @@ class SidecarSettings:
     upstream_credentials_mount: str = "/var/run/capgate/upstreams"
     container_name: str = DEFAULT_CONTAINER_NAME
     extra_args: tuple[str, ...] = ()
+    outbound_port: int = 15001
+    """The sidecar's outbound listener, where capgate-init redirects the agent's TCP (enforce mode)."""
+    ca_mount: str = "/var/run/capgate/ca"
+    """The pod CA certificate's emptyDir: written by the sidecar, read-only in agent containers."""
+    init_container_name: str = INIT_CONTAINER_NAME
 
 
 class InjectionError(Exception):
@@ -127,6 +160,10 @@ def _upstream_keys(cap: Capability) -> list[tuple[str, str, str]]:
     return [(u.name, u.inject.secret_name, u.inject.secret_key) for u in cap.upstreams if u.inject]
 
 
+def _enforced(cap: Capability) -> bool:
+    return cap.egress_mode == "enforce"
+
+
 def _volumes(cap: Capability, credential_secret: str) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [{"name": CREDENTIAL_VOLUME, "secret": {
         "secretName": credential_secret, "defaultMode": SECRET_FILE_MODE, "optional": False}}]
@@ -140,7 +177,12 @@ def _volumes(cap: Capability, credential_secret: str) -> list[dict[str, Any]]:
         {"downwardAPI": {"items": [{"path": "namespace",
                                     "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
     ]}})
+    if _enforced(cap):  # a certificate, never a key: the pod CA's key stays in the sidecar's memory
+        volumes.append({"name": CA_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
     return volumes
+
+
+_ALL_OURS = (CREDENTIAL_VOLUME, UPSTREAMS_VOLUME, API_TOKEN_VOLUME, CA_VOLUME)
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -158,8 +200,11 @@ def sidecar_container(cap: Capability, settings: SidecarSettings) -> dict[str, A
     # Its own token at the standard path: the ServiceAccount plugin then leaves this container alone.
     mounts.append({"name": API_TOKEN_VOLUME, "mountPath": API_TOKEN_MOUNT, "readOnly": True})
     # The admin port binds 0.0.0.0 because the kubelet probes the pod IP; it serves no secrets.
-    args += ["--listen", f"127.0.0.1:{settings.listen_port}", "--admin-listen", f"0.0.0.0:{settings.admin_port}",
-             *settings.extra_args]
+    args += ["--listen", f"127.0.0.1:{settings.listen_port}", "--admin-listen", f"0.0.0.0:{settings.admin_port}"]
+    if _enforced(cap):
+        args += ["--outbound-listen", f"127.0.0.1:{settings.outbound_port}", "--ca-dir", settings.ca_mount]
+        mounts.append({"name": CA_VOLUME, "mountPath": settings.ca_mount})
+    args += settings.extra_args
     return {
         "name": settings.container_name,
         "image": settings.image,
@@ -187,13 +232,72 @@ def sidecar_container(cap: Capability, settings: SidecarSettings) -> dict[str, A
     }
 
 
+def init_container(settings: SidecarSettings) -> dict[str, Any]:
+    """``capgate-init``: programs the pod's network namespace, then exits (see :mod:`capgate.netinit`).
+
+    The only container capgate runs as root, with NET_ADMIN and NET_RAW and nothing else; it runs our
+    command from our image before any other container, so nothing of the user's runs with those
+    capabilities. This is what Pod Security "baseline" forbids; see the README ("Egress").
+    """
+    return {
+        "name": settings.init_container_name,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["capgate-init"],
+        "args": ["--proxy-uid", str(settings.run_as_user), "--outbound-port", str(settings.outbound_port),
+                 "--sidecar-ports", f"{settings.listen_port},{settings.admin_port}"],
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": "200m", "memory": "64Mi"}},
+        "securityContext": {
+            "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False, "privileged": False,
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+    }
+
+
 def agent_env(cap: Capability, settings: SidecarSettings) -> list[dict[str, Any]]:
     """The variables every other container gets; see the module docstring for NO_PROXY and HTTPS_PROXY."""
     base = f"http://127.0.0.1:{settings.listen_port}"
     pairs = [("HTTP_PROXY", base), ("http_proxy", base), ("NO_PROXY", NO_PROXY), ("no_proxy", NO_PROXY),
              ("CAPGATE_URL", base)]
     pairs += [(upstream_url_variable(u.name), f"{base}/{u.name}") for u in cap.upstreams]
+    if _enforced(cap):
+        pairs += [(name, f"{settings.ca_mount}/{CA_FILE}") for name in CA_ENV]
     return [{"name": name, "value": value} for name, value in pairs]
+
+
+def _capability_name(name: object) -> str:
+    """``net_raw`` / ``CAP_NET_RAW`` -> ``NET_RAW``: compare capabilities the way runtimes accept them."""
+    text = str(name).upper()
+    return text[4:] if text.startswith("CAP_") else text
+
+
+def agent_security(container: Mapping[str, Any], cap: Capability) -> dict[str, Any]:
+    """The container's securityContext with what capgate needs added; nothing the user set is loosened."""
+    context = dict(container.get("securityContext") or {})
+    capabilities = dict(context.get("capabilities") or {})
+    drop = list(capabilities.get("drop") or [])
+    dropped = {_capability_name(c) for c in drop}
+    for name in AGENT_DROPPED + (ENFORCE_DROPPED if _enforced(cap) else ()):
+        if name not in dropped and "ALL" not in dropped:
+            drop.append(name)
+    capabilities["drop"] = drop
+    context["capabilities"] = capabilities
+    if _enforced(cap) and "allowPrivilegeEscalation" not in context:
+        # no_new_privs: a set-user-ID file owned by the sidecar's UID would otherwise make it that UID.
+        context["allowPrivilegeEscalation"] = False
+    return context
+
+
+def _agent_mounts(container: Mapping[str, Any], cap: Capability, settings: SidecarSettings) -> list[dict[str, Any]]:
+    mounts = [m for m in container.get("volumeMounts") or []
+              if m.get("name") != CA_VOLUME and m.get("mountPath") != settings.ca_mount]
+    if _enforced(cap):
+        mounts.append({"name": CA_VOLUME, "mountPath": settings.ca_mount, "readOnly": True})
+    return mounts
 
 
 def upstream_url_variable(upstream: str) -> str:
@@ -201,23 +305,31 @@ def upstream_url_variable(upstream: str) -> str:
     return f"CAPGATE_UPSTREAM_{upstream.upper().replace('-', '_')}_URL"
 
 
-def _with_env(container: Mapping[str, Any], ours: list[dict[str, Any]]) -> dict[str, Any]:
+def _agent(container: Mapping[str, Any], cap: Capability, settings: SidecarSettings) -> dict[str, Any]:
+    """An agent (or user init) container as injected: our env first, the pod CA mounted, capabilities dropped."""
+    ours = agent_env(cap, settings)
     names = {e["name"] for e in ours}
     out = dict(container)
     out["env"] = ours + [e for e in container.get("env") or [] if e.get("name") not in names]
+    out["securityContext"] = agent_security(container, cap)
+    mounts = _agent_mounts(container, cap, settings)
+    if mounts or "volumeMounts" in container:
+        out["volumeMounts"] = mounts
     return out
 
 
 def _desired(pod: Mapping[str, Any], cap: Capability, settings: SidecarSettings,
              credential_secret: str) -> dict[str, Any]:
     spec = pod.get("spec") or {}
-    env = agent_env(cap, settings)
-    ours = {v["name"] for v in _volumes(cap, credential_secret)}
-    others = [c for c in spec.get("initContainers") or [] if c.get("name") != settings.container_name]
+    reserved = {settings.container_name, settings.init_container_name}
+    others = [c for c in spec.get("initContainers") or [] if c.get("name") not in reserved]
+    first = [init_container(settings)] if _enforced(cap) else []
     desired_spec = dict(spec)
-    desired_spec["initContainers"] = [sidecar_container(cap, settings), *(_with_env(c, env) for c in others)]
-    desired_spec["containers"] = [_with_env(c, env) for c in spec.get("containers") or []]
-    desired_spec["volumes"] = [v for v in spec.get("volumes") or [] if v.get("name") not in ours]
+    # capgate-init programs the network, then the native sidecar starts (and must be Ready), then the rest.
+    desired_spec["initContainers"] = [*first, sidecar_container(cap, settings),
+                                      *(_agent(c, cap, settings) for c in others)]
+    desired_spec["containers"] = [_agent(c, cap, settings) for c in spec.get("containers") or []]
+    desired_spec["volumes"] = [v for v in spec.get("volumes") or [] if v.get("name") not in _ALL_OURS]
     desired_spec["volumes"] += _volumes(cap, credential_secret)
     metadata = dict(pod.get("metadata") or {})
     metadata["annotations"] = {**(metadata.get("annotations") or {}), resources.INJECTED_ANNOTATION: cap.name}
@@ -272,12 +384,19 @@ def _secret_uses(container: Mapping[str, Any], volumes: Mapping[str, list[str]])
             yield source["secretRef"]["name"], "reads it through envFrom"
 
 
-def _others(spec: Mapping[str, Any], sidecar: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """(list name, container) for every container except the injected sidecar (initContainers[0])."""
+def _others(spec: Mapping[str, Any], settings: SidecarSettings) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(list name, container) for every container but the injected head of initContainers
+    (``capgate-init`` then ``capgate-sidecar``, or the sidecar alone in cooperative mode)."""
+    ours = {settings.init_container_name, settings.container_name}
     for kind in CONTAINER_LISTS:
-        for index, container in enumerate(spec.get(kind) or []):
-            if not (kind == "initContainers" and index == 0 and container.get("name") == sidecar):
-                yield kind, container
+        leading = kind == "initContainers"
+        for container in spec.get(kind) or []:
+            name = container.get("name")
+            if leading and name in ours:
+                ours = ours - {name}
+                continue
+            leading = False
+            yield kind, container
 
 
 def validate(pod: Mapping[str, Any], cap: Capability, settings: SidecarSettings, *, credential_secret: str,
@@ -287,11 +406,11 @@ def validate(pod: Mapping[str, Any], cap: Capability, settings: SidecarSettings,
     spec = pod.get("spec") or {}
     protected = _protected(cap, credential_secret)
     volumes = {v.get("name"): _volume_secrets(v) for v in spec.get("volumes") or []}
-    reserved_ports = {settings.listen_port, settings.admin_port}
-    for kind, container in _others(spec, settings.container_name):
+    reserved_ports = {settings.listen_port, settings.admin_port, settings.outbound_port}
+    for kind, container in _others(spec, settings):
         name = container.get("name")
-        if name == settings.container_name:
-            raise InjectionError(f"{kind} name {name!r} is reserved for the capgate sidecar")
+        if name in (settings.container_name, settings.init_container_name):
+            raise InjectionError(f"{kind} name {name!r} is reserved for capgate")
         if kind == "ephemeralContainers" and container.get("targetContainerName") == settings.container_name:
             raise InjectionError(f"ephemeral container {name!r} may not target the capgate sidecar")
         for secret, how in _secret_uses(container, volumes):
@@ -302,6 +421,52 @@ def validate(pod: Mapping[str, Any], cap: Capability, settings: SidecarSettings,
             if port.get("containerPort") in reserved_ports:
                 raise InjectionError(f"container {name!r} declares port {port['containerPort']}, "
                                      "which the capgate sidecar uses")
+        _check_agent_security(spec, kind, container, cap, settings)
+
+
+def _check_agent_security(spec: Mapping[str, Any], kind: str, container: Mapping[str, Any], cap: Capability,
+                          settings: SidecarSettings) -> None:
+    """Refuse a container that could undo the egress rules, sniff the pod network, or be the sidecar's UID.
+
+    The UID is the egress rules' whole exemption (``capgate.netinit``). An agent container whose UID is
+    not in the pod spec runs as its image's USER — which may be the sidecar's 65532, the distroless
+    "nonroot" user many agent images use — so in enforce mode it is refused rather than guessed at.
+    """
+    name = container.get("name")
+    context = container.get("securityContext") or {}
+    what = f"{kind} {name!r}"
+    if context.get("privileged") is True:
+        raise InjectionError(f"{what} is privileged, which would let it rewrite the pod's network; "
+                             "capgate refuses such pods")
+    added = {_capability_name(c) for c in (context.get("capabilities") or {}).get("add") or []}
+    if added & REFUSED_ADDS:
+        raise InjectionError(f"{what} adds capabilities {sorted(added & REFUSED_ADDS)}, which would let it "
+                             "sniff or rewrite the pod's network or become the capgate sidecar's user")
+    dropped = {_capability_name(c) for c in (context.get("capabilities") or {}).get("drop") or []}
+    need = AGENT_DROPPED + (ENFORCE_DROPPED if _enforced(cap) else ())
+    if "ALL" not in dropped and not set(need) <= dropped:
+        raise InjectionError(f"{what} must drop capabilities {list(need)} (securityContext.capabilities.drop; "
+                             "for kubectl debug use --profile=restricted)")
+    for mount in container.get("volumeMounts") or []:
+        if mount.get("name") == CA_VOLUME and mount.get("readOnly") is not True:
+            raise InjectionError(f"{what} mounts the pod CA volume writable; only the capgate sidecar writes it")
+    if not _enforced(cap):
+        return
+    if "SYS_ADMIN" in added:  # the API server rejects it with allowPrivilegeEscalation: false; say why here
+        raise InjectionError(f"{what} adds SYS_ADMIN, which cannot be combined with "
+                             "allowPrivilegeEscalation: false (required in egress mode enforce)")
+    if context.get("allowPrivilegeEscalation") is not False:
+        raise InjectionError(f"{what} must set securityContext.allowPrivilegeEscalation: false in "
+                             "egress mode enforce (a set-user-ID file could make it the sidecar's user)")
+    uid = context.get("runAsUser", (spec.get("securityContext") or {}).get("runAsUser"))
+    if uid is None:
+        raise InjectionError(f"{what} sets no runAsUser (neither it nor the pod does), so it runs as its "
+                             f"image's user, which could be {settings.run_as_user}, the capgate sidecar's UID "
+                             "that egress rules exempt; set securityContext.runAsUser (any other UID) or use "
+                             "spec.egress.mode: cooperative")
+    if uid == settings.run_as_user:
+        raise InjectionError(f"{what} runs as UID {uid}, the capgate sidecar's UID, whose traffic is not "
+                             "captured; run it as any other UID")
 
 
 # --- the patch ------------------------------------------------------------------------------------
@@ -340,7 +505,9 @@ def inject(pod: Mapping[str, Any], cap: Capability, settings: SidecarSettings, *
     spec, want = pod.get("spec") or {}, desired["spec"]
     _set(ops, spec, ("spec", "initContainers"), want["initContainers"])
     for index, container in enumerate(spec.get("containers") or []):
-        _set(ops, container, ("spec", "containers", index, "env"), want["containers"][index]["env"])
+        for key in ("env", "securityContext", "volumeMounts"):
+            if key in want["containers"][index]:
+                _set(ops, container, ("spec", "containers", index, key), want["containers"][index][key])
     _set(ops, spec, ("spec", "volumes"), want["volumes"])
     return ops
 

@@ -26,6 +26,8 @@ CAPABILITY_LABEL = f"{GROUP}/capability"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "capgate"
 INJECTED_ANNOTATION = f"{GROUP}/injected"
+MEDIATED_CONDITION = "Mediated"
+"""Status condition: True when injected pods' egress is captured (spec.egress.mode enforce), False if cooperative."""
 ROTATE_ROOT_ANNOTATION = f"{GROUP}/rotate-root"
 
 CREDENTIAL_SECRET_SUFFIX = "-capgate-credential"
@@ -39,6 +41,7 @@ SETTINGS_FILE = "settings.json"
 
 Effect = Literal["allow", "deny"]
 Mode = Literal["enforce", "audit"]
+EgressMode = Literal["enforce", "cooperative"]
 
 
 class SecretKeyRef(TypedDict):
@@ -117,6 +120,10 @@ class DelegationSpec(TypedDict, total=False):
     maxDepth: int
 
 
+class EgressSpec(TypedDict, total=False):
+    mode: EgressMode
+
+
 class AgentCapabilitySpec(TypedDict):
     serviceAccountName: str
     upstreams: list[UpstreamSpec]
@@ -130,6 +137,7 @@ class AgentCapabilitySpec(TypedDict):
     mode: NotRequired[Mode]
     lockdownAfter: NotRequired[str]
     revoked: NotRequired[bool]
+    egress: NotRequired[EgressSpec]
 
 
 class Condition(TypedDict):

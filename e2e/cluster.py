@@ -210,6 +210,10 @@ class PodSidecar:
             args = [str(root / mount.lstrip("/")) if arg == mount else arg for arg in args]
         args = _replace_flag(args, "--listen", f"127.0.0.1:{self.port}")
         args = _replace_flag(args, "--admin-listen", f"127.0.0.1:{self.admin_port}")
+        if "--outbound-listen" in args:  # no network namespace here: nothing is redirected to it
+            args = _replace_flag(args, "--outbound-listen", f"127.0.0.1:{free_port()}")
+        for mount in invocation.mounts.values():  # emptyDirs (the pod CA) exist before the container starts
+            (root / mount.lstrip("/")).mkdir(parents=True, exist_ok=True)
         for name, url in self.upstream_urls.items():
             args += ["--upstream-url", f"{name}={url}"]
         args += ["--audit-log", str(self.audit)]
@@ -276,6 +280,8 @@ def agent_pod(name: str, namespace: str, capability: str, service_account: str) 
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "labels": {"capgate.dev/capability": capability}},
             "spec": {"serviceAccountName": service_account,
+                     # A stated UID other than the sidecar's: enforce mode refuses agents whose UID is unknown.
+                     "securityContext": {"runAsUser": 1000},
                      "containers": [{"name": "agent", "image": "python:3.12-slim",
                                      "command": ["python", "-m", "my_agent"]}]}}
 

@@ -26,6 +26,8 @@ import yaml
 from e2e.cluster import Operator, PodSidecar, agent_pod, free_port, install_crds, wait_http
 from e2e.controlplane import ControlPlane
 
+PROPAGATION_CLAIM_MS = 1000
+
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "travel"
 DEMO_API_KEY = "sk_demo_payments_0123456789"
@@ -151,7 +153,7 @@ def play(sidecar: PodSidecar, plane: ControlPlane) -> int:
             break
         time.sleep(0.01)
     propagation = (time.monotonic() - started) * 1000
-    failures += status != 401
+    failures += status != 401 or propagation >= PROPAGATION_CLAIM_MS  # the README promises "within a second"
     rows.append(("revoke, then search again", verdict(status, payload), "-", f"revoked in {propagation:.0f} ms"))
     print()
     print(table(rows), flush=True)

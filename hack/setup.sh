@@ -6,6 +6,7 @@
 # not the newest releases (which is how a new pydantic once broke `make test` on a fresh machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash hack/host-packages.sh  # Debian's docker.io, containerd, runc, CNI plugins, ... (installs as root, else fails with the list)
 
 python=${CAPGATE_PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "capgate needs Python >= 3.11")'

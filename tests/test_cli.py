@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from capgate import cli
+from capgate.capabilities import spec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "booking-agent.yaml"
@@ -73,6 +75,18 @@ def test_explain_exits_zero_when_allowed() -> None:
     result = run("explain", str(EXAMPLE), "--request", "GET flights /search", "--at", AT)
     assert result.returncode == 0
     assert result.stdout.startswith("ALLOWED")
+
+
+@pytest.mark.parametrize(("resource", "reason"), [("mcp://payments/%72efund", "deny_rule"),
+                                                   ("mcp://payments/../refund", "bad_request")])
+def test_explain_reads_resources_with_the_sidecars_reader(resource: str, reason: str) -> None:
+    obj = yaml.safe_load(EXAMPLE.read_text())
+    obj["spec"]["rules"] += [{"name": "tools", "effect": "allow", "actions": ["mcp.call"],
+                              "resources": ["mcp://payments/**"]},
+                             {"name": "no-refunds", "effect": "deny", "resources": ["mcp://payments/refund"]}]
+    obj["spec"].pop("datalog", None)
+    outcome = cli.evaluate(spec.parse_capability(obj), cli.Case(request=f"mcp.call {resource}"))
+    assert (outcome.allowed, outcome.reason) == (False, reason)
 
 
 def test_the_example_decision_table_passes() -> None:

@@ -1,8 +1,9 @@
-"""The image: one Dockerfile for operator and sidecar, non-root, with every runtime dependency pinned.
+"""The image: one Dockerfile for operator, sidecar and init container, non-root, every dependency pinned.
 
-There is no container engine here, so these checks are static: what the Dockerfile runs exists as a
-console script, what the chart and the injected pod run is that image's commands, and
-requirements.lock is a complete, pinned closure of pyproject.toml's runtime dependencies.
+These checks read the files: what the Dockerfile runs exists as a console script, what the chart and the
+injected pod run is that image's commands, requirements.lock is a complete, pinned closure of
+pyproject.toml's runtime dependencies, and hack/image.sh's tag follows exactly the build's inputs.
+e2e/test_image.py checks the same promises on the image `make image` builds.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -24,7 +27,9 @@ from capgate import injection
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-TARGET_PYTHON = "3.12"  # the base image's interpreter, for environment markers
+# The interpreters of the two bases, for environment markers: python:3.12-slim, and Debian bookworm's
+# python3 in the base `make image` builds without a registry.
+TARGET_PYTHONS = ("3.11", "3.12")
 PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;#]+)$")
 
 
@@ -40,10 +45,34 @@ def instructions() -> list[tuple[str, str]]:
     return out
 
 
+def stages() -> list[list[tuple[str, str]]]:
+    """The instructions of each FROM ... stage, in order."""
+    out: list[list[tuple[str, str]]] = []
+    for keyword, rest in instructions():
+        if keyword == "FROM":
+            out.append([])
+        if out:
+            out[-1].append((keyword, rest))
+    return out
+
+
 def final_stage() -> list[tuple[str, str]]:
-    steps = instructions()
-    last_from = max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
-    return steps[last_from:]
+    return stages()[-1]
+
+
+def pip_installs(stage: list[tuple[str, str]]) -> list[list[str]]:
+    """The words of each `pip install` a stage runs."""
+    commands = []
+    for keyword, rest in stage:
+        if keyword == "RUN":
+            for command in re.split(r"&&|;", rest):
+                words = shlex.split(command)
+                if words and words[0].startswith("--mount="):
+                    words = words[1:]
+                runs_pip = bool(words) and (Path(words[0]).name == "pip" or words[:3] == ["python", "-m", "pip"])
+                if runs_pip and "install" in words:
+                    commands.append(words)
+    return commands
 
 
 def lock() -> dict[str, str]:
@@ -63,8 +92,15 @@ def test_base_image_is_python_312_slim_pinned_by_tag() -> None:
     (arg,) = [rest for keyword, rest in instructions() if keyword == "ARG" and rest.startswith("PYTHON_IMAGE=")]
     image = arg.split("=", 1)[1]
     assert re.fullmatch(r"python:3\.12\.\d+-slim-[a-z]+", image), image
-    assert [rest for keyword, rest in instructions() if keyword == "FROM"] == ["${PYTHON_IMAGE} AS build",
-                                                                               "${PYTHON_IMAGE}"]
+    assert [rest for keyword, rest in instructions() if keyword == "FROM"] == ["${PYTHON_IMAGE} AS deps",
+                                                                               "deps AS build", "${PYTHON_IMAGE}"]
+
+
+def test_the_build_pulls_nothing_but_the_base() -> None:
+    """A `# syntax=` line makes BuildKit pull a frontend image: the offline build must not need one."""
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE, re.IGNORECASE | re.MULTILINE)
+    script = (REPO / "hack" / "image.sh").read_text()
+    assert '--build-arg "PYTHON_IMAGE=$base_ref"' in script, "the local build replaces the base through the ARG"
 
 
 def test_image_runs_as_the_non_root_user_65532() -> None:
@@ -96,12 +132,18 @@ def test_every_command_the_image_is_run_with_is_a_console_script() -> None:
 
 
 def test_dependencies_are_installed_exactly_from_the_lock() -> None:
-    runs = " ".join(rest for keyword, rest in final_stage() if keyword == "RUN")
-    words = shlex.split(runs.replace("&&", " && "))
-    assert "--no-cache-dir" in words
-    assert "-r" in words and words[words.index("-r") + 1].endswith("requirements.lock")
-    assert words.count("--no-deps") == 2  # the lock, then the capgate wheel: no resolver at build time
-    assert "check" in words  # pip check: the lock is a consistent closure, or the build fails
+    """The lock, then capgate, both --no-deps: no resolver at build time picks a version of its own."""
+    deps, build, runtime = stages()
+    (lock_install,) = pip_installs(deps)
+    assert "--no-deps" in lock_install and lock_install[lock_install.index("-r") + 1].endswith("requirements.lock")
+    assert ("ENV", "PIP_NO_CACHE_DIR=1") in [(k, r.split()[0]) for k, r in deps if k == "ENV"]
+    assert build[0] == ("FROM", "deps AS build")
+    # The runtime takes the locked virtualenv, adds the capgate wheel from no index, and checks the whole.
+    assert ("COPY", "--from=deps /opt/capgate /opt/capgate") in runtime
+    (capgate_install,) = pip_installs(runtime)
+    assert {"--no-deps", "--no-index"} <= set(capgate_install) and capgate_install[-1] == "/wheels/capgate-*.whl"
+    runs = " ".join(rest for keyword, rest in runtime if keyword == "RUN")
+    assert "python -m pip check" in runs  # the lock is a consistent closure, or the build fails
 
 
 def test_lock_pins_every_runtime_dependency_of_pyproject() -> None:
@@ -117,9 +159,13 @@ def test_lock_pins_every_runtime_dependency_of_pyproject() -> None:
 
 
 def _applies(requirement: Requirement) -> bool:
-    env = {"python_version": TARGET_PYTHON, "python_full_version": f"{TARGET_PYTHON}.0", "extra": "",
-           "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix"}
-    return requirement.marker is None or requirement.marker.evaluate(env)
+    """Whether either base's interpreter would install this requirement."""
+    if requirement.marker is None:
+        return True
+    return any(requirement.marker.evaluate({"python_version": python, "python_full_version": f"{python}.0",
+                                            "extra": "", "sys_platform": "linux", "platform_system": "Linux",
+                                            "os_name": "posix"})
+               for python in TARGET_PYTHONS)
 
 
 def test_lock_is_closed_over_the_dependencies_of_what_it_pins() -> None:
@@ -160,9 +206,58 @@ def test_build_context_holds_what_the_dockerfile_copies() -> None:
         assert (REPO / source).exists(), f"COPY {source}: no such file in the repository"
 
 
+def test_the_image_tag_hashes_the_context_dockerignore_lets_in() -> None:
+    """hack/image.sh hashes the context by these rules (find ... ! -name '*.pyc' ...): change both together."""
+    ignore = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert ignore == ["*", "!pyproject.toml", "!README.md", "!requirements.lock", "!capgate/",
+                      "**/__pycache__", "**/*.pyc", "**/*.pyo"]
+    script = (REPO / "hack" / "image.sh").read_text()
+    assert "printf '%s\\n' Dockerfile .dockerignore pyproject.toml README.md requirements.lock" in script
+    assert "find capgate -type f ! -path '*/__pycache__/*' ! -name '*.pyc' ! -name '*.pyo'" in script
+
+
+def _image_refs(repo: Path) -> dict[str, str]:
+    result = subprocess.run(["bash", str(repo / "hack" / "image.sh"), "ref"], capture_output=True, text=True,
+                            check=True)
+    return dict(line.split() for line in result.stdout.splitlines())
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """What hack/image.sh reads, copied: Dockerfile, the build context, the script and the pause source."""
+    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "requirements.lock",
+                 "hack/image.sh", "hack/pause/pause.c"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "capgate", tmp_path / "capgate", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("changed", ["capgate/sidecar/app.py", "requirements.lock", "Dockerfile", "README.md",
+                                     "pyproject.toml"])
+def test_the_image_tag_changes_with_every_input_of_the_build(repo_copy: Path, changed: str) -> None:
+    """`make image` reuses an existing tag as the build: a tag that missed an input would ship stale code."""
+    before = _image_refs(repo_copy)
+    assert before == _image_refs(REPO)
+    with (repo_copy / changed).open("a") as file:
+        file.write("\n# changed\n")
+    after = _image_refs(repo_copy)
+    assert after["capgate"] != before["capgate"]
+    assert after["pause"] == before["pause"]
+
+
+def test_the_image_tag_ignores_what_the_build_never_sees(repo_copy: Path) -> None:
+    before = _image_refs(repo_copy)
+    (repo_copy / "capgate" / "__pycache__").mkdir()
+    (repo_copy / "capgate" / "__pycache__" / "cli.cpython-311.pyc").write_bytes(b"stale")
+    (repo_copy / "tests").mkdir()
+    (repo_copy / "tests" / "test_new.py").write_text("")
+    assert _image_refs(repo_copy) == before
+
+
 def test_the_project_virtualenv_is_installed_exactly_from_both_locks() -> None:
     """hack/setup.sh installs -e .[dev] with both locks as constraints: what runs the tests is what is pinned."""
-    import subprocess
     import sys
 
     result = subprocess.run([sys.executable, str(REPO / "hack" / "lock-requirements.py"), "--check"],

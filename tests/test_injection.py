@@ -31,6 +31,7 @@ def make_pod(**spec: Any) -> dict[str, Any]:
         "metadata": {"name": "agent-1", "namespace": "travel", "uid": "uid-1",
                      "labels": {resources.CAPABILITY_LABEL: "booking-agent"}},
         "spec": {"serviceAccountName": "booking-agent", "nodeName": "node-a",
+                 "securityContext": {"runAsUser": 1000},  # enforce mode needs a known UID (not the sidecar's)
                  "containers": [{"name": "agent", "image": "agent:1", "env": [{"name": "MODEL", "value": "m"}]}],
                  **spec},
     }
@@ -51,17 +52,18 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
 
 
 def sidecar_of(pod: dict[str, Any]) -> dict[str, Any]:
-    return pod["spec"]["initContainers"][0]  # type: ignore[no-any-return]
+    return next(c for c in pod["spec"]["initContainers"] if c["name"] == "capgate-sidecar")
 
 
 # --- what an injected pod looks like --------------------------------------------------------------
 
-def test_injects_a_native_sidecar_first_among_init_containers(cap: Capability) -> None:
+def test_injects_capgate_init_then_the_native_sidecar_first_among_init_containers(cap: Capability) -> None:
     pod = run(make_pod(initContainers=[{"name": "setup", "image": "busybox"}]), cap)
     names = [c["name"] for c in pod["spec"]["initContainers"]]
-    assert names == ["capgate-sidecar", "setup"]
+    assert names == ["capgate-init", "capgate-sidecar", "setup"]
     assert sidecar_of(pod)["restartPolicy"] == "Always"
-    assert "restartPolicy" not in pod["spec"]["initContainers"][1]
+    assert "restartPolicy" not in pod["spec"]["initContainers"][0]  # runs to completion before the sidecar starts
+    assert "restartPolicy" not in pod["spec"]["initContainers"][2]
     assert [c["name"] for c in pod["spec"]["containers"]] == ["agent"]
 
 
@@ -73,6 +75,7 @@ def test_sidecar_runs_with_the_mounted_directories_and_ports(cap: Capability) ->
         "--credential-dir", "/var/run/capgate/credential",
         "--upstream-credentials-dir", "/var/run/capgate/upstreams",
         "--listen", "127.0.0.1:15080", "--admin-listen", "0.0.0.0:15090",
+        "--outbound-listen", "127.0.0.1:15001", "--ca-dir", "/var/run/capgate/ca",
         "--log-level", "debug",
     ]
     assert sidecar["ports"] == [{"name": "capgate-admin", "containerPort": 15090, "protocol": "TCP"}]
@@ -119,7 +122,7 @@ def test_no_proxy_bypasses_only_loopback_so_cluster_upstreams_still_go_through_t
 def test_every_agent_and_init_container_gets_the_variables(cap: Capability) -> None:
     pod = run(make_pod(containers=[{"name": "a", "image": "x"}, {"name": "b", "image": "y"}],
                        initContainers=[{"name": "setup", "image": "busybox"}]), cap)
-    for container in [*pod["spec"]["containers"], pod["spec"]["initContainers"][1]]:
+    for container in [*pod["spec"]["containers"], pod["spec"]["initContainers"][2]]:
         assert env_of(container)["CAPGATE_URL"] == "http://127.0.0.1:15080", container["name"]
 
 
@@ -147,11 +150,12 @@ def test_secrets_are_mounted_into_the_sidecar_only(cap: Capability) -> None:
     assert volumes["capgate-upstreams"]["projected"]["sources"] == [
         {"secret": {"name": "payments-api-key", "items": [{"key": "token", "path": "payments"}], "optional": False}}]
     assert "data" in volumes
-    assert {m["name"] for m in sidecar_of(pod)["volumeMounts"]} == {"capgate-credential", "capgate-upstreams",
-                                                                     "capgate-api-token"}
-    assert all(m["readOnly"] for m in sidecar_of(pod)["volumeMounts"])
-    assert all("subPath" not in m for m in sidecar_of(pod)["volumeMounts"])  # rotations must reach the sidecar
-    assert "volumeMounts" not in pod["spec"]["containers"][0]
+    mounts = {m["name"]: m for m in sidecar_of(pod)["volumeMounts"]}
+    assert set(mounts) == {"capgate-credential", "capgate-upstreams", "capgate-api-token", "capgate-ca"}
+    assert all(m["readOnly"] for name, m in mounts.items() if name != "capgate-ca")  # the sidecar writes ca.crt
+    assert all("subPath" not in m for m in mounts.values())  # rotations must reach the sidecar
+    assert pod["spec"]["containers"][0]["volumeMounts"] == [
+        {"name": "capgate-ca", "mountPath": "/var/run/capgate/ca", "readOnly": True}]
 
 
 def test_pod_is_annotated_with_the_capability_it_was_injected_for(cap: Capability) -> None:
@@ -161,7 +165,7 @@ def test_pod_is_annotated_with_the_capability_it_was_injected_for(cap: Capabilit
 def test_capability_without_injected_keys_gets_no_upstream_volume_or_flag(cap: Capability) -> None:
     keyless = dataclasses.replace(cap, upstreams=tuple(dataclasses.replace(u, inject=None) for u in cap.upstreams))
     pod = run(make_pod(), keyless)
-    assert [v["name"] for v in pod["spec"]["volumes"]] == ["capgate-credential", "capgate-api-token"]
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["capgate-credential", "capgate-api-token", "capgate-ca"]
     assert "--upstream-credentials-dir" not in sidecar_of(pod)["args"]
 
 
@@ -184,7 +188,7 @@ def test_look_alike_sidecar_with_extra_fields_is_overwritten(cap: Capability) ->
     fake = copy.deepcopy(sidecar_of(run(make_pod(), cap)))
     fake["lifecycle"] = {"postStart": {"exec": {"command": ["sh", "-c", "cat /var/run/capgate/credential/token"]}}}
     pod = run(make_pod(initContainers=[{"name": "setup", "image": "busybox"}, fake]), cap)
-    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["capgate-sidecar", "setup"]
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["capgate-init", "capgate-sidecar", "setup"]
     assert "lifecycle" not in sidecar_of(pod)
 
 
@@ -293,14 +297,16 @@ def test_annotation_key_slash_is_escaped_in_the_pointer(cap: Capability) -> None
 
 def test_patch_adds_whole_arrays_to_a_bare_pod(cap: Capability) -> None:
     pod = {"metadata": {"generateName": "agent-"},
-           "spec": {"serviceAccountName": "booking-agent", "containers": [{"name": "agent", "image": "x"}]}}
+           "spec": {"serviceAccountName": "booking-agent", "securityContext": {"runAsUser": 1000},
+                    "containers": [{"name": "agent", "image": "x"}]}}
     ops = inject(pod, cap, SETTINGS, credential_secret=SECRET, namespace="travel")
     assert {(op["op"], op["path"]) for op in ops} == {
         ("add", "/metadata/annotations"), ("add", "/spec/initContainers"),
-        ("add", "/spec/containers/0/env"), ("add", "/spec/volumes")}
+        ("add", "/spec/containers/0/env"), ("add", "/spec/containers/0/securityContext"),
+        ("add", "/spec/containers/0/volumeMounts"), ("add", "/spec/volumes")}
     json.dumps(ops)  # the webhook sends it as JSON
     after = apply_patch(pod, ops)
-    assert after["spec"]["initContainers"][0]["name"] == "capgate-sidecar"
+    assert after["spec"]["initContainers"][1]["name"] == "capgate-sidecar"
     assert env_of(after["spec"]["containers"][0])["CAPGATE_URL"] == "http://127.0.0.1:15080"
 
 
@@ -337,7 +343,7 @@ def test_sidecar_invocation_resolves_downward_api_env_and_mounts(cap: Capability
                    "CAPGATE_POD_NAME": "agent-1", "CAPGATE_POD_UID": "uid-1", "CAPGATE_NODE_NAME": "node-a"}
     assert mounts.pop("capgate-api-token") == "/var/run/secrets/kubernetes.io/serviceaccount"
     assert mounts == {"capgate-credential": "/var/run/capgate/credential",
-                      "capgate-upstreams": "/var/run/capgate/upstreams"}
+                      "capgate-upstreams": "/var/run/capgate/upstreams", "capgate-ca": "/var/run/capgate/ca"}
 
 
 def test_sidecar_invocation_takes_fields_an_unscheduled_pod_lacks(cap: Capability) -> None:
@@ -369,6 +375,7 @@ def test_the_sidecar_accepts_the_injected_args_and_env(cap: Capability, tmp_path
     assert not settings.standalone
     assert str(settings.listen) == "127.0.0.1:15080"
     assert str(settings.admin_listen) == "0.0.0.0:15090"
+    assert str(settings.outbound_listen) == "127.0.0.1:15001" and settings.ca_dir is not None
     assert (settings.namespace, settings.service_account) == ("travel", "booking-agent")
 
 
@@ -383,3 +390,142 @@ def test_the_sidecar_gets_its_own_api_token_even_when_the_pod_opts_out(cap: Capa
     assert not any(m["name"] == "capgate-api-token" for c in injected["spec"]["containers"]
                    for m in c.get("volumeMounts") or [])
 
+
+
+# --- egress: complete mediation (capgate-init) and what agent containers may not do -------------------
+
+def cooperative(cap: Capability) -> Capability:
+    return dataclasses.replace(cap, egress_mode="cooperative")
+
+
+def test_capgate_init_runs_as_root_with_only_net_admin_and_net_raw(cap: Capability) -> None:
+    init = run(make_pod(), cap)["spec"]["initContainers"][0]
+    assert init["name"] == "capgate-init" and init["command"] == ["capgate-init"]
+    assert init["image"] == SETTINGS.image
+    assert init["args"] == ["--proxy-uid", "65532", "--outbound-port", "15001", "--sidecar-ports", "15080,15090"]
+    assert init["securityContext"] == {
+        "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False, "privileged": False,
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"}}
+    assert "volumeMounts" not in init  # it needs no Secret and no file of the pod
+
+
+def test_agents_trust_the_pod_ca_through_a_read_only_mount_and_env(cap: Capability) -> None:
+    pod = run(make_pod(), cap)
+    env = env_of(pod["spec"]["containers"][0])
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
+        assert env[name] == "/var/run/capgate/ca/ca.crt"
+    assert {"name": "capgate-ca", "mountPath": "/var/run/capgate/ca", "readOnly": True} in \
+        pod["spec"]["containers"][0]["volumeMounts"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["capgate-ca"] == {"name": "capgate-ca", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+
+
+def test_agent_containers_lose_the_capabilities_that_undo_or_sniff_the_capture(cap: Capability) -> None:
+    pod = make_pod()
+    pod["spec"]["containers"][0]["securityContext"] = {"capabilities": {"drop": ["MKNOD"]}, "runAsUser": 1001}
+    context = run(pod, cap)["spec"]["containers"][0]["securityContext"]
+    assert context == {"capabilities": {"drop": ["MKNOD", "NET_ADMIN", "NET_RAW", "SETUID", "SETGID"]},
+                       "runAsUser": 1001, "allowPrivilegeEscalation": False}
+
+
+def test_a_container_that_already_drops_all_is_left_alone(cap: Capability) -> None:
+    pod = make_pod()
+    pod["spec"]["containers"][0]["securityContext"] = {"capabilities": {"drop": ["ALL"]},
+                                                       "allowPrivilegeEscalation": False}
+    assert run(pod, cap)["spec"]["containers"][0]["securityContext"] == pod["spec"]["containers"][0][
+        "securityContext"]
+
+
+@pytest.mark.parametrize(("where", "uid"), [("container", 65532), ("pod", 65532), ("pod", None)])
+def test_refuses_an_agent_that_runs_or_may_run_as_the_sidecar_uid(cap: Capability, where: str,
+                                                                   uid: int | None) -> None:
+    pod = make_pod()
+    if where == "container":
+        pod["spec"]["containers"][0]["securityContext"] = {"runAsUser": uid}
+    else:
+        pod["spec"]["securityContext"] = {} if uid is None else {"runAsUser": uid}
+    message = refusal(pod, cap)
+    assert "'agent'" in message and "65532" in message
+
+
+def test_a_container_level_uid_overrides_the_pod_level_sidecar_uid(cap: Capability) -> None:
+    pod = make_pod(securityContext={"runAsUser": 65532})
+    pod["spec"]["containers"][0]["securityContext"] = {"runAsUser": 1000}
+    run(pod, cap)
+
+
+@pytest.mark.parametrize("added", ["NET_ADMIN", "net_raw", "CAP_SETUID", "SETGID", "ALL"])
+def test_refuses_an_agent_that_adds_a_capability_that_undoes_the_capture(cap: Capability, added: str) -> None:
+    pod = make_pod()
+    pod["spec"]["containers"][0]["securityContext"] = {"capabilities": {"add": [added]}}
+    assert "adds capabilities" in refusal(pod, cap)
+
+
+@pytest.mark.parametrize(("context", "says"), [({"privileged": True}, "privileged"),
+                                               ({"allowPrivilegeEscalation": True}, "allowPrivilegeEscalation"),
+                                               ({"capabilities": {"add": ["SYS_ADMIN"]}}, "SYS_ADMIN")])
+def test_refuses_privileged_or_escalating_agents(cap: Capability, context: dict[str, Any], says: str) -> None:
+    pod = make_pod()
+    pod["spec"]["containers"][0]["securityContext"] = context
+    assert says in refusal(pod, cap)
+
+
+def test_refuses_a_writable_mount_of_the_pod_ca(cap: Capability) -> None:
+    injected = run(make_pod(), cap)
+    injected["spec"]["ephemeralContainers"] = [{
+        "name": "debug", "image": "busybox", "volumeMounts": [{"name": "capgate-ca", "mountPath": "/ca"}],
+        "securityContext": {"capabilities": {"drop": ["ALL"]}, "allowPrivilegeEscalation": False}}]
+    with pytest.raises(InjectionError, match="pod CA volume writable"):
+        validate(injected, cap, SETTINGS, credential_secret=SECRET)
+
+
+def test_a_legacy_debug_container_is_refused_and_a_restricted_one_allowed(cap: Capability) -> None:
+    injected = run(make_pod(), cap)
+    injected["spec"]["ephemeralContainers"] = [{"name": "debug", "image": "busybox", "targetContainerName": "agent"}]
+    with pytest.raises(InjectionError, match="--profile=restricted"):
+        validate(injected, cap, SETTINGS, credential_secret=SECRET)
+    injected["spec"]["ephemeralContainers"][0]["securityContext"] = {  # what kubectl debug --profile=restricted sets
+        "runAsNonRoot": True, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"}}
+    validate(injected, cap, SETTINGS, credential_secret=SECRET)
+
+
+def test_refuses_a_user_container_named_like_capgate_init(cap: Capability) -> None:
+    injected = run(make_pod(), cap)
+    injected["spec"]["containers"].append({"name": "capgate-init", "image": "x"})
+    with pytest.raises(InjectionError, match="reserved"):
+        validate(injected, cap, SETTINGS, credential_secret=SECRET)
+
+
+def test_a_look_alike_capgate_init_is_replaced_by_ours(cap: Capability) -> None:
+    fake = {"name": "capgate-init", "image": "evil", "command": ["sh"], "securityContext": {"privileged": True}}
+    pod = run(make_pod(initContainers=[fake]), cap)
+    assert pod["spec"]["initContainers"][0] == injection.init_container(SETTINGS)
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["capgate-init", "capgate-sidecar"]
+
+
+def test_cooperative_mode_has_no_init_container_no_pod_ca_and_no_uid_requirement(cap: Capability) -> None:
+    pod = make_pod(securityContext={})
+    injected = run(pod, cooperative(cap))
+    assert [c["name"] for c in injected["spec"]["initContainers"]] == ["capgate-sidecar"]
+    assert "--outbound-listen" not in sidecar_of(injected)["args"]
+    assert "capgate-ca" not in {v["name"] for v in injected["spec"]["volumes"]}
+    agent = injected["spec"]["containers"][0]
+    assert "SSL_CERT_FILE" not in env_of(agent) and "volumeMounts" not in agent
+    # NET_RAW would still sniff the sidecar's cleartext calls to http:// upstreams.
+    assert agent["securityContext"] == {"capabilities": {"drop": ["NET_ADMIN", "NET_RAW"]}}
+    assert inject(injected, cooperative(cap), SETTINGS, credential_secret=SECRET) == []
+
+
+def test_switching_a_pod_from_cooperative_to_enforce_adds_capgate_init(cap: Capability) -> None:
+    once = run(make_pod(), cooperative(cap))
+    again = mutated(once, cap, SETTINGS, credential_secret=SECRET)
+    assert [c["name"] for c in again["spec"]["initContainers"]] == ["capgate-init", "capgate-sidecar"]
+
+
+def test_the_outbound_port_is_reserved(cap: Capability) -> None:
+    pod = make_pod()
+    pod["spec"]["containers"][0]["ports"] = [{"containerPort": 15001}]
+    assert "15001" in refusal(pod, cap)

@@ -14,10 +14,16 @@ The shape of the compiled block (values are always ``{parameters}``, never forma
 One Datalog rule per (method × glob) combination with constant terms only: Biscuit joins on
 constants cheaply, while set membership and regexes in rule bodies cost 2–10× more per request
 (measured: bench/decision.py). Glob matching itself is done by the verifier, which supplies a
-``path_match(glob)`` fact for each glob of the capability that the normalized path matches.
+``path_match(glob)`` fact for each glob of the capability that the normalized path matches
+exactly, and a ``deny_path_match(glob)`` fact for each glob of a *deny* rule that it matches
+leniently (:func:`capgate.capabilities.paths.lenient_forms`). Deny rules read only the
+``deny_*`` facts, allow rules only the exact ones, so one glob can be exact in an allow rule and
+lenient in a deny rule. (Credentials compiled before deny rules read ``deny_*`` facts still
+decide exactly as they did: the verifier keeps supplying ``path_match`` for every glob.)
 
 The request facts a verifier supplies are therefore: ``req(method, upstream)``,
-``path_match(glob)``, ``action_match(glob)``, ``resource_match(glob)``, ``principal(p)``,
+``path_match(glob)``, ``action_match(glob)``, ``resource_match(glob)``, their lenient
+``deny_path_match``/``deny_action_match``/``deny_resource_match``, ``principal(p)``,
 ``correlation(c)``, ``receipt(rule, c)``, ``body_num(field, value)``, ``arg_str(field, value)``,
 ``arg_match(field, glob)`` and ``time(t)``.
 
@@ -33,18 +39,20 @@ import itertools
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from capgate import timestamps
-from capgate.capabilities import _biscuit
+from capgate.capabilities import _biscuit, paths
 from capgate.capabilities.errors import SpecError
 from capgate.capabilities.spec import Capability, Rule, parse_capability, to_spec
 
 FORMAT_VERSION = 1
 RESERVED_PREDICATES = frozenset({
-    "allow_match", "deny_match", "req", "path_match", "action_match", "resource_match", "principal",
-    "correlation", "receipt", "body_num", "time", "spec", "capgate_version", "attenuation", "arg_str", "arg_match",
+    "allow_match", "deny_match", "req", "path_match", "action_match", "resource_match", "deny_path_match",
+    "deny_action_match", "deny_resource_match", "principal", "correlation", "receipt", "body_num", "time", "spec",
+    "capgate_version", "attenuation", "arg_str", "arg_match",
 })
 """Predicates whose meaning capgate defines; user Datalog may read them but never derive them."""
 
@@ -85,6 +93,7 @@ def compile_authority(cap: Capability, issued_at: datetime, expires_at: datetime
 def compile_rule(rule: Rule) -> Iterator[Code]:
     """One Datalog rule per alternative way ``rule`` can match; see the module docstring."""
     head = "allow_match" if rule.effect == "allow" else "deny_match"
+    match = "" if rule.effect == "allow" else "deny_"
     for alternative in _alternatives(rule):
         body: list[str] = []
         params: dict[str, _biscuit.Term] = {"rule": rule.name}
@@ -97,12 +106,12 @@ def compile_rule(rule: Rule) -> Iterator[Code]:
                 params["upstream"] = rule.upstream
             body.append(f"req({method}, {upstream})")
             if "glob" in alternative:
-                body.append("path_match({glob})")
+                body.append(f"{match}path_match({{glob}})")
         else:
             if "action" in alternative:
-                body.append("action_match({action})")
+                body.append(f"{match}action_match({{action}})")
             if "resource" in alternative:
-                body.append("resource_match({resource})")
+                body.append(f"{match}resource_match({{resource}})")
         for index, limit in enumerate(rule.limits):
             body.append(f"body_num({{field{index}}}, $v{index}), $v{index} >= 0, $v{index} <= {{max{index}}}")
             params[f"field{index}"] = limit.field
@@ -165,15 +174,42 @@ def validate_object(obj: Mapping[str, Any]) -> Capability:
     return cap
 
 
+@dataclass(frozen=True)
+class PathMatch:
+    """The capability's path globs a normalized path matches: exactly (read by allow rules) and
+    leniently (the globs of deny rules, read by deny rules). Hashable: it keys prepared authorizers."""
+
+    exact: frozenset[str] = frozenset()
+    lenient: frozenset[str] = frozenset()
+
+
+def deny_globs(cap: Capability, kind: str = "paths") -> tuple[str, ...]:
+    """The ``paths``, ``actions`` or ``resources`` globs of the capability's deny rules."""
+    return tuple(sorted({glob for rule in cap.rules if rule.effect == "deny" for glob in getattr(rule, kind)}))
+
+
+def match_path(cap: Capability, path: str) -> PathMatch:
+    """Which globs of ``cap`` the normalized ``path`` matches, exactly and (deny rules) leniently."""
+    exact = frozenset(glob for glob in cap.sorted_globs if paths.glob_matches(glob, path))
+    denying = deny_globs(cap)
+    if not denying:
+        return PathMatch(exact)
+    forms = paths.lenient_forms(path)
+    lenient = frozenset(glob for glob in denying if glob in exact
+                        or any(paths.compile_lenient_glob(glob).match(form) for form in forms))
+    return PathMatch(exact, lenient)
+
+
 def prune(code: Sequence[Code], *, method: str | None, upstream: str | None,
-          globs: frozenset[str] | None = None) -> list[Code]:
+          globs: PathMatch | None = None) -> list[Code]:
     """``code`` without the compiled rules that cannot fire for this request.
 
     A compiled rule fires only through its ``req(method, upstream)`` (HTTP) or
     ``action_match``/``resource_match`` (action) facts, and a request supplies exactly one
     ``req`` fact or only action facts. A rule whose constants differ from the request's, or of
     the other kind, derives nothing for it, so dropping it leaves the fixpoint unchanged; so does
-    a rule whose glob is not among the ``globs`` the request's path matched. The
+    a rule whose glob is not among the ``globs`` the request's path matched (exactly for allow
+    rules, leniently for deny rules). The
     ``spec`` fact is dropped unless some Datalog reads it. User Datalog and every check are kept.
     """
     kept: list[Code] = []
@@ -189,10 +225,12 @@ def prune(code: Sequence[Code], *, method: str | None, upstream: str | None,
 
 
 def _can_fire(source: str, params: _biscuit.Params, method: str | None, upstream: str | None,
-              globs: frozenset[str] | None) -> bool:
+              globs: PathMatch | None) -> bool:
     http_rule = "req(" in source
     if method is None:
         return not http_rule
     if not http_rule or params.get("method", method) != method or params.get("upstream", upstream) != upstream:
         return False
-    return globs is None or "glob" not in params or params["glob"] in globs
+    if globs is None or "glob" not in params:
+        return True
+    return params["glob"] in (globs.lenient if "deny_path_match(" in source else globs.exact)

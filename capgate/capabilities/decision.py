@@ -6,8 +6,14 @@ when the agent sends one, its narrowed token: both must allow) and turns the lib
 into a decision a person can read. The explanation of a denial is computed *after* the verdict
 and never changes it.
 
-Time: every time-bounded check is evaluated at ``now - skew`` (30 s), so a sidecar whose clock
-runs a little ahead of the operator's does not reject fresh credentials.
+Time: every time-bounded check is evaluated with a 30 s skew both ways: expiry at ``now - skew``
+(a sidecar whose clock runs a little ahead of the operator's does not reject fresh credentials),
+not-before at ``now + skew`` (nor one whose clock runs a little behind), and a token issued further
+in the future is refused (401 ``not_yet_valid``).
+
+Names: a request reaches :func:`decide` normalized (:mod:`capgate.capabilities.paths`); one that
+is not, or that is an HTTP call *and* an action at once, is refused here too (``bad_request``),
+so no caller can get a raw name matched. Allow globs match exactly, deny globs leniently.
 """
 
 from __future__ import annotations
@@ -17,12 +23,12 @@ from collections import OrderedDict
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Literal
 
-from capgate.capabilities import _biscuit, tokens
-from capgate.capabilities.errors import TokenError
+from capgate.capabilities import _biscuit, compiler, paths, tokens
+from capgate.capabilities.errors import RequestError, TokenError
 from capgate.capabilities.keys import TrustBundle
-from capgate.capabilities.paths import glob_matches, name_glob_matches
 from capgate.capabilities.spec import Arg, Capability, Rule, numeric_field, string_field
 
 SKEW = timedelta(seconds=30)
@@ -36,7 +42,7 @@ Code = Literal["allowed", "invalid_token", "denied"]
 Reason = Literal[
     "allowed", "no_matching_rule", "deny_rule", "limit_exceeded", "limit_missing", "missing_receipt",
     "check_failed", "policy_error", "malformed", "bad_signature", "unknown_root", "expired", "revoked",
-    "too_deep", "identity", "bad_request", "unknown_upstream",
+    "too_deep", "identity", "bad_request", "unknown_upstream", "not_yet_valid",
 ]
 _STATUS = {"allowed": 200, "invalid_token": 401, "denied": 403}
 
@@ -46,8 +52,9 @@ class Request:
     """What is being asked, with everything the policy may look at.
 
     HTTP calls set ``method``/``upstream``/``path`` (already normalized); the decision API and MCP
-    tools set ``action``/``resource``. ``receipts`` names rules with a verified receipt in
-    ``correlation``. ``body`` is the parsed JSON body, only when a limit needs it.
+    tools set ``action``/``resource`` (normalized: :func:`paths.normalize_resource`), never both:
+    a question about both is two requests, and both must allow. ``receipts`` names rules with a
+    verified receipt in ``correlation``. ``body`` is the parsed JSON body, only when a limit needs it.
     """
 
     principal: str
@@ -97,6 +104,9 @@ def decide(credentials: Sequence[tokens.Credential], request: Request, *,
     """Decide ``request`` under every credential given; all must allow, the first refusal wins."""
     if not credentials:
         return Decision(False, "invalid_token", "malformed", "no credential")
+    problem = malformed(request)
+    if problem is not None:
+        return _deny("bad_request", problem)
     allowed: Decision | None = None
     for credential in credentials:
         outcome = decide_one(credential, request, revoked=revoked, skew=skew)
@@ -107,6 +117,28 @@ def decide(credentials: Sequence[tokens.Credential], request: Request, *,
     return allowed
 
 
+def malformed(request: Request) -> str | None:
+    """Why ``request`` cannot be decided as given (it must arrive normalized), or None."""
+    http = request.method is not None or request.upstream is not None or request.path is not None
+    if http and (request.action is not None or request.resource is not None):
+        return "a request is an HTTP call or an action, not both"
+    if request.path is not None:
+        return _not_normal(request.path, resource=False)
+    if request.resource is not None:
+        return _not_normal(request.resource, resource=True)
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _not_normal(name: str, *, resource: bool) -> str | None:
+    """Agents repeat names, so the check costs a cache lookup on the hot path, not a second parse."""
+    try:
+        normal = paths.normalize_resource(name) if resource else paths.normalize(name)
+    except RequestError as exc:
+        return f"ambiguous name refused: {exc}"
+    return None if normal == name else f"the {'resource name' if resource else 'path'} is not normalized"
+
+
 def decide_one(credential: tokens.Credential, request: Request, *, revoked: Container[str] = frozenset(),
                skew: timedelta = SKEW) -> Decision:
     try:
@@ -115,7 +147,8 @@ def decide_one(credential: tokens.Credential, request: Request, *, revoked: Cont
     except TokenError as error:
         return _invalid(error)
     cap = credential.capability
-    globs = credential.index.globs_for(request.path) if request.method is not None and request.path else frozenset()
+    globs = (credential.index.globs_for(request.path) if request.method is not None and request.path
+             else compiler.PathMatch())
     result = credential.index.authorize(request.method, request.upstream, globs,
                                         request_facts(cap, request, globs, skew))
     for check in result.failed_checks:
@@ -142,12 +175,14 @@ def decide_one(credential: tokens.Credential, request: Request, *, revoked: Cont
 
 def check_validity(credential: tokens.Credential, now: datetime, *, revoked: Container[str],
                    skew: timedelta = SKEW) -> None:
-    """Revocation, expiry and depth: what makes a token unusable regardless of the request."""
+    """Revocation, lifetime and depth: what makes a token unusable regardless of the request."""
     revoked_id = next((rid for rid in credential.revocation_ids if rid in revoked), None)
     if revoked_id is not None:
         raise TokenError("revoked", f"revocation id {revoked_id[:16]}… is revoked")
     if now - skew > credential.expires_at:
         raise TokenError("expired", f"credential expired at {credential.expires_at.isoformat()}")
+    if now + skew < credential.not_before:
+        raise TokenError("not_yet_valid", f"credential is not valid before {credential.not_before.isoformat()}")
     if credential.depth > credential.capability.delegation.max_depth:
         raise TokenError("too_deep", f"narrowed {credential.depth} times; at most "
                                      f"{credential.capability.delegation.max_depth} allowed")
@@ -161,7 +196,7 @@ def check_holder(credential: tokens.Credential, principal: str) -> None:
         raise TokenError("identity", f"token is not valid for identity {principal!r}")
 
 
-def request_facts(cap: Capability, request: Request, globs: frozenset[str] | None = None,
+def request_facts(cap: Capability, request: Request, globs: compiler.PathMatch | None = None,
                   skew: timedelta = SKEW) -> _biscuit.Code:
     """The authorizer facts for ``request`` (see :mod:`capgate.capabilities.compiler`)."""
     facts = _biscuit.Facts()
@@ -173,13 +208,13 @@ def request_facts(cap: Capability, request: Request, globs: frozenset[str] | Non
     if request.method is not None and request.upstream is not None:
         facts.add("req", request.method, request.upstream)
         if request.path is not None:
-            for glob in sorted(globs if globs is not None else matching_globs(cap, request.path)):
+            matched = globs if globs is not None else compiler.match_path(cap, request.path)
+            for glob in sorted(matched.exact):
                 facts.add("path_match", glob)
-    for kind, value in (("action_match", request.action), ("resource_match", request.resource)):
-        if value is not None and request.method is None:  # a request is HTTP or an action, never both
-            for glob in sorted(_name_globs(cap, kind)):
-                if name_glob_matches(glob, value):
-                    facts.add(kind, glob)
+            for glob in sorted(matched.lenient):
+                facts.add("deny_path_match", glob)
+    elif request.method is None:  # a request is HTTP or an action, never both
+        _action_facts(facts, cap, request)
     for rule_name in sorted(request.receipts):
         if rule_name in required or cap.datalog:
             facts.add("receipt", rule_name, request.correlation)
@@ -193,6 +228,27 @@ def request_facts(cap: Capability, request: Request, globs: frozenset[str] | Non
     return facts.code()
 
 
+def _action_facts(facts: _biscuit.Facts, cap: Capability, request: Request) -> None:
+    """``action_match``/``resource_match`` for every glob matched exactly, ``deny_*`` for deny globs
+    matched leniently (or exactly)."""
+    if request.action is not None:
+        action = request.action
+        for glob in sorted({g for rule in cap.rules for g in rule.actions}):
+            if paths.name_glob_matches(glob, action):
+                facts.add("action_match", glob)
+        for glob in compiler.deny_globs(cap, "actions"):
+            if paths.lenient_name_glob_matches(glob, action):
+                facts.add("deny_action_match", glob)
+    if request.resource is not None:
+        resource = request.resource
+        for glob in sorted({g for rule in cap.rules for g in rule.resources}):
+            if paths.resource_glob_matches(glob, resource):
+                facts.add("resource_match", glob)
+        for glob in compiler.deny_globs(cap, "resources"):
+            if paths.lenient_resource_glob_matches(glob, resource):
+                facts.add("deny_resource_match", glob)
+
+
 def _arg_facts(facts: _biscuit.Facts, cap: Capability, arguments: object) -> None:
     """``arg_str``/``arg_match`` for the string arguments ``args`` constraints read (actions only)."""
     for field_path in sorted(cap.arg_fields):
@@ -201,18 +257,13 @@ def _arg_facts(facts: _biscuit.Facts, cap: Capability, arguments: object) -> Non
             continue
         facts.add("arg_str", field_path, value)
         for glob in sorted({a.glob for r in cap.rules for a in r.args if a.field == field_path and a.glob}):
-            if name_glob_matches(glob, value):
+            if paths.name_glob_matches(glob, value):
                 facts.add("arg_match", field_path, glob)
 
 
 def matching_globs(cap: Capability, path: str) -> list[str]:
-    return [glob for glob in cap.sorted_globs if glob_matches(glob, path)]
-
-
-def _name_globs(cap: Capability, kind: str) -> set[str]:
-    if kind == "action_match":
-        return {g for rule in cap.rules for g in rule.actions}
-    return {g for rule in cap.rules for g in rule.resources}
+    """The capability's globs ``path`` matches exactly (what allow rules read)."""
+    return sorted(compiler.match_path(cap, path).exact)
 
 
 def _first_in_order(cap: Capability, names: Sequence[str]) -> str:
@@ -227,9 +278,10 @@ def scope_matches(rule: Rule, request: Request) -> bool:
             return False
         return ((not rule.upstream or rule.upstream == request.upstream)
                 and (not rule.methods or request.method in rule.methods)
-                and (not rule.paths or any(glob_matches(g, request.path or "") for g in rule.paths)))
-    return ((not rule.actions or any(name_glob_matches(g, request.action or "\0") for g in rule.actions))
-            and (not rule.resources or any(name_glob_matches(g, request.resource or "\0") for g in rule.resources))
+                and (not rule.paths or any(paths.glob_matches(g, request.path or "") for g in rule.paths)))
+    return ((not rule.actions or any(paths.name_glob_matches(g, request.action or "\0") for g in rule.actions))
+            and (not rule.resources
+                 or any(paths.resource_glob_matches(g, request.resource or "\0") for g in rule.resources))
             and request.action is not None and request.method is None)
 
 
@@ -270,7 +322,7 @@ def _arg_problem(arg: Arg, arguments: object) -> tuple[Reason, str] | None:
         return "limit_missing", f"argument {arg.field!r} is missing or not a string"
     if arg.one_of and value not in arg.one_of:
         return "limit_exceeded", f"argument {arg.field!r} is not one of {', '.join(map(repr, arg.one_of))}"
-    if arg.glob is not None and not name_glob_matches(arg.glob, value):
+    if arg.glob is not None and not paths.name_glob_matches(arg.glob, value):
         return "limit_exceeded", f"argument {arg.field!r} does not match {arg.glob!r}"
     return None
 

@@ -8,7 +8,7 @@ outcomes in exactly one place each, so every class carries the machine-readable 
     ├── SpecError                   an AgentCapability that cannot be compiled (names the field path)
     ├── KeyFileError                a root key or trust bundle that cannot be loaded
     ├── TokenError                  401 invalid_token: malformed, bad_signature, unknown_root,
-    │                               expired, revoked, too_deep, identity
+    │                               expired, not_yet_valid, revoked, too_deep, identity
     ├── ReceiptError                a carried receipt that must be ignored: malformed, bad_signature,
     │                               unknown_key, unendorsed, expired, wrong_correlation,
     │                               wrong_credential
@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Literal
 
 TokenReason = Literal[
-    "malformed", "bad_signature", "unknown_root", "expired", "revoked", "too_deep", "identity"
+    "malformed", "bad_signature", "unknown_root", "expired", "not_yet_valid", "revoked", "too_deep", "identity"
 ]
 ReceiptReason = Literal[
     "malformed", "bad_signature", "unknown_key", "unendorsed", "expired", "wrong_correlation", "wrong_credential"

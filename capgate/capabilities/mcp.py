@@ -255,10 +255,8 @@ def uri_resource(upstream: str, uri: str) -> str:
 
 
 def _normalized(upstream: str, path: str, what: str) -> str:
-    # TODO(names): call paths.normalize_resource(f"mcp://{upstream}{path}") once the strict resource
-    # reader is merged; until then the path part goes through the path normalizer it builds on.
     try:
-        return f"mcp://{upstream}" + paths.normalize(path)
+        return paths.normalize_resource(f"mcp://{upstream}{path}")
     except RequestError as exc:
         raise McpError(INVALID_PARAMS, f"ambiguous MCP {what}: {exc}", reason="ambiguous_resource") from None
 

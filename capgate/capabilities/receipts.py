@@ -47,6 +47,11 @@ SESSION_KEY_LIFETIME = timedelta(minutes=5)
 MAX_RECEIPT_BYTES = 4096
 
 
+def expired(expires_at: datetime, now: datetime) -> bool:
+    """The one expiry rule for receipts, carried or held: past ``expires_at`` by more than the skew."""
+    return now > expires_at + SKEW
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -204,7 +209,7 @@ def verify(receipt: str, *, trust: TrustBundle, correlation: str, capability: st
     if (result.capability, result.credential) != endorsed:
         raise ReceiptError("unendorsed", f"receipt of rule {result.rule!r} claims a capability or credential "
                                          "its session key is not endorsed for")
-    if moment > expires + SKEW or moment > endorsed_until or issued > moment + SKEW:
+    if expired(expires, moment) or moment > endorsed_until or issued > moment + SKEW:
         raise ReceiptError("expired", f"receipt of rule {result.rule!r} expired")
     if result.correlation != correlation:
         raise ReceiptError("wrong_correlation", f"receipt of rule {result.rule!r} belongs to another correlation")

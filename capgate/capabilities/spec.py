@@ -44,6 +44,7 @@ MAX_DATALOG_BYTES = 16 * 1024
 
 Effect = Literal["allow", "deny"]
 Mode = Literal["enforce", "audit"]
+EgressMode = Literal["enforce", "cooperative"]
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,8 @@ class Capability:
     mode: Mode = "enforce"
     lockdown_after: timedelta = timedelta(seconds=60)
     revoked: bool = False
+    egress_mode: EgressMode = "enforce"
+    """``spec.egress.mode``: enforce = the pod's egress is captured (capgate-init); cooperative = HTTP_PROXY only."""
 
     @property
     def principal(self) -> str:
@@ -452,8 +455,9 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
     names: dict[str, list[str]] = {}
     for key in ("actions", "resources"):
         names[key] = []
+        validate = paths.validate_resource_glob if key == "resources" else paths.validate_name_glob
         for npath, value in reader.strings(key):
-            problem = paths.validate_name_glob(value)
+            problem = validate(value)
             if problem:
                 raise SpecError(npath, problem)
             names[key].append(value)
@@ -548,7 +552,8 @@ def parse_capability(obj: Mapping[str, Any]) -> Capability:
 def parse_spec(data: object, *, name: str, namespace: str) -> Capability:
     """Parse ``spec`` of an AgentCapability named ``namespace/name``."""
     spec = _Reader(data, "spec", ("serviceAccountName", "upstreams", "rules", "rateLimit", "budgets", "datalog",
-                                  "credential", "receipts", "delegation", "mode", "lockdownAfter", "revoked"))
+                                  "credential", "receipts", "delegation", "mode", "lockdownAfter", "revoked",
+                                  "egress"))
     upstreams = _parse_upstreams(spec)
     rate_limit = None
     if spec.has("rateLimit"):
@@ -567,6 +572,10 @@ def parse_spec(data: object, *, name: str, namespace: str) -> Capability:
     if mode not in ("enforce", "audit"):
         raise SpecError(spec.sub("mode"), "must be 'enforce' or 'audit'")
     datalog = spec.string("datalog", default="", max_len=MAX_DATALOG_BYTES)
+    egress = _Reader(spec.data.get("egress") or {}, spec.sub("egress"), ("mode",))
+    egress_mode = egress.string("mode", default="enforce")
+    if egress_mode not in ("enforce", "cooperative"):
+        raise SpecError(egress.sub("mode"), "must be 'enforce' or 'cooperative'")
     return Capability(
         name=name,
         namespace=namespace,
@@ -585,6 +594,7 @@ def parse_spec(data: object, *, name: str, namespace: str) -> Capability:
         lockdown_after=spec.duration("lockdownAfter", timedelta(seconds=60), minimum=timedelta(seconds=1),
                                      maximum=timedelta(days=1)),
         revoked=spec.boolean("revoked", False),
+        egress_mode=cast(EgressMode, egress_mode),
     )
 
 
@@ -639,6 +649,7 @@ def to_spec(cap: Capability) -> dict[str, Any]:
         "mode": cap.mode,
         "lockdownAfter": format_duration(cap.lockdown_after),
         "revoked": cap.revoked,
+        "egress": {"mode": cap.egress_mode},
     }
     if cap.rate_limit:
         spec["rateLimit"] = {"requests": cap.rate_limit.requests, "per": format_duration(cap.rate_limit.per)}

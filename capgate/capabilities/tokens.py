@@ -22,12 +22,11 @@ from capgate import timestamps
 from capgate.capabilities import _biscuit, compiler
 from capgate.capabilities.errors import AttenuationError, SpecError, TokenError
 from capgate.capabilities.keys import KeySet, TrustBundle, parse_time
-from capgate.capabilities.paths import glob_matches
 from capgate.capabilities.spec import Capability, parse_spec
 
 
 class DecisionIndex:
-    """Prepared authorizers for one credential, keyed by the request's (method, upstream, globs).
+    """Prepared authorizers for one credential, keyed by the request's (method, upstream, matched globs).
 
     The exact path (``Token.authorize``) loads the whole token and evaluates every rule for every
     request. For a credential that is just its authority block, the code is regenerated from the
@@ -45,29 +44,29 @@ class DecisionIndex:
         self._parsed = parsed
         self._code = code
         self._capability = capability
-        self._globs: dict[str, frozenset[str]] = {}
-        self._prepared: dict[tuple[str | None, str | None, frozenset[str]], _biscuit.Prepared] = {}
+        self._globs: dict[str, compiler.PathMatch] = {}
+        self._prepared: dict[tuple[str | None, str | None, compiler.PathMatch], _biscuit.Prepared] = {}
 
     @property
     def exact_only(self) -> bool:
         return self._code is None
 
-    def globs_for(self, path: str) -> frozenset[str]:
+    def globs_for(self, path: str) -> compiler.PathMatch:
         """The capability's globs that match ``path`` (agents repeat paths, so this is remembered)."""
         found = self._globs.get(path)
         if found is None:
-            found = frozenset(glob for glob in self._capability.sorted_globs if glob_matches(glob, path))
+            found = compiler.match_path(self._capability, path)
             if len(self._globs) >= self.MAX_PATHS:
                 self._globs.clear()
             self._globs[path] = found
         return found
 
-    def authorize(self, method: str | None, upstream: str | None, globs: frozenset[str],
+    def authorize(self, method: str | None, upstream: str | None, globs: compiler.PathMatch,
                   facts: _biscuit.Code) -> _biscuit.AuthzResult:
         """Authorize a request whose path matched exactly ``globs`` of the capability."""
         if self._code is None:
             return self._parsed.authorize([facts])
-        key = (method, upstream, globs) if method is not None else (None, None, frozenset())
+        key = (method, upstream, globs) if method is not None else (None, None, compiler.PathMatch())
         prepared = self._prepared.get(key)
         if prepared is None:
             if len(self._prepared) >= self.MAX_ENTRIES:
@@ -86,6 +85,10 @@ class Credential:
     capability: Capability
     issued_at: datetime
     expires_at: datetime
+    not_before: datetime
+    """The latest issue time of its blocks (authority ``issuedAt``, narrowing ``notBefore``): a token
+    used earlier than this (minus the skew) is refused, so a credential minted by a clock that runs
+    ahead, or a narrowed token stamped in the future, does not work early."""
     principals: frozenset[str]
     index: DecisionIndex
     bound_to: frozenset[str] = frozenset()
@@ -150,17 +153,19 @@ def load(token: str, trust: TrustBundle, *, now: datetime | None = None) -> Cred
         raise TokenError("malformed", "credential without lifetime")
     narrowed = [parsed.block_source(index) for index in range(1, parsed.block_count)]
     expires = min([expires, *(_block_expiries(narrowed))])
+    not_before = max([issued, *_block_not_befores(narrowed)])
     code: list[_biscuit.Code] | None = None
     if parsed.block_count == 1:
         regenerated = compiler.compile_authority(capability, issued, expires)
         code = regenerated if parsed.authority_equals(regenerated) else None
     return Credential(token=token.strip(), parsed=parsed, capability=capability, issued_at=issued,
                       expires_at=expires, principals=principals, index=DecisionIndex(parsed, code, capability),
-                      bound_to=frozenset(_block_bindings(narrowed)))
+                      bound_to=frozenset(_block_bindings(narrowed)), not_before=not_before)
 
 
 _EXPIRY_CHECK = re.compile(r"^check if time\(\$t\), \$t <= (\S+);$", re.MULTILINE)
 _BINDING_CHECK = re.compile(r'^check if principal\("([^"]+)"\);$', re.MULTILINE)
+_NOT_BEFORE = re.compile(r'^attenuation\(".*"notBefore": "([^"]+)".*"\);$', re.MULTILINE)
 
 
 def _block_expiries(sources: list[str]) -> list[datetime]:
@@ -170,6 +175,18 @@ def _block_expiries(sources: list[str]) -> list[datetime]:
         for match in _EXPIRY_CHECK.finditer(source):
             moment = parse_time(match.group(1), "expiry")
             if moment is not None:
+                found.append(moment)
+    return found
+
+
+def _block_not_befores(sources: list[str]) -> list[datetime]:
+    """``notBefore`` of narrowing blocks (in their ``attenuation`` description; Biscuit prints strings
+    unescaped). A block anyone appended can only make its token valid *later*, so reading it is safe."""
+    found = []
+    for source in sources:
+        for match in _NOT_BEFORE.finditer(source):
+            moment = timestamps.parse(match.group(1))
+            if moment is not None:  # an unreadable claim restricts nothing
                 found.append(moment)
     return found
 
@@ -221,6 +238,7 @@ def attenuate(
                          {"rule": rule_name, "field": field, "max": maximum}))
             description.setdefault("limits", {}).setdefault(rule_name, {})[field] = maximum
     moment = (now or datetime.now(UTC)).replace(microsecond=0)
+    description["notBefore"] = timestamps.iso(moment)
     if ttl is not None:
         if ttl <= timedelta(0):
             raise AttenuationError("ttl must be positive")

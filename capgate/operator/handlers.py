@@ -158,13 +158,14 @@ def owner_reference(body: kopf.Body) -> dict[str, Any]:
             "uid": body.meta.uid, "controller": True, "blockOwnerDeletion": True}
 
 
-def condition(status: kopf.Status, ready: bool, reason: str, message: str, generation: int) -> list[dict[str, Any]]:
-    """The Ready condition, keeping lastTransitionTime while the status value does not change."""
+def condition(status: kopf.Status, ready: bool, reason: str, message: str, generation: int,
+              kind: str = "Ready") -> list[dict[str, Any]]:
+    """A condition (Ready by default), keeping lastTransitionTime while the status value does not change."""
     now = timestamps.iso(datetime.now(UTC))
     value = "True" if ready else "False"
-    previous = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    previous = next((c for c in status.get("conditions") or [] if c.get("type") == kind), None)
     since = previous["lastTransitionTime"] if previous and previous.get("status") == value else now
-    return [{"type": "Ready", "status": value, "reason": reason, "message": message[:1024],
+    return [{"type": kind, "status": value, "reason": reason, "message": message[:1024],
              "lastTransitionTime": since, "observedGeneration": generation}]
 
 
@@ -200,6 +201,16 @@ def _report_insecure_injection(cap: Capability, body: kopf.Body, status: kopf.St
     previous = next((c for c in status.get("conditions") or [] if c.get("type") == INSECURE_INJECTION), None)
     if previous is None or previous.get("message") != found["message"]:
         kopf.warn(body, reason=INSECURE_INJECTION, message=found["message"])
+
+
+def mediated(cap: Capability, status: kopf.Status, generation: int) -> list[dict[str, Any]]:
+    """Whether injected pods' egress is captured: an operator must see that cooperative pods are not."""
+    if cap.egress_mode == "enforce":
+        return condition(status, True, "Enforced", "capgate-init redirects every TCP connection of the pod "
+                         "to the sidecar and drops all other egress", generation, kind=resources.MEDIATED_CONDITION)
+    return condition(status, False, "Cooperative", "spec.egress.mode is cooperative: pods are NOT mediated; an "
+                     "agent that ignores HTTP_PROXY reaches the network directly (only keys stay out of reach)",
+                     generation, kind=resources.MEDIATED_CONDITION)
 
 
 def _lock(memo: Any) -> asyncio.Lock:
@@ -301,7 +312,7 @@ def _set_ready(cap: Capability, stored: minting.Stored, status: kopf.Status, pat
     expires = timestamps.iso(stored.expires_at) if stored.expires_at else ""
     patch.status.update({
         "conditions": condition(status, True, "Issued" if reason == "Current" else reason,
-                                f"credential valid until {expires}", generation),
+                                f"credential valid until {expires}", generation) + mediated(cap, status, generation),
         "observedGeneration": generation,
         "credentialSecret": secret,
         "issuedAt": timestamps.iso(stored.issued_at) if stored.issued_at else None,
@@ -338,7 +349,7 @@ async def _revoke(ctx: Context, cap: Capability, stored: minting.Stored, reason:
     if patch is not None:
         patch.status.update({
             "conditions": condition(status, False, "Revoked", f"credential {reason}; all its tokens are refused",
-                                    generation),
+                                    generation) + mediated(cap, status, generation),
             "observedGeneration": generation,
         })
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from capgate.sidecar import config
-from capgate.sidecar.app import create_apps
+from capgate.sidecar.app import EGRESS, create_apps
 
 log = logging.getLogger("capgate.sidecar")
 MAX_HEADER_BYTES = 64 * 1024 + 1024
@@ -39,15 +39,21 @@ async def serve(settings: config.Settings, agent: web.Application, admin: web.Ap
     agent_runner = web.AppRunner(agent, access_log=None, max_field_size=MAX_HEADER_BYTES,
                                  max_line_size=MAX_HEADER_BYTES)
     runners = [agent_runner, web.AppRunner(admin, access_log=None)]
+    outbound = agent[EGRESS]
     try:
         for runner, address in zip(runners, (settings.listen, settings.admin_listen), strict=True):
             await runner.setup()
             await web.TCPSite(runner, address.host, address.port, reuse_address=True, backlog=BACKLOG).start()
+        if outbound is not None:  # captured egress is served by the agent app's own server
+            assert agent_runner.server is not None
+            await outbound.start(agent_runner.server)
         log.info("capgate-sidecar listening on http://%s (agent) and http://%s (admin)",
                  settings.listen, settings.admin_listen)
         await stop.wait()
         log.info("shutting down")
     finally:
+        if outbound is not None:
+            await outbound.close()
         for runner in reversed(runners):
             await runner.cleanup()
 

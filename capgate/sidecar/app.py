@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from capgate.capabilities import decision, spec
-from capgate.sidecar import control, errors, facts, mcp, proxy, routing
+from capgate.sidecar import control, egress, errors, facts, mcp, proxy, routing
 from capgate.sidecar.audit import AuditLog
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded, UpstreamSecrets
@@ -45,6 +45,7 @@ GATE = web.AppKey("gate", Gate)
 SECRETS = web.AppKey("upstream_secrets", UpstreamSecrets)
 SOURCE: web.AppKey[RevocationSource | None] = web.AppKey("revocation_source")
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
+EGRESS: web.AppKey[egress.Egress | None] = web.AppKey("egress")
 TRACE = web.RequestKey("trace", Trace)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -77,6 +78,7 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent[GATE] = gate
     agent[SECRETS] = secrets
     agent[SOURCE] = source
+    agent[EGRESS] = egress.Egress(settings, gate) if settings.outbound_listen is not None else None
     agent.cleanup_ctx.append(runtime)
     agent.router.add_post("/_capgate/v1/authorize", _control(control.authorize))
     agent.router.add_post("/_capgate/v1/attenuate", _control(control.attenuate))
@@ -155,19 +157,28 @@ async def _guarded(request: web.Request, handler: Handler, trace: Trace) -> web.
     except web.HTTPException as exc:
         return error_response(errors.SidecarError(exc.status, "bad_request", "http_error", exc.reason), trace)
     except asyncio.CancelledError:
-        trace.outcome, trace.reason = "error", "client_disconnected"
+        if not trace.forwarded:  # once forwarded, the decision stands: the call may have run
+            trace.outcome = "error"
+        trace.reason = "client_disconnected"
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here fails closed and is logged
-        log.error("internal error in %s (%s); denied. %s", trace.decision_id, type(exc).__name__,
+        log.error("internal error in %s (%s); %s. %s", trace.decision_id, type(exc).__name__,
+                  "after forwarding: 502" if trace.forwarded else "denied",
                   "".join(traceback.format_tb(exc.__traceback__)).strip())
-        return error_response(errors.internal(), trace)
+        return error_response(errors.after_forwarding() if trace.forwarded else errors.internal(), trace)
 
 
 def error_response(exc: errors.SidecarError, trace: Trace) -> web.Response:
+    """The JSON refusal, and what the record says about it.
+
+    Before forwarding a 5xx is an ``error`` and a refusal ``denied``; after forwarding (the upstream
+    may have acted) the record keeps its decision (``allowed``, ``would_deny``) with ``forwarded``
+    and the upstream's status, and only ``status``/``reason`` say what the agent got.
+    """
     trace.status = exc.status
     trace.reason = exc.reason
     trace.rule = exc.rule or trace.rule
-    if trace.outcome != "would_deny" or exc.status >= 500:
+    if not trace.forwarded and (trace.outcome != "would_deny" or exc.status >= 500):
         trace.outcome = "error" if exc.status >= 500 and exc.error != "lockdown" else "denied"
     headers = {**exc.headers, facts.DECISION_HEADER: trace.decision_id}
     return web.json_response(exc.body(trace.decision_id), status=exc.status, headers=headers)
@@ -179,7 +190,7 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     now = datetime.now(UTC)
     trace.method = request.method
     loaded = gate.loaded(trace)
-    route = routing.resolve(request.raw_path, loaded.capability, settings.upstream_urls)
+    route = await _route(request, loaded.capability, settings, trace)
     trace.upstream, trace.path = route.upstream.name, route.path
     correlation = facts.correlation(request, gate.session_id)
     trace.correlation = correlation
@@ -200,6 +211,16 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     gate.enforce(loaded, verdict, trace)
     gate.charge(loaded, route.upstream.name, parsed, trace)
     return await _forward(request, gate, loaded, route, verdict, correlation, body.raw if body else None)
+
+
+async def _route(request: web.Request, cap: spec.Capability, settings: Settings, trace: Trace) -> routing.Route:
+    """Path/absolute form on the agent port; the original destination on the outbound listener."""
+    outbound = request.app[EGRESS]
+    if outbound is not None:
+        captured = outbound.captured(request)
+        if captured is not None:
+            return await outbound.route(request, captured, cap, trace)
+    return routing.resolve(request.raw_path, cap, settings.upstream_urls)
 
 
 def _injection(request: web.Request, upstream: spec.Upstream) -> proxy.Injection | None:
@@ -228,9 +249,9 @@ async def _forward(request: web.Request, gate: Gate, loaded: Loaded, route: rout
     def observe(seconds: float) -> None:
         gate.metrics.upstream_time(route.upstream.name, seconds)
 
-    response, status = await proxy.forward(request, route, client=request.app[CLIENT], body=body,
-                                           injection=injection, response_headers=extra_headers, observe=observe)
-    trace.status = trace.upstream_status = status
+    response = await proxy.forward(request, route, client=request.app[CLIENT], body=body, injection=injection,
+                                   response_headers=extra_headers, observe=observe, record=trace)
+    trace.status = response.status
     return response
 
 
@@ -240,8 +261,9 @@ ControlHandler = Callable[[web.Request, Gate, Trace], Awaitable[web.StreamRespon
 
 def _control(func: ControlHandler) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        if not request.raw_path.startswith("/"):
-            return await handle_proxy(request)  # absolute-form: an upstream's path, not ours
+        outbound = request.app[EGRESS]
+        if not request.raw_path.startswith("/") or (outbound is not None and outbound.captured(request)):
+            return await handle_proxy(request)  # absolute-form or captured: an upstream's path, not ours
         return await func(request, request.app[GATE], request[TRACE])
     return handler
 

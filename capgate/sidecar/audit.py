@@ -9,6 +9,10 @@ fields are chosen here, from typed values, never copied from the request wholesa
 
 Writes are small synchronous appends (line-buffered, a few microseconds): cheaper than a thread
 hop, and a record must be on its way before the response is.
+
+A run begins with a ``start`` line and, on a graceful stop (SIGTERM, the app's cleanup), ends with a
+*closing* checkpoint, even when nothing is new since the last one: that is what lets ``capgate audit
+verify`` tell a cleanly stopped ledger from one whose end was cut off or whose writer was killed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -45,17 +50,20 @@ class AuditLog:
     def open(self) -> None:
         if self.path == "-":
             self._stream = sys.stdout
-            return
-        target = Path(self.path)
-        self.chain = ledger.Chain.resume(target) if target.exists() else ledger.Chain()
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._stream = os.fdopen(fd, "a", encoding="ascii", buffering=1)
+        else:
+            target = Path(self.path)
+            self.chain = ledger.Chain.resume(target) if target.exists() else ledger.Chain()
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._stream = os.fdopen(fd, "a", encoding="ascii", buffering=1)
+        self._seal({"type": ledger.START, "time": ledger.now_iso()})
 
     def close(self) -> None:
-        """Sign whatever is unsigned, then close: a clean shutdown leaves no unsigned tail."""
+        """Sign everything with a closing checkpoint, then close: a clean shutdown leaves the whole run covered."""
         if self._stream is None:
             return
-        self.checkpoint()
+        if not self.checkpoint(closing=True):
+            log.error("audit ledger closed without a signed closing checkpoint (no usable session key): "
+                      "`capgate audit verify` will report its end as unverified")
         if self._stream is not sys.stdout:
             self._stream.close()
         self._stream = None
@@ -64,19 +72,27 @@ class AuditLog:
         """Seal and append one decision record (the caller builds it from safe fields only)."""
         if self._stream is None:
             return
-        self._emit(self.chain.seal({"time": ledger.now_iso(), **record}))
+        self._seal({"time": ledger.now_iso(), **record})
         self.records += 1
-        self._since_checkpoint += 1
         if self._since_checkpoint >= self.checkpoint_every:
             self.checkpoint()
 
-    def checkpoint(self) -> bool:
-        """Append a signed checkpoint if there is anything new and a usable session key."""
+    def _seal(self, record: dict[str, Any]) -> None:
+        self._emit(self.chain.seal(record))
+        self._since_checkpoint += 1
+
+    def checkpoint(self, *, closing: bool = False) -> bool:
+        """Append a signed checkpoint if there is anything new (or this is the closing one) and a usable key."""
         session = self.session()
-        if self._stream is None or self._since_checkpoint == 0 or session is None:
+        if self._stream is None or session is None or (self._since_checkpoint == 0 and not closing):
+            return False
+        if datetime.now(UTC) > session.not_after:
+            # Its endorsement no longer covers signing: such a checkpoint would read as forged. Leave the
+            # records unsigned (verify says UNVERIFIED, which is the truth) until a fresh key arrives.
+            log.warning("audit checkpoint skipped: session key %s expired", session.key_id)
             return False
         line = self.chain.checkpoint(time=ledger.now_iso(), session_key_id=session.key_id,
-                                     endorsement=session.endorsement, sign=session.sign)
+                                     endorsement=session.endorsement, sign=session.sign, closing=closing)
         self._emit(line)
         self._since_checkpoint = 0
         return True

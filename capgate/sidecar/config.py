@@ -86,6 +86,10 @@ class Settings:
     checkpoint_every: int = 1000
     checkpoint_seconds: float = 10.0
     poll_seconds: float = 1.0
+    outbound_listen: Address | None = None
+    """The outbound listener for connections capgate-init redirects (``egress``); off when None."""
+    ca_dir: Path | None = None
+    """Where the pod CA's certificate is published for the agent containers (an emptyDir in a pod)."""
 
     @property
     def standalone(self) -> bool:
@@ -251,6 +255,8 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("checkpoint-every", _positive(int), help="audit records between signed checkpoints"),
     _Option("checkpoint-seconds", _positive(float), help="seconds between signed checkpoints"),
     _Option("poll-seconds", _positive(float), help="how often credential and revocation files are polled"),
+    _Option("outbound-listen", _address, help="listener for redirected egress, HOST:PORT (pods: 127.0.0.1:15001)"),
+    _Option("ca-dir", _existing_dir, help="directory the pod CA certificate (ca.crt) is written to"),
 )
 _RENAMES = {"upstream_url": "upstream_urls", "upstream_credential": "upstream_credentials"}
 

@@ -2,10 +2,16 @@
 
 * ``POST authorize`` — "would this be allowed?" for one scope ``{"action", "resource", "context"}``
   or several ``{"scopes": [...]}`` (all must allow). ``context`` may carry ``method``, ``upstream``,
-  ``path`` (an HTTP call), ``body`` (for limits) and ``correlation``. Answers 200 allowed / 403
-  denied with ``{"allowed", "reason", "rule", "decision_id", "message"}`` (+ ``results`` per scope);
-  a bad token is 401 like everywhere else. It is a question, not an action: no receipt, no rate
-  limit or budget charge, and in ``mode: audit`` it still answers with the real verdict.
+  ``path`` (an HTTP call: all three or none), ``body`` (for limits) and ``correlation``. A scope
+  names an action and/or resource, an HTTP call, or both; with both, the action *and* the HTTP call
+  are decided and both must allow. A scope naming nothing (``{}``), a partial HTTP call, or an
+  ambiguous path or resource name (the one reader: :mod:`capgate.capabilities.paths`) is 400
+  ``bad_request``. Answers 200 allowed / 403 denied with ``{"allowed", "reason", "rule",
+  "decision_id", "message"}`` (+ ``results`` per scope); a bad token is 401 like everywhere else.
+  It is a question, not an action: no receipt, no rate limit or budget charge, and in
+  ``mode: audit`` it still answers with the real verdict. The audit record names what was asked:
+  the deciding scope's method/upstream/path and action/resource (the first refused one, else the
+  first), and, for several scopes, each of them under ``scopes``.
 * ``POST attenuate`` — a narrowed token for a sub-agent: ``{"rules", "limits", "ttl", "serviceAccount"}``
   → ``{"token", "expiresAt", "revocationIds"}``. Narrows the sent ``X-Capgate-Token`` if there is
   one (so a sub-agent can narrow further, never widen), else the pod's credential.
@@ -51,29 +57,55 @@ def _string(data: Mapping[str, Any], key: str, where: str) -> str | None:
     return value
 
 
-def scope_request(scope: object, where: str, principal: str, default_correlation: str,
-                  now: datetime) -> decision.Request:
-    """One authorize scope as a core Request (receipts filled in by the caller per correlation)."""
+def scope_requests(scope: object, where: str, principal: str, default_correlation: str,
+                   now: datetime) -> list[decision.Request]:
+    """One authorize scope as core Requests: the action, the HTTP call, or both (both must allow).
+
+    Receipts are filled in by the caller per correlation.
+    """
     if not isinstance(scope, Mapping):
         raise errors.bad_request("bad_scope", f"{where} must be an object")
     context = scope.get("context") or {}
     if not isinstance(context, Mapping):
         raise errors.bad_request("bad_scope", f"{where}.context must be an object")
     method = _string(context, "method", f"{where}.context")
+    upstream = _string(context, "upstream", f"{where}.context")
     path = _string(context, "path", f"{where}.context")
-    if path is not None:
-        try:
-            path = paths.normalize(path)
-        except RequestError as exc:
-            raise errors.bad_request("ambiguous_path", f"{where}.context.path: {exc}") from exc
+    action = _string(scope, "action", where)
+    resource = _string(scope, "resource", where)
+    http = (method, upstream, path)
+    if any(value is not None for value in http) and None in http:
+        raise errors.bad_request("bad_scope", f"{where}.context: an HTTP call needs method, upstream and path")
+    if method is None and action is None and resource is None:
+        raise errors.bad_request("bad_scope", f"{where} names no action, resource or HTTP call")
     correlation = _string(context, "correlation", f"{where}.context") or default_correlation
     if not facts.CORRELATION.match(correlation):
         raise errors.bad_request("bad_correlation", f"{where}.context.correlation is not a valid correlation id")
-    return decision.Request(
-        principal=principal, correlation=correlation, method=method.upper() if method else None,
-        upstream=_string(context, "upstream", f"{where}.context"), path=path,
-        action=_string(scope, "action", where), resource=_string(scope, "resource", where),
-        body=context.get("body"), now=now)
+    base = decision.Request(principal=principal, correlation=correlation, body=context.get("body"), now=now)
+    out = []
+    if action is not None or resource is not None:
+        out.append(replace(base, action=action, resource=_resource(resource, f"{where}.resource")))
+    if method is not None:
+        assert path is not None
+        out.append(replace(base, method=method.upper(), upstream=upstream,
+                           path=_path(path, f"{where}.context.path")))
+    return out
+
+
+def _path(raw: str, where: str) -> str:
+    try:
+        return paths.normalize(raw)
+    except RequestError as exc:
+        raise errors.bad_request("ambiguous_path", f"{where}: {exc}") from exc
+
+
+def _resource(raw: str | None, where: str) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return paths.normalize_resource(raw)
+    except RequestError as exc:
+        raise errors.bad_request("ambiguous_resource", f"{where}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -99,22 +131,52 @@ async def authorize(request: web.Request, gate: Gate, trace: Trace) -> web.Respo
         raise errors.bad_request("bad_scope", f"scopes must be a list of 1-{MAX_SCOPES} objects")
     default_corr = facts.correlation(request, gate.session_id)
     carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
+    asked = [scope_requests(scope, f"scopes[{index}]" if multi else "body", loaded.principal, default_corr, now)
+             for index, scope in enumerate(scopes)]  # every scope is read before any is decided
     answers: list[Answer] = []
-    for index, scope in enumerate(scopes):
-        req = scope_request(scope, f"scopes[{index}]" if multi else "body", loaded.principal, default_corr, now)
-        req = replace(req, receipts=gate.receipt_rules(loaded, carried, req.correlation, trace, now))
-        answer = _decide_scope(gate, loaded, creds, req, trace)
-        answers.append(answer)
-        if not answer.allowed and all(a.allowed for a in answers[:-1]):
-            trace.method, trace.upstream, trace.path = req.method, _known(loaded, req.upstream), req.path
-            trace.action, trace.resource = req.action, req.resource
-    final = next((a for a in answers if not a.allowed), answers[0])
+    for parts in asked:
+        decided = []
+        for req in parts:
+            req = replace(req, receipts=gate.receipt_rules(loaded, carried, req.correlation, trace, now))
+            decided.append(_decide_scope(gate, loaded, creds, req, trace))
+        answers.append(_both(decided))
+    final_index = next((i for i, a in enumerate(answers) if not a.allowed), 0)
+    final = answers[final_index]
+    _describe(trace, loaded, asked[final_index])
+    if multi:
+        trace.scopes = [_scope_record(loaded, parts, answer) for parts, answer in zip(asked, answers, strict=True)]
     trace.outcome = "allowed" if final.allowed else "denied"
     trace.reason, trace.rule, trace.status = final.reason, final.rule, 200 if final.allowed else 403
     body: dict[str, Any] = {**final.as_dict(), "decision_id": trace.decision_id}
     if multi:
         body["results"] = [a.as_dict() for a in answers]
     return web.json_response(body, status=trace.status)
+
+
+def _both(decided: list[Answer]) -> Answer:
+    """An action and an HTTP call asked in one scope: the first refusal, else one allowed answer naming both."""
+    refused = next((a for a in decided if not a.allowed), None)
+    if refused is not None or len(decided) == 1:
+        return refused or decided[0]
+    return Answer(True, "allowed", "; ".join(a.message for a in decided), decided[0].rule)
+
+
+def _describe(trace: Trace, loaded: Loaded, parts: list[decision.Request]) -> None:
+    for req in parts:
+        if req.method is not None:
+            trace.method, trace.upstream, trace.path = req.method, _known(loaded, req.upstream), req.path
+        else:
+            trace.action, trace.resource = req.action, req.resource
+
+
+def _scope_record(loaded: Loaded, parts: list[decision.Request], answer: Answer) -> dict[str, Any]:
+    out: dict[str, Any] = {"allowed": answer.allowed, "reason": answer.reason, "rule": answer.rule}
+    for req in parts:
+        if req.method is not None:
+            out.update(method=req.method, upstream=_known(loaded, req.upstream), path=req.path)
+        else:
+            out.update(action=req.action, resource=req.resource)
+    return {key: value for key, value in out.items() if value is not None}
 
 
 def _known(loaded: Loaded, upstream: str | None) -> str | None:

@@ -62,6 +62,13 @@ def lockdown(message: str) -> SidecarError:
     return SidecarError(503, "lockdown", "lockdown", message)
 
 
+def after_forwarding() -> SidecarError:
+    """An unexpected failure once the upstream may have acted: 502, never a denial (DESIGN.md)."""
+    return SidecarError(502, "upstream_unavailable", "relay_failed",
+                        "the sidecar failed while relaying the upstream's answer; the call reached the upstream "
+                        "and may have taken effect", headers={"X-Should-Retry": "false"})
+
+
 def internal() -> SidecarError:
     return SidecarError(403, "denied", "internal_error",
                         "the sidecar could not decide this request, so it is denied (fail closed)")

@@ -66,10 +66,16 @@ class Trace:
     reason: str = "internal_error"
     status: int | None = None
     upstream_status: int | None = None
+    destination: str | None = None
+    """``ip:port`` a captured connection was going to (outbound listener only)."""
     receipts_ignored: list[str] = field(default_factory=list)
+    scopes: list[dict[str, Any]] = field(default_factory=list)
+    """What each scope of a several-scope ``authorize`` asked, and its answer."""
     receipt_minted: bool = False
     mcp: dict[str, object] | None = None
     """For an MCP message: its kind, JSON-RPC method, tool/URI, id and argument digest."""
+    forwarded: bool = False
+    """The request may have reached the upstream (and taken effect): never recorded as denied."""
     skip: bool = False
     """Not a decision (whoami, a refused CONNECT still counts); nothing is recorded."""
     recorded: bool = False
@@ -80,16 +86,20 @@ class Trace:
             "status": self.status, "latency_ms": round((time.perf_counter() - self.started) * 1000, 3),
         }
         for key in ("capability", "principal", "credential", "narrowed", "upstream", "method", "path", "action",
-                    "resource", "correlation", "rule", "upstream_status"):
+                    "resource", "correlation", "rule", "upstream_status", "destination"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
         if self.receipts_ignored:
             out["receipts_ignored"] = self.receipts_ignored
+        if self.scopes:
+            out["scopes"] = self.scopes
         if self.receipt_minted:
             out["receipt_minted"] = True
         if self.mcp is not None:
             out["mcp"] = self.mcp
+        if self.forwarded:
+            out["forwarded"] = True
         return out
 
 

@@ -12,6 +12,18 @@ a new — separately authorized — request), nothing is decompressed, and conne
 apply. Failures before the response starts become 502 ``upstream_unavailable`` / 504
 ``upstream_timeout``; a failure mid-stream can only abort the connection, which the agent sees as
 a truncated response rather than a silently shortened one.
+
+**Once the request has reached the upstream, the call may have executed** (a charge ran), so from
+that moment on nothing is recorded as denied: the client's ``on_request_headers_sent`` trace marks
+the caller's :class:`Record` ``forwarded`` the moment the request head is written — a refused
+connect or a full pool is not forwarded; a reset, a timeout or a bad answer after it is. A response
+head the sidecar cannot relay byte for byte — a control byte or a byte that is not UTF-8 in a header
+or the reason phrase, which aiohttp would refuse (``ValueError``) or silently drop — is 502
+``bad_response``, never a rewritten header. A non-idempotent call that failed after it was sent also
+carries ``X-Should-Retry: false`` (the retry hint the OpenAI/Anthropic clients obey), because a blind
+retry would run the charge twice. For the same reason a 2xx answer's receipt is minted and held even
+when its head cannot be relayed: the step did happen upstream, and a ``requires`` gate that forgot it
+would push the agent to run it again.
 """
 
 from __future__ import annotations
@@ -21,6 +33,8 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +53,21 @@ REQUEST_DROP = HOP_BY_HOP | {"authorization", "host", "expect"}
 CAPGATE_PREFIX = "x-capgate-"
 CHUNK = 64 * 1024
 LARGE_BYTES = 1024 * 1024
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""RFC 9110 §9.2.2: the methods a client may retry without asking; every other one gets a no-retry hint."""
+NO_RETRY = {"X-Should-Retry": "false"}
+TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+"""RFC 9110 §5.6.2 ``tchar``: what a header name may hold."""
+
+
+class Record(Protocol):
+    """What forwarding tells the request's audit record (the sidecar's ``Trace`` is one)."""
+
+    forwarded: bool
+    upstream_status: int | None
+    status: int | None
+    """What the agent got: set as soon as the response head is on its way."""
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -95,14 +124,24 @@ def timeout(settings: Settings) -> aiohttp.ClientTimeout:
 def new_client(settings: Settings) -> aiohttp.ClientSession:
     """One pooled session per app: keep-alive to upstreams is most of the proxy's speed."""
     connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=60, enable_cleanup_closed=False)
+    sent = aiohttp.TraceConfig()
+    sent.on_request_headers_sent.append(_headers_sent)
     return aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=timeout(settings),
-                                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+                                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",),
+                                 trace_configs=[sent])
+
+
+async def _headers_sent(session: aiohttp.ClientSession, context: SimpleNamespace,
+                        params: aiohttp.TraceRequestHeadersSentParams) -> None:
+    record = context.trace_request_ctx
+    if record is not None:
+        record.forwarded = True
 
 
 async def forward(request: web.Request, route: Route, *, client: aiohttp.ClientSession, body: bytes | None,
                   injection: Injection | None, response_headers: Callable[[int], Mapping[str, str]],
-                  observe: Callable[[float], None]) -> tuple[web.StreamResponse, int]:
-    """Send the request upstream and stream the answer back; returns the response and upstream status."""
+                  observe: Callable[[float], None], record: Record) -> web.StreamResponse:
+    """Send the request upstream and stream the answer back, telling ``record`` what happened."""
     data: bytes | io.BytesIO | aiohttp.StreamReader | None = body
     if body is not None and len(body) > LARGE_BYTES:
         data = io.BytesIO(body)  # aiohttp warns about (and may block on) big raw bytes payloads
@@ -111,36 +150,109 @@ async def forward(request: web.Request, route: Route, *, client: aiohttp.ClientS
     headers = outgoing_headers(request.headers, injection, body is not None)
     started = time.perf_counter()
     try:
-        upstream = await client.request(request.method, URL(route.target, encoded=True),
-                                        headers=headers, data=data, allow_redirects=False)
-    except TimeoutError as exc:
-        raise errors.SidecarError(504, "upstream_timeout", "timeout",
-                                  f"upstream {route.upstream.name!r} did not answer in time") from exc
-    except aiohttp.ClientError as exc:
-        raise errors.SidecarError(502, "upstream_unavailable", _failure(exc),
-                                  f"upstream {route.upstream.name!r} is unavailable") from exc
+        upstream = await client.request(request.method, URL(route.target, encoded=True), headers=headers,
+                                        data=data, allow_redirects=False, trace_request_ctx=record)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _request_failed(request, route, exc, sent=record.forwarded) from exc
     observe(time.perf_counter() - started)
     async with upstream:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=incoming_headers(upstream.headers))
-        response.headers.update(response_headers(upstream.status))
+        record.upstream_status = upstream.status
+        return await _relay(request, route, upstream, response_headers(upstream.status), record)
+
+
+async def _relay(request: web.Request, route: Route, upstream: aiohttp.ClientResponse,
+                 extra: Mapping[str, str], record: Record) -> web.StreamResponse:
+    bad = unrelayable(upstream)
+    if bad is not None:
+        log.warning("upstream %s answered %d with %s; refused with 502", route.upstream.name, upstream.status, bad)
+        raise errors.SidecarError(
+            502, "upstream_unavailable", "bad_response",
+            f"upstream {route.upstream.name!r} answered {upstream.status}, but with {bad}, which cannot be "
+            "relayed faithfully; the call reached the upstream and may have taken effect", headers=_hint(request))
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                  headers=incoming_headers(upstream.headers))
+    response.headers.update(extra)
+    try:
         await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_chunked(CHUNK):
-                await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("upstream %s failed mid-response (%s); aborting the agent's connection",
-                        route.upstream.name, type(exc).__name__)
-            if request.transport is not None:
-                request.transport.abort()
-            return response, upstream.status
+    except ValueError as exc:  # aiohttp's own header check, should unrelayable() ever miss a case
+        raise errors.SidecarError(502, "upstream_unavailable", "bad_response",
+                                  f"upstream {route.upstream.name!r} answered {upstream.status} with a head that "
+                                  "cannot be relayed; the call reached the upstream and may have taken effect",
+                                  headers=_hint(request)) from exc
+    except ConnectionError as exc:
+        record.reason = "client_disconnected"
+        log.info("agent went away before the response of %s started (%s)", route.upstream.name, type(exc).__name__)
+        return response
+    record.status = response.status
+    try:
+        async for chunk in upstream.content.iter_chunked(CHUNK):
+            await response.write(chunk)
         await response.write_eof()
-        return response, upstream.status
+    except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+        # Writing to a gone agent raises ConnectionResetError (aiohttp's ClientConnectionResetError is
+        # one); the upstream giving out surfaces as ClientPayloadError, ServerDisconnectedError or a timeout.
+        agent_side = isinstance(exc, ConnectionError)
+        record.reason = "client_disconnected" if agent_side else "reset_mid_response"
+        log.warning("%s failed mid-response from upstream %s (%s); aborting the agent's connection",
+                    "the agent" if agent_side else "the upstream", route.upstream.name, type(exc).__name__)
+        _abort(request)
+    except Exception as exc:  # noqa: BLE001 - the head is out: no error response can follow it
+        record.reason = "relay_failed"
+        log.error("relaying upstream %s failed mid-response (%s); aborting the agent's connection",
+                  route.upstream.name, type(exc).__name__)
+        _abort(request)
+    return response
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def unrelayable(upstream: aiohttp.ClientResponse) -> str | None:
+    """Why the response head cannot be relayed byte for byte, or None.
+
+    aiohttp's client decodes header bytes that are not UTF-8 as lone surrogates, which its server
+    side then drops without a word, and it refuses control bytes with ``ValueError`` only at
+    ``prepare()``. Either way the agent would read something other than what the upstream said.
+    """
+    if not _text_ok(upstream.reason or ""):
+        return "a control or non-UTF-8 byte in its reason phrase"
+    for name, value in upstream.headers.items():
+        if not name or not set(name) <= TOKEN_CHARS:
+            return "an invalid header name"
+        if not _text_ok(value):
+            return "a control or non-UTF-8 byte in a header value"
+    return None
+
+
+def _text_ok(text: str) -> bool:
+    """Field values and reason phrases: HTAB, SP, VCHAR, obs-text (RFC 9110 §5.5), as valid UTF-8."""
+    return all(char == "\t" or (" " <= char != "\x7f" and not "\ud800" <= char <= "\udfff") for char in text)
+
+
+def _hint(request: web.Request) -> dict[str, str]:
+    return {} if request.method.upper() in IDEMPOTENT else NO_RETRY
+
+
+def _request_failed(request: web.Request, route: Route, exc: Exception, *, sent: bool) -> errors.SidecarError:
+    """502/504; once the request was sent, say it may have taken effect and discourage blind retries."""
+    name = route.upstream.name
+    caveat = "; the request reached it and may have taken effect" if sent else ""
+    headers = _hint(request) if sent else {}
+    if isinstance(exc, TimeoutError):
+        return errors.SidecarError(504, "upstream_timeout", "timeout", f"upstream {name!r} did not answer in time"
+                                   + caveat, headers=headers)
+    assert isinstance(exc, aiohttp.ClientError)
+    return errors.SidecarError(502, "upstream_unavailable", _failure(exc), f"upstream {name!r} is unavailable"
+                               + caveat, headers=headers)
 
 
 def _failure(exc: aiohttp.ClientError) -> str:
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return "reset"
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, aiohttp.ClientConnectorError):  # a ClientOSError too: ask first
         return "unreachable"
-    return "reset" if isinstance(exc, aiohttp.ClientOSError) else "upstream_error"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | aiohttp.ClientOSError):
+        return "reset"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "bad_response"  # the client's parser refused the head (NUL, bare CR, ...)
+    return "upstream_error"

@@ -7,7 +7,8 @@ are re-checked on every use.
 
 Held receipts are the ones this sidecar minted, remembered per correlation so an unmodified agent
 (which never echoes headers) still passes state gates like "charge after search" within its
-default correlation (the pod session). They expire with the capability's receipt TTL, die with a
+default correlation (the pod session). They expire with the capability's receipt TTL (and the same
+30 s skew as carried receipts: :func:`capgate.capabilities.receipts.expired`), die with a
 revoked credential, and at most ``max_correlations`` correlations are kept (least recently used
 dropped first), so an agent inventing correlation ids cannot grow memory.
 """
@@ -60,7 +61,7 @@ class ReceiptBook:
         if not rules:
             return set()
         self._held.move_to_end(correlation)
-        for name in [n for n, h in rules.items() if now > h.expires_at or h.credential in revoked]:
+        for name in [n for n, h in rules.items() if core.expired(h.expires_at, now) or h.credential in revoked]:
             del rules[name]
         return {h.rule for h in rules.values() if h.capability == capability}
 
@@ -95,7 +96,7 @@ class ReceiptBook:
             if len(self._verified) > CACHE_SIZE:
                 self._verified.popitem(last=False)
             return cached
-        if now > cached.expires_at + SKEW:
+        if core.expired(cached.expires_at, now):
             raise ReceiptError("expired", f"receipt of rule {cached.rule!r} expired")
         if cached.credential in revoked:
             raise ReceiptError("wrong_credential",

@@ -121,3 +121,16 @@ def match_host(host: str, port: int, cap: spec.Capability, overrides: Mapping[st
         if len(unique) == 1:
             return unique[0]
     return None
+
+
+def for_upstream(raw_target: str, upstream: spec.Upstream, overrides: Mapping[str, str]) -> Route:
+    """The route of an origin-form request (``/path?query``) already known to be for ``upstream``.
+
+    The outbound listener resolves the upstream from where the connection went (see ``egress``);
+    the path is then read exactly as in path form, with the same one normalization.
+    """
+    if not raw_target.startswith("/"):
+        raise errors.bad_request("bad_target", "a captured request must use origin form (/path)")
+    raw_path, query = _split_query(raw_target)
+    return Route(upstream=upstream, base_url=effective_url(upstream, overrides), raw_path=raw_path,
+                 path=_normalize(raw_path), query=query)

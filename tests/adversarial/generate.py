@@ -173,6 +173,33 @@ def random_path(rng: random.Random, upstreams: list[str],
     return target, None, weird
 
 
+LOOKALIKES = ("upper", "title", "slash", "dot", "space", "tab", "nbsp", "zwsp", "fullwidth", "extension",
+              "dots", "dot-space", "ntfs-stream")
+"""How a case-insensitive, trailing-slash-tolerant, Windows or Unicode-folding router reads a path
+the same as another: deny rules must catch these; allow rules must not widen to them."""
+
+
+def lookalike(rng: random.Random, target: str) -> str:
+    """``/<upstream>/<path>`` with one path segment spelled as a forgiving router would still route it."""
+    head, _, rest = target[1:].partition("/")
+    segments = rest.split("/") if rest else [""]
+    at = rng.randrange(len(segments))
+    segment, kind = segments[at], rng.choice(LOOKALIKES)
+    if kind == "upper":
+        segment = segment.upper()
+    elif kind == "title":
+        segment = segment[:1].upper() + segment[1:]
+    elif kind == "slash":
+        segments.append("")
+    elif kind == "fullwidth":
+        segment = quote("".join(chr(ord(c) + 0xFEE0) if "a" <= c <= "z" else c for c in segment), safe="%")
+    else:
+        segment += {"dot": ".", "space": "%20", "tab": "%09", "nbsp": "%C2%A0", "zwsp": "%E2%80%8B",
+                    "extension": ".json", "dots": "...", "dot-space": ".%20", "ntfs-stream": "::$DATA"}.get(kind, "")
+    segments[at] = segment
+    return f"/{head}/" + "/".join(segments)
+
+
 def random_body(rng: random.Random) -> tuple[bytes, bool]:
     """(body, http_weird)."""
     roll = rng.random()
@@ -227,6 +254,8 @@ def random_attempt(rng: random.Random, spec: dict[str, Any], tokens: Tokens,
         # Aim at one rule (its upstream, a method and a path it names), then maybe spoil it.
         globs = list(aimed.get("paths") or ["/**"])
         target, raw, weird = random_path(rng, [aimed.get("upstream") or rng.choice(upstreams)], globs)
+        if rng.random() < (0.5 if aimed["effect"] == "deny" else 0.15):
+            target = lookalike(rng, target)
         method = rng.choice(aimed.get("methods") or METHODS)
     else:
         target, raw, weird = random_path(rng, upstreams)

@@ -8,13 +8,17 @@ while this says "refuse" is a **false allow**.
 The semantics, in the order DESIGN.md's request flow lists them:
 
 1. route ``/<upstream>/<rest>``: the first segment, *as sent*, must name an upstream (else 403);
-2. ``rest`` must decode one way only (no dot or empty segments, no encoded ``/ . \\ % ; NUL``,
-   no backslash, ``;``, control characters or bad UTF-8), else 400;
+2. ``rest`` must decode one way only (no dot or empty segments, no segments of only dots and
+   spaces, no encoded ``/ . \\ % ; NUL``, no backslash, ``;``, control characters — C0, DEL, C1,
+   U+2028/9 — or bad UTF-8, and its NFKC form must have the same shape), else 400;
 3. at most one valid ``X-Capgate-Correlation-Id`` (else 400) and at most one ``X-Capgate-Token``
    (else 400), which must be a token we know to be valid (else 401);
 4. a body a limit or budget must read is at most 1 MiB (else 413);
-5. deny rules first, then allow rules (scope, limits on the JSON body, required receipts in the
-   correlation), default deny (403) — under the base capability and under the narrowed one;
+5. deny rules first — matched leniently: case-insensitive (NFKC + case folding), trailing ``/``,
+   trailing dots and whitespace of a segment, format characters, IIS's ``::$DATA`` and a
+   last-segment extension tolerated — then allow rules, matched exactly (scope, limits on the JSON body, required
+   receipts in the correlation), default deny (403) — under the base capability and under the
+   narrowed one;
 6. budgets (429); then the upstream sees the request.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,13 +77,94 @@ def decode_path(raw: str) -> str | None:
         decoded = out.decode("utf-8")
     except UnicodeDecodeError:
         return None
+    return decoded if one_reading(decoded) else None
+
+
+LINE_CONTROLS = frozenset(chr(c) for c in range(0x80, 0xA0)) | {"\u2028", "\u2029"}
+
+
+def _blank(segment: str) -> bool:
+    """Only dots and whitespace: Windows servers strip trailing dots and spaces, so it may become '..'."""
+    return all(char == "." or char.isspace() for char in segment)
+
+
+def _shape_ok(decoded: str) -> bool:
+    if any(char in LINE_CONTROLS or ord(char) < 0x20 or ord(char) == 0x7F or char in "\\;%" for char in decoded):
+        return False
     segments = decoded.split("/")[1:]
     for position, segment in enumerate(segments):
-        if segment in (".", ".."):
-            return None
-        if segment == "" and position != len(segments) - 1:
-            return None
-    return decoded
+        if segment == "":
+            if position != len(segments) - 1:
+                return False
+        elif _blank(segment):
+            return False
+    return True
+
+
+def one_reading(decoded: str) -> bool:
+    """The decoded path reads the same to a server that applies Unicode compatibility (NFKC) first."""
+    if not _shape_ok(decoded):
+        return False
+    compatible = unicodedata.normalize("NFKC", decoded)
+    return compatible.count("/") == decoded.count("/") and _shape_ok(compatible)
+
+
+def fold_segment(segment: str) -> str:
+    """How the most forgiving router compares a segment (for deny rules)."""
+    segment = unicodedata.normalize("NFKC", segment)
+    segment = "".join(char for char in segment if unicodedata.category(char) != "Cf")
+    segment = unicodedata.normalize("NFKC", segment.casefold())
+    segment = _strip_blank_tail(segment)
+    if segment.endswith("::$data"):  # IIS: the default NTFS data stream is the file itself
+        segment = _strip_blank_tail(segment[:-len("::$data")])
+    return segment
+
+
+def _strip_blank_tail(segment: str) -> str:
+    while segment and (segment[-1] == "." or segment[-1].isspace()):
+        segment = segment[:-1]
+    return segment
+
+
+def _folded(path: str, wildcards: bool) -> list[str]:
+    out = [segment if wildcards and segment in ("*", "**") else fold_segment(segment)
+           for segment in path.split("/")[1:]]
+    return [segment for segment in out if segment]
+
+
+def lenient_glob_matches(glob: str, path: str) -> bool:
+    """A deny glob catches the path as sent, folded, and folded without its last extension."""
+    if glob_matches(glob, path):
+        return True
+    pattern = "/" + "/".join(_folded(glob, True))
+    parts = _folded(path, False)
+    readings = ["/" + "/".join(parts)]
+    if parts and parts[-1].find(".") > 0:
+        readings.append("/" + "/".join([*parts[:-1], parts[-1][:parts[-1].find(".")]]))
+    return any(glob_matches(pattern, reading) for reading in readings)
+
+
+def decode_resource(raw: str) -> str | None:
+    """``scheme://authority/path`` (authority: plain ASCII host[:port], the path decoded like a request
+    path, an empty one read as ``/``) or an absolute ``/path``; None for anything else."""
+    if raw.startswith("/"):
+        return decode_path(raw)
+    scheme, sep, rest = raw.partition("://")
+    if not sep or not scheme[:1].isascii() or not scheme[:1].isalpha() \
+            or any(not (c.isascii() and (c.isalnum() or c in "+.-")) for c in scheme):
+        return None
+    authority, slash, path = rest.partition("/")
+    if "?" in raw or "#" in raw or any(
+            not (c.isascii() and (c.isalnum() or c in "._~!$&'()+,=:@[]-")) for c in authority):
+        return None
+    decoded = decode_path("/" + path) if slash else "/"
+    return None if decoded is None else f"{scheme}://{authority}{decoded}"
+
+
+def _deny_scope(rule: Mapping[str, Any], method: str, upstream: str, path: str) -> bool:
+    return ((not rule.get("upstream") or rule["upstream"] == upstream)
+            and (not rule.get("methods") or method in rule["methods"])
+            and (not rule.get("paths") or any(lenient_glob_matches(g, path) for g in rule["paths"])))
 
 
 def glob_matches(glob: str, path: str) -> bool:
@@ -172,7 +258,7 @@ def verdict(spec: Mapping[str, Any], method: str, upstream: str, path: str, body
     rules = spec["rules"]
     held = set(receipts)
     for rule in rules:
-        if rule["effect"] == "deny" and _scope(rule, method, upstream, path):
+        if rule["effect"] == "deny" and _deny_scope(rule, method, upstream, path):
             return False, None
     fired = [rule["name"] for rule in rules
              if rule["effect"] == "allow" and _scope(rule, method, upstream, path)

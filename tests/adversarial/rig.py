@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from capgate import ledger
 from capgate.capabilities import keys, receipts, tokens
 from capgate.sidecar import app as sidecar_app
 from capgate.sidecar.config import SecretRef, Settings
@@ -57,11 +58,14 @@ class Counts:
     crashes: int = 0
     false_denies: int = 0
     disagreements: int = 0
+    ledger_lies: int = 0
+    """Records that contradict what the upstream saw (forwarded but not recorded so, or recorded denied),
+    and ledgers that do not verify after the sidecars stopped cleanly."""
     examples: list[str] = field(default_factory=list)
 
     def add(self, other: Counts) -> None:
         for name in ("tried", "allowed", "refused", "parser_refusals", "false_allows", "header_leaks", "crashes",
-                     "false_denies", "disagreements"):
+                     "false_denies", "disagreements", "ledger_lies"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.examples += other.examples[: max(0, 20 - len(self.examples))]
 
@@ -190,6 +194,12 @@ class Rig:
         self.crash_log = CrashLog()
         self._index = 0
         self._next_id = 0
+        self.forwarded_ids: set[str] = set()
+        """Decision ids of requests the upstream saw: their records must say ``forwarded``."""
+
+    @property
+    def audit_path(self) -> Path:
+        return self.workdir / "audit.jsonl"
 
     async def __aenter__(self) -> Rig:
         # aiohttp logs every request its parser refuses, with a traceback: thousands here, by design.
@@ -210,7 +220,7 @@ class Rig:
         cap_path = self.workdir / f"cap-{self._index}.yaml"
         cap_path.write_text(yaml.safe_dump(generate.document(spec)))
         names = [u["name"] for u in spec["upstreams"]]
-        settings = Settings(capability=cap_path, root_key=self.root_key, audit_log=str(self.workdir / "audit.jsonl"),
+        settings = Settings(capability=cap_path, root_key=self.root_key, audit_log=str(self.audit_path),
                             upstream_urls={n: self.upstream.url for n in names},
                             upstream_credentials={names[0]: SecretRef("env", "FUZZ_API_KEY")},
                             read_timeout=5, total_timeout=10, connect_timeout=2)
@@ -262,6 +272,7 @@ class Rig:
         spec = generate.random_spec(rng)
         counts = Counts()
         agent_state = oracle.Agent(spec)
+        offset = self.audit_path.stat().st_size if self.audit_path.exists() else 0
         async with self.sidecar(spec) as (port, agent):
             self._learn_tokens(spec, agent)
             client = RawClient(port)
@@ -278,7 +289,31 @@ class Rig:
             counts.crashes += len(self.crash_log.records)
             counts.examples += [f"logged error: {r}" for r in self.crash_log.records[:3]]
             self.crash_log.records.clear()
+        self._check_records(offset, counts)
         return counts
+
+    def _check_records(self, offset: int, counts: Counts) -> None:
+        """The ledger tells the truth: what reached the upstream is recorded as forwarded, never as denied."""
+        with self.audit_path.open("rb") as handle:
+            handle.seek(offset)
+            records = [json.loads(line) for line in handle if line.strip()]
+        for record in records:
+            if "type" in record:
+                continue
+            seen = record["decision_id"] in self.forwarded_ids
+            recorded = bool(record.get("forwarded"))
+            if (seen and not recorded) or (recorded and record["outcome"] not in ("allowed", "would_deny")):
+                counts.ledger_lies += 1
+                if len(counts.examples) < 20:
+                    counts.examples.append(f"LEDGER: the upstream saw it, the record says {record}")
+        self.forwarded_ids.clear()
+
+    def verify_ledger(self, counts: Counts) -> None:
+        """Every sidecar stopped cleanly, so every record must be covered by a signature."""
+        report = ledger.verify(self.audit_path, self.keyset.trust_bundle())
+        if self.audit_path.exists() and report.verdict() != "VERIFIED":
+            counts.ledger_lies += 1
+            counts.examples.append(f"LEDGER: {report.summary()[:300]}")
 
     async def _one(self, rng: random.Random, spec: dict[str, Any], state: oracle.Agent, client: RawClient,
                    counts: Counts) -> None:
@@ -310,6 +345,8 @@ class Rig:
             response = await client.send(data, head=head, close=True)
         seen = self.upstream.seen.pop(ident, None)
         self.upstream.seen.clear()
+        if seen is not None and response is not None and "x-capgate-decision-id" in response.headers:
+            self.forwarded_ids.add(response.headers["x-capgate-decision-id"])
         if seen is not None:
             counts.allowed += 1
             if expected is not None:
@@ -403,6 +440,7 @@ async def run(seed: int, campaigns: int, requests: int, workdir: Path | None = N
         async with Rig(workdir or Path(tmp)) as rig:
             for index in range(campaigns):
                 total.add(await rig.campaign(seed * 100_003 + index, requests))
+            rig.verify_ledger(total)
     return total
 
 

@@ -32,6 +32,7 @@ def test_no_adversarial_request_is_forwarded_that_the_design_refuses(seed: int) 
     assert counts.header_leaks == 0, counts.examples
     assert counts.crashes == 0, counts.examples
     assert (counts.false_denies, counts.disagreements) == (0, 0), counts.examples
+    assert counts.ledger_lies == 0, counts.examples
 
 
 PATH_ALPHABET = st.sampled_from(["/", ".", "%", "2", "e", "E", "f", "F", "5", "c", "0", "a", ";", "\\", "\x00", "\n",
@@ -47,6 +48,35 @@ def test_a_path_decodes_one_way_or_is_refused(raw: str) -> None:
     except RequestError:
         got = None
     assert got == expected
+
+
+RESOURCE_ALPHABET = st.sampled_from(["/", ".", "%2e", "%2f", "%00", "a", "A", ":", "//", "?", "#", "\n", "%", "mcp",
+                                     "file", "@", "\uff0e", "%41", " ", "*", "x.y", "~"])
+
+
+@FAST
+@given(raw=st.lists(RESOURCE_ALPHABET, max_size=12).map("".join))
+def test_a_resource_decodes_one_way_or_is_refused(raw: str) -> None:
+    expected = oracle.decode_resource(raw)
+    try:
+        got = paths.normalize_resource(raw)
+    except RequestError:
+        got = None
+    assert got == expected
+
+
+LENIENT_SEGMENT = st.sampled_from(["admin", "ADMIN", "Admin", "admin.", "admin ", "admin.json", "\uff41dmin",
+                                   "ad\u200bmin", "admin::$DATA", "x", "x.json", "*", "**"])
+
+
+@FAST
+@given(glob=st.lists(LENIENT_SEGMENT, min_size=1, max_size=3).map(lambda s: "/" + "/".join(s)),
+       path=st.tuples(st.lists(LENIENT_SEGMENT.filter(lambda s: "*" not in s), max_size=3), st.booleans()).map(
+           lambda d: "/" + "/".join(d[0]) + ("/" if d[1] and d[0] else "")))
+def test_deny_globs_match_leniently_as_the_design_says(glob: str, path: str) -> None:
+    if paths.validate_glob(glob) is not None:
+        return
+    assert paths.lenient_glob_matches(glob, paths.normalize(path)) == oracle.lenient_glob_matches(glob, path)
 
 
 SEGMENT = st.sampled_from(["a", "b", "search", "*", "**", "", "x.json"])

@@ -307,3 +307,98 @@ def test_a_deeply_nested_body_is_denied_not_crashed(cred: tokens.Credential) -> 
 
 def test_a_huge_string_amount_is_denied(cred: tokens.Credential) -> None:
     assert not decide(cred, charge("9" * 1_000_000)).allowed
+
+
+# -- not before (issue 10 #15) ---------------------------------------------------------------------
+def test_a_credential_issued_in_the_future_is_not_yet_valid(booking: Capability) -> None:
+    ahead = _support.credential(booking, now=NOW + timedelta(seconds=120))
+
+    outcome = decide(ahead, http("GET", "flights", "/search"))
+
+    assert verdict(outcome) == (False, "invalid_token", "not_yet_valid")
+    assert outcome.status == 401
+
+
+def test_a_credential_issued_within_the_skew_ahead_is_valid(booking: Capability) -> None:
+    ahead = _support.credential(booking, now=NOW + timedelta(seconds=29))
+
+    assert decide(ahead, http("GET", "flights", "/search")).allowed
+
+
+def test_a_narrowed_token_stamped_in_the_future_is_not_yet_valid(cred: tokens.Credential) -> None:
+    child = _support.narrow(cred, rules=["search"], now=NOW + timedelta(seconds=120))
+
+    outcome = decision.decide([cred, child], http("GET", "flights", "/search"))
+
+    assert verdict(outcome) == (False, "invalid_token", "not_yet_valid")
+    assert decision.decide([cred, child], http("GET", "flights", "/search",
+                                               now=NOW + timedelta(seconds=100))).allowed
+
+
+# -- deny rules match leniently, allow rules exactly (issue 10 #6) ----------------------------------
+def _admin_cap() -> Capability:
+    return _support.parse(lambda spec: spec["rules"].extend([
+        {"name": "flights-all", "effect": "allow", "upstream": "flights", "paths": ["/**"]},
+        {"name": "no-admin", "effect": "deny", "upstream": "flights", "paths": ["/admin/**"]},
+    ]))
+
+
+@pytest.mark.parametrize("path", ["/admin/x", "/ADMIN/x", "/admin/", "/admin", "/admin./x", "/admin /x",
+                                  "/\uff41dmin/x", "/Admin.json"])
+@pytest.mark.parametrize("narrowed", [False, True], ids=["index", "exact-token"])
+def test_a_deny_rule_catches_what_a_forgiving_router_routes_to_it(path: str, narrowed: bool) -> None:
+    cred = _support.credential(_admin_cap())
+    creds = [cred, _support.narrow(cred, rules=["flights-all"])] if narrowed else [cred]
+
+    outcome = decision.decide(creds, http("GET", "flights", path))
+
+    assert (outcome.allowed, outcome.reason, outcome.rule) == (False, "deny_rule", "no-admin")
+
+
+def test_allow_rules_stay_exact() -> None:
+    cred = _support.credential(_support.parse(lambda spec: spec["rules"].append(
+        {"name": "admin-read", "effect": "allow", "upstream": "flights", "paths": ["/admin/**"]})))
+
+    assert decide(cred, http("GET", "flights", "/admin/x")).allowed
+    assert verdict(decide(cred, http("GET", "flights", "/ADMIN/x"))) == (False, "denied", "no_matching_rule")
+
+
+# -- resource names are normalized and matched like paths (issue 10 #5) -----------------------------
+def _workspace_cap() -> Capability:
+    return _support.parse(lambda spec: spec["rules"].extend([
+        {"name": "workspace", "effect": "allow", "actions": ["file.read"], "resources": ["file:///workspace/**"]},
+        {"name": "no-secrets", "effect": "deny", "resources": ["file:///workspace/secrets/**"]},
+    ]))
+
+
+def ask(cred: tokens.Credential, action: str, resource: str) -> decision.Decision:
+    return decide(cred, decision.Request(principal=PRINCIPAL, correlation="c", action=action, resource=resource,
+                                         now=NOW))
+
+
+@pytest.mark.parametrize("resource", ["file:///workspace/../etc/passwd", "file:///workspace/%2e%2e/etc/passwd",
+                                      "file:///workspace/./secrets/key", "file:///workspace//etc",
+                                      "file:///workspace/a%2fb", "file:///workspace/a\x00b", "file:///workspace/a\nb",
+                                      "./secrets/key", "secrets/key"])
+def test_an_ambiguous_resource_is_never_allowed(resource: str) -> None:
+    assert verdict(ask(_support.credential(_workspace_cap()), "file.read", resource)) == (
+        False, "denied", "bad_request")
+
+
+@pytest.mark.parametrize("resource", ["file:///workspace/secrets/key", "file:///workspace/SECRETS/key",
+                                      "file:///workspace/secrets./key", "file:///workspace/secrets/"])
+def test_a_deny_resource_rule_catches_its_look_alikes(resource: str) -> None:
+    outcome = ask(_support.credential(_workspace_cap()), "file.read", resource)
+
+    assert (outcome.allowed, outcome.reason, outcome.rule) == (False, "deny_rule", "no-secrets")
+
+
+def test_a_resource_under_an_allowed_glob_is_allowed() -> None:
+    assert ask(_support.credential(_workspace_cap()), "file.read", "file:///workspace/src/main.py").allowed
+
+
+def test_a_request_that_is_an_http_call_and_an_action_is_refused(cred: tokens.Credential) -> None:
+    both = decision.Request(principal=PRINCIPAL, correlation="c", method="GET", upstream="flights", path="/search",
+                            action="mcp.call", resource="mcp://payments/refund", now=NOW)
+
+    assert verdict(decide(cred, both)) == (False, "denied", "bad_request")

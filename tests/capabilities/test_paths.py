@@ -21,7 +21,9 @@ from capgate.capabilities.errors import RequestError
         ("/files/a%20b", "/files/a b"),
         ("/caf%C3%A9", "/café"),
         ("/café", "/café"),
-        ("/a/.hidden/b..c/...", "/a/.hidden/b..c/..."),
+        ("/a/.hidden/b..c/..d/e..", "/a/.hidden/b..c/..d/e.."),
+        ("/a%20b/c%20", "/a b/c "),
+        ("/\uff41dmin", "/\uff41dmin"),
         ("/a:b@c!$&'()*+,=~", "/a:b@c!$&'()*+,=~"),
     ],
 )
@@ -64,6 +66,18 @@ def test_an_unambiguous_path_is_accepted_and_decoded(raw: str, decoded: str) -> 
         pytest.param("/a%", id="lone-percent"),
         pytest.param("/a%ff", id="invalid-utf8"),
         pytest.param("/a%c0%ae%c0%ae/b", id="overlong-utf8-dot"),
+        pytest.param("/a/.../b", id="three-dots"),
+        pytest.param("/a/...", id="trailing-three-dots"),
+        pytest.param("/a/%20/b", id="space-segment"),
+        pytest.param("/a/.%20./b", id="dot-space-dot"),
+        pytest.param("/a/..%20/b", id="dot-dot-space"),
+        pytest.param("/a/\uff0e\uff0e/b", id="fullwidth-dot-dot"),
+        pytest.param("/a/%EF%BC%8E%EF%BC%8E/b", id="encoded-fullwidth-dot-dot"),
+        pytest.param("/a/\u2025/b", id="two-dot-leader"),
+        pytest.param("/a\uff0fb", id="fullwidth-slash"),
+        pytest.param("/a\uff3cb", id="fullwidth-backslash"),
+        pytest.param("/a%C2%85b", id="encoded-c1-next-line"),
+        pytest.param("/a%E2%80%A8b", id="encoded-line-separator"),
         pytest.param("search", id="relative"),
         pytest.param("", id="empty"),
         pytest.param("/" + "a" * 8192, id="8KiB"),
@@ -170,3 +184,138 @@ def test_normalize_accepts_only_unambiguous_paths_and_raises_nothing_else(raw: s
     assert "\x00" not in decoded
     assert ";" not in decoded
     assert paths.normalize(decoded) == decoded, "a second decoding would read the path differently"
+
+
+# -- resource names: the same reader as paths ------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("mcp://payments/charge", "mcp://payments/charge"),
+        ("file:///workspace/notes.txt", "file:///workspace/notes.txt"),
+        ("file:///workspace/%73ecrets/key", "file:///workspace/secrets/key"),
+        ("https://api.example.com", "https://api.example.com/"),
+        ("https://api.example.com:8443/v1/", "https://api.example.com:8443/v1/"),
+        ("/search", "/search"),
+    ],
+)
+def test_a_resource_keeps_its_scheme_and_authority_and_normalizes_its_path(raw: str, normalized: str) -> None:
+    assert paths.normalize_resource(raw) == normalized
+    assert paths.normalize_resource(normalized) == normalized
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param("file:///workspace/../etc/passwd", id="dot-dot"),
+        pytest.param("file:///workspace/%2e%2e/etc/passwd", id="encoded-dot-dot"),
+        pytest.param("file:///workspace/./secrets/key", id="dot"),
+        pytest.param("file:///workspace//secrets", id="double-slash"),
+        pytest.param("file:///workspace%2fsecrets", id="encoded-slash"),
+        pytest.param("file:///workspace/a\x00b", id="nul"),
+        pytest.param("file:///workspace/a%00b", id="encoded-nul"),
+        pytest.param("file:///workspace/a\nb", id="newline"),
+        pytest.param("file:///workspace/a%0Ab", id="encoded-newline"),
+        pytest.param("file:///workspace/a\\b", id="backslash"),
+        pytest.param("file:///workspace/.../b", id="three-dots"),
+        pytest.param("file:///workspace/a?b", id="query"),
+        pytest.param("file:///workspace/a#b", id="fragment"),
+        pytest.param("mcp://pay%6dents/charge", id="encoded-authority"),
+        pytest.param("mcp://payments\u00e9/charge", id="non-ascii-authority"),
+        pytest.param("mcp:/payments/charge", id="scheme-without-authority"),
+        pytest.param("urn:isbn:123", id="opaque-uri"),
+        pytest.param("secrets/key", id="relative"),
+        pytest.param("./secrets/key", id="dot-relative"),
+        pytest.param("", id="empty"),
+        pytest.param("mcp://x/" + "a" * 4096, id="too-long"),
+    ],
+)
+def test_an_ambiguous_resource_is_refused(raw: str) -> None:
+    with pytest.raises(RequestError):
+        paths.normalize_resource(raw)
+
+
+@pytest.mark.parametrize(
+    ("glob", "resource", "matches"),
+    [
+        ("file:///workspace/**", "file:///workspace/a/b", True),
+        ("file:///workspace/**", "file:///workspace", True),
+        ("file:///workspace/**", "file:///etc/passwd", False),
+        ("mcp://payments/*", "mcp://payments/charge", True),
+        ("mcp://payments/*", "mcp://payments/a/b", False),
+        ("mcp://payments/*", "mcp://payments/", False),
+        ("mcp://*/search", "mcp://flights/search", True),
+        ("mcp://*/search", "mcp:///search", False),
+        ("mcp://payments/*", "mcp://payments-evil/charge", False),
+        ("mcp://payments/charge", "mcp://PAYMENTS/charge", False),
+        ("https://api.example.com/", "https://api.example.com/", True),
+        ("/search/**", "/search/x", True),
+    ],
+)
+def test_resource_globs_match_whole_segments(glob: str, resource: str, matches: bool) -> None:
+    assert paths.validate_resource_glob(glob) is None
+    assert paths.resource_glob_matches(glob, paths.normalize_resource(resource)) is matches
+
+
+@pytest.mark.parametrize(
+    ("glob", "problem"),
+    [
+        ("file:///workspace/../etc/**", "'..' segments"),
+        ("file:///workspace//x", "empty segment"),
+        ("file:///workspace/%2e%2e", "percent-encoding"),
+        ("mcp://payments/get_*", "whole segments"),
+        ("mcp://pay*/x", "authority"),
+        ("m*p://payments/x", "resource is"),
+        ("secrets/**", "resource is"),
+        ("mcp://payments/x?y", "'?' and '#'"),
+        ("", "1 to"),
+    ],
+)
+def test_a_resource_glob_is_checked_with_the_same_rules(glob: str, problem: str) -> None:
+    found = paths.validate_resource_glob(glob)
+    assert found is not None and problem in found
+
+
+# -- deny globs match leniently, allow globs exactly ------------------------------------------------
+@pytest.mark.parametrize(
+    "path",
+    ["/admin/x", "/ADMIN/x", "/Admin/x", "/admin/", "/admin", "/admin./x", "/admin /x", "/admin. /x",
+     "/\uff41\uff44\uff4d\uff49\uff4e/x", "/ad\u200bmin/x", "/admin\u3000/x", "/admin.json", "/ADMIN.JSON",
+     "/admin::$DATA/x", "/admin.::$data/x"],
+)
+def test_a_deny_glob_matches_what_a_forgiving_router_would_route_there(path: str) -> None:
+    assert paths.lenient_glob_matches("/admin/**", paths.normalize(path))
+
+
+@pytest.mark.parametrize("path", ["/administrator/x", "/adm/x", "/x/admin", "/.admin/x", "/a/dmin"])
+def test_a_deny_glob_still_needs_its_segments(path: str) -> None:
+    assert not paths.lenient_glob_matches("/admin/**", path)
+
+
+@pytest.mark.parametrize(("glob", "path"), [("/v1/charges", "/v1/charges/"), ("/v1/charges", "/V1/Charges"),
+                                            ("/users/*/delete", "/users/7/delete.json"), ("/", "/"),
+                                            ("/Admin/", "/admin")])
+def test_deny_globs_fold_like_paths(glob: str, path: str) -> None:
+    assert paths.lenient_glob_matches(glob, path)
+
+
+@pytest.mark.parametrize(
+    "resource",
+    ["file:///workspace/secrets/key", "file:///workspace/SECRETS/key", "file:///workspace/secrets./key",
+     "FILE:///workspace/secrets/key", "file:///workspace/secrets", "file:///workspace/secrets/"],
+)
+def test_a_deny_resource_glob_matches_leniently(resource: str) -> None:
+    normalized = paths.normalize_resource(resource)
+    assert paths.lenient_resource_glob_matches("file:///workspace/secrets/**", normalized)
+
+
+@pytest.mark.parametrize("resource", ["mcp://payments/refund", "mcp://Payments/refund", "mcp://payments:443/refund",
+                                      "mcp://agent@payments/refund", "mcp://payments./refund"])
+def test_a_deny_resource_glob_reads_the_authority_as_a_host(resource: str) -> None:
+    assert paths.lenient_resource_glob_matches("mcp://payments/refund", paths.normalize_resource(resource))
+    assert paths.resource_glob_matches("mcp://*/refund", paths.normalize_resource(resource))
+    assert not paths.lenient_resource_glob_matches("mcp://payments/refund", "mcp://pay/refund")
+
+
+def test_action_deny_globs_ignore_case() -> None:
+    assert paths.lenient_name_glob_matches("mcp.call", "MCP.Call")
+    assert not paths.name_glob_matches("mcp.call", "MCP.Call")

@@ -329,7 +329,9 @@ INJECTIONS = [
     ("action", setter("rules", 2, value={"name": "tools", "effect": "allow",
                                          "actions": ['mcp.call"); allow_match("charge"); x("']}), "inert"),
     ("resource", setter("rules", 2, value={"name": "tools", "effect": "allow", "actions": ["mcp.call"],
-                                           "resources": ['mcp://x/*") <- true; allow_match("charge']}), "inert"),
+                                           "resources": ['mcp://x/*") <- true; allow_match("charge']}), "rejected"),
+    ("resource-quote", setter("rules", 2, value={"name": "tools", "effect": "allow", "actions": ["mcp.call"],
+                                                 "resources": ['mcp://x/a") <- true, allow_match("charge']}), "inert"),
     ("service-account", setter("serviceAccountName", value='booking-agent"); allow_match("charge'), "rejected"),
     ("delegate", setter("delegation", value={"serviceAccounts": ['h"); allow_match("charge']}), "rejected"),
     ("datalog-fact", setter("datalog", value='check if true; allow_match("charge");'), "rejected"),
@@ -377,3 +379,16 @@ def test_a_limit_reads_nested_fields_by_dotted_path() -> None:
     assert spec.numeric_field(body, "price.tax") is None
     assert spec.numeric_field({"price.total": 7}, "price.total") is None
     assert spec.numeric_field("not an object", "price.total") is None
+
+
+def test_egress_mode_defaults_to_enforce_and_reads_back() -> None:
+    assert _support.parse().egress_mode == "enforce"
+    cooperative = _support.parse(setter("egress", value={"mode": "cooperative"}))
+    assert cooperative.egress_mode == "cooperative"
+    assert parse_spec(to_spec(cooperative), name=cooperative.name, namespace=cooperative.namespace) == cooperative
+
+
+@pytest.mark.parametrize(("egress", "path"), [({"mode": "off"}, "spec.egress.mode"),
+                                              ({"mode": "enforce", "bypass": True}, "spec.egress.bypass")])
+def test_egress_accepts_only_its_two_modes(egress: object, path: str) -> None:
+    assert spec_error(setter("egress", value=egress)).path == path

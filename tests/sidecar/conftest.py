@@ -134,7 +134,7 @@ class Sidecar:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
 
     def decisions(self) -> list[dict[str, Any]]:
-        return [r for r in self.audit_records() if r.get("type") != "checkpoint"]
+        return [r for r in self.audit_records() if "type" not in r]  # not checkpoints, not run starts
 
 
 MakeSidecar = Callable[..., Awaitable[Sidecar]]

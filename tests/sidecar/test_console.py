@@ -84,8 +84,11 @@ async def test_capgate_sidecar_command_runs_standalone_and_allows_a_search(tmp_p
         out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0
     records = [json.loads(line) for line in out.decode().splitlines()]
-    assert records[0]["outcome"] == "allowed"
-    assert records[-1]["type"] == "checkpoint"  # a clean shutdown signs the tail
+    assert records[0]["type"] == "start"
+    assert records[1]["outcome"] == "allowed"
+    assert (records[-1]["type"], records[-1]["closing"]) == ("checkpoint", True)  # SIGTERM signs the tail
     audit = tmp_path / "audit.jsonl"
     audit.write_bytes(out)
-    assert ledger.verify(audit, keys.TrustBundle.from_file(tmp_path / "keys" / "root.pub")).ok
+    report = ledger.verify(audit, keys.TrustBundle.from_file(tmp_path / "keys" / "root.pub"))
+    assert report.verdict() == "VERIFIED", report.summary()
+    assert report.covered == report.records == len(records)

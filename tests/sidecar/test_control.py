@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from tests.sidecar.conftest import API_KEY, MakeSidecar
+import copy
+from typing import Any
+
+import pytest
+
+from tests.sidecar.conftest import API_KEY, BASE_SPEC, MakeSidecar
 
 AUTHORIZE = "/_capgate/v1/authorize"
 ATTENUATE = "/_capgate/v1/attenuate"
@@ -103,3 +108,82 @@ async def test_unknown_control_endpoint_is_404_json(sidecar: MakeSidecar) -> Non
     assert response.status == 404
     assert (await response.json())["reason"] == "unknown_endpoint"
     assert "X-Capgate-Decision-Id" in response.headers
+
+
+def workspace_spec() -> dict[str, Any]:
+    spec = copy.deepcopy(BASE_SPEC)
+    spec["rules"] += [
+        {"name": "workspace", "effect": "allow", "actions": ["file.read"], "resources": ["file:///workspace/**"]},
+        {"name": "no-secrets", "effect": "deny", "resources": ["file:///workspace/secrets/**"]},
+    ]
+    return spec
+
+
+@pytest.mark.parametrize("resource", [
+    "file:///workspace/../etc/passwd", "file:///workspace/%2e%2e/etc/passwd", "file:///workspace/./secrets/key",
+    "file:///workspace//etc/passwd", "file:///workspace/a%2fb", "file:///workspace/a\x00b",
+    "file:///workspace/a\nb", "file:///workspace/.../b", "./secrets/key", "secrets/key",
+])
+async def test_authorize_refuses_an_ambiguous_resource_with_400(sidecar: MakeSidecar, resource: str) -> None:
+    sc = await sidecar(workspace_spec())
+    response = await sc.client.post(AUTHORIZE, json={"action": "file.read", "resource": resource})
+    body = await response.json()
+    assert (response.status, body["error"], body["reason"]) == (400, "bad_request", "ambiguous_resource")
+
+
+@pytest.mark.parametrize("resource", ["file:///workspace/secrets/key", "file:///workspace/%73ecrets/key",
+                                      "file:///workspace/SECRETS/key", "file:///workspace/secrets./key"])
+async def test_authorize_denies_every_spelling_of_a_denied_resource(sidecar: MakeSidecar, resource: str) -> None:
+    sc = await sidecar(workspace_spec())
+    response = await sc.client.post(AUTHORIZE, json={"action": "file.read", "resource": resource})
+    body = await response.json()
+    assert (response.status, body["reason"], body["rule"]) == (403, "deny_rule", "no-secrets")
+
+
+@pytest.mark.parametrize("payload", [{}, {"context": {}}, {"context": {"body": {"amount": 1}}},
+                                     {"context": {"method": "GET", "path": "/search"}},
+                                     {"scopes": [{"context": {"method": "GET", "upstream": "flights",
+                                                              "path": "/search"}}, {}]}])
+async def test_authorize_refuses_a_scope_that_asks_nothing_with_400(sidecar: MakeSidecar,
+                                                                    payload: dict[str, Any]) -> None:
+    sc = await sidecar()
+    response = await sc.client.post(AUTHORIZE, json=payload)
+    body = await response.json()
+    assert (response.status, body["error"]) == (400, "bad_request"), payload
+
+
+async def test_an_action_with_an_http_context_needs_both_to_allow(sidecar: MakeSidecar) -> None:
+    sc = await sidecar(workspace_spec())
+    search = {"method": "GET", "upstream": "flights", "path": "/search"}
+    upload = {"method": "DELETE", "upstream": "flights", "path": "/search"}
+
+    denied_action = await sc.client.post(AUTHORIZE, json={"action": "file.write", "resource": "file:///workspace/a",
+                                                          "context": search})
+    denied_call = await sc.client.post(AUTHORIZE, json={"action": "file.read", "resource": "file:///workspace/a",
+                                                        "context": upload})
+    both = await sc.client.post(AUTHORIZE, json={"action": "file.read", "resource": "file:///workspace/a",
+                                                 "context": search})
+
+    assert (denied_action.status, (await denied_action.json())["reason"]) == (403, "no_matching_rule")
+    assert (denied_call.status, (await denied_call.json())["reason"]) == (403, "deny_rule")
+    assert both.status == 200
+
+
+async def test_an_allowed_authorize_is_recorded_with_what_it_allowed(sidecar: MakeSidecar) -> None:
+    sc = await sidecar(workspace_spec())
+    one = await sc.client.post(AUTHORIZE, json={"action": "file.read", "resource": "file:///workspace/%61.txt"})
+    several = await sc.client.post(AUTHORIZE, json={"scopes": [
+        {"action": "file.read", "resource": "file:///workspace/b"},
+        {"context": {"method": "GET", "upstream": "flights", "path": "/search"}}]})
+    assert (one.status, several.status) == (200, 200)
+
+    first, second = [r for r in sc.decisions() if r["kind"] == "authorize"]
+
+    assert (first["outcome"], first["action"], first["resource"], first["rule"]) == (
+        "allowed", "file.read", "file:///workspace/a.txt", "workspace")
+    assert (second["action"], second["resource"]) == ("file.read", "file:///workspace/b")
+    assert second["scopes"] == [
+        {"allowed": True, "reason": "allowed", "rule": "workspace", "action": "file.read",
+         "resource": "file:///workspace/b"},
+        {"allowed": True, "reason": "allowed", "rule": "search", "method": "GET", "upstream": "flights",
+         "path": "/search"}]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from capgate import ledger
-from capgate.capabilities import keys
+import pytest
+
+from capgate import cli, ledger
+from capgate.capabilities import keys, receipts
+from capgate.sidecar.audit import AuditLog
 from tests.sidecar.conftest import MakeSidecar, Sidecar
 
 
@@ -34,13 +38,34 @@ async def test_one_record_per_decision_with_the_fields_an_auditor_needs(sidecar:
     assert {"time", "seq", "prev", "hash"} <= set(record)
 
 
-async def test_an_untouched_ledger_verifies(sidecar: MakeSidecar, keyset: keys.KeySet) -> None:
+async def test_a_cleanly_closed_ledger_is_verified_and_fully_covered(sidecar: MakeSidecar,
+                                                                     keyset: keys.KeySet) -> None:
+    sc = await busy_ledger(sidecar)
+    sc.gate.audit.close()
+    report = ledger.verify(sc.audit_path, keyset.trust_bundle())
+    assert report.verdict() == "VERIFIED", report.summary()
+    assert report.records == report.covered == len(sc.audit_records())
+    assert report.checkpoints >= 3
+    assert report.unsigned == 0
+    assert report.closed
+    assert report.summary().startswith(f"VERIFIED: {report.records} of {report.records} records covered")
+
+
+async def test_a_closing_checkpoint_is_written_even_when_nothing_is_new(sidecar: MakeSidecar,
+                                                                       keyset: keys.KeySet) -> None:
+    sc = await busy_ledger(sidecar)  # ends with a checkpoint already
+    sc.gate.audit.close()
+    assert sc.audit_records()[-1]["closing"] is True
+    assert ledger.verify(sc.audit_path, keyset.trust_bundle()).verdict() == "VERIFIED"
+
+
+async def test_a_live_ledger_is_unverified_unless_declared_open(sidecar: MakeSidecar, keyset: keys.KeySet) -> None:
     sc = await busy_ledger(sidecar)
     report = ledger.verify(sc.audit_path, keyset.trust_bundle())
-    assert report.ok, report.summary()
-    assert report.records == len(sc.audit_records())
-    assert report.checkpoints >= 2
-    assert report.unsigned == 0
+    assert report.ok
+    assert report.verdict() == "UNVERIFIED"
+    assert "does not end with a closing checkpoint" in report.summary()
+    assert report.verdict(open_ok=True) == "VERIFIED"
 
 
 def lines(path: Path) -> list[str]:
@@ -91,12 +116,111 @@ async def test_reordered_records_are_detected(sidecar: MakeSidecar, keyset: keys
     assert any("reordered" in p for p in report.problems)
 
 
-async def test_a_cut_tail_shows_as_unsigned_records(sidecar: MakeSidecar, keyset: keys.KeySet) -> None:
+async def test_records_after_the_last_checkpoint_are_reported_as_not_covered(sidecar: MakeSidecar,
+                                                                             keyset: keys.KeySet) -> None:
     sc = await busy_ledger(sidecar)
     await sc.client.get("/flights/search")
     report = ledger.verify(sc.audit_path, keyset.trust_bundle())
     assert report.ok
     assert report.unsigned == 1
+    assert report.verdict(open_ok=True) == "UNVERIFIED"  # live or not, an unsigned record is unproven
+    assert "1 records after seq" in report.summary()
+
+
+async def closed_ledger(sidecar: MakeSidecar) -> list[str]:
+    sc = await busy_ledger(sidecar)
+    await sc.client.get("/flights/search")
+    sc.gate.audit.close()
+    return lines(sc.audit_path)
+
+
+async def test_a_truncated_tail_is_unverified(sidecar: MakeSidecar, keyset: keys.KeySet, tmp_path: Path) -> None:
+    content = await closed_ledger(sidecar)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(content[:-1]))  # the closing checkpoint is gone
+    report = ledger.verify(cut, keyset.trust_bundle())
+    assert report.ok  # nothing is edited: only a signature can tell, and it is missing
+    assert report.verdict() == "UNVERIFIED"
+    assert (report.unsigned, report.closed) == (1, False)
+    assert "UNVERIFIED: 1 records after seq" in report.summary()
+
+
+async def test_a_tail_cut_back_to_a_checkpoint_is_unverified(sidecar: MakeSidecar, keyset: keys.KeySet,
+                                                             tmp_path: Path) -> None:
+    content = await closed_ledger(sidecar)
+    last_plain = max(i for i, line in enumerate(content[:-1]) if '"checkpoint"' in line)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(content[:last_plain + 1]))  # every line left is signed, but the run never closed
+    report = ledger.verify(cut, keyset.trust_bundle())
+    assert (report.unsigned, report.closed) == (0, False)
+    assert report.verdict() == "UNVERIFIED"
+    assert "the end was cut off" in report.summary()
+
+
+async def test_a_cut_that_a_restarted_sidecar_continued_is_reported(sidecar: MakeSidecar, keyset: keys.KeySet,
+                                                                    tmp_path: Path) -> None:
+    content = await closed_ledger(sidecar)
+    path = tmp_path / "resumed.jsonl"
+    path.write_text("".join(content[:-1]))
+    second = await busy_ledger(sidecar, audit_log=str(path))
+    second.gate.audit.close()
+    report = ledger.verify(path, keyset.trust_bundle())
+    assert report.ok
+    assert report.verdict() == "UNVERIFIED"
+    assert len(report.unclean_stops) == 1
+    assert report.orphaned >= 1
+    assert "stopped without a closing checkpoint" in report.summary()
+
+
+async def test_a_rewritten_ledger_with_a_recomputed_chain_and_no_checkpoints_is_not_verified(
+        sidecar: MakeSidecar, keyset: keys.KeySet, tmp_path: Path, root_key: Path) -> None:
+    content = await closed_ledger(sidecar)
+    chain = ledger.Chain()
+    forged = []
+    for line in content:
+        record = json.loads(line)
+        if record.get("type") == "checkpoint":
+            continue
+        body = {k: v for k, v in record.items() if k not in ("seq", "prev", "hash")}
+        if body.get("outcome") == "denied":
+            body["outcome"] = "allowed"
+        forged.append(chain.seal(body))
+    path = tmp_path / "forged.jsonl"
+    path.write_text("".join(forged))
+    report = ledger.verify(path, keyset.trust_bundle())
+    assert report.ok  # the chain itself is consistent: that proves nothing
+    assert (report.covered, report.checkpoints) == (0, 0)
+    assert report.verdict() == "UNVERIFIED"
+    trust = root_key.parent / "root.pub"
+    assert cli.main(["audit", "verify", str(path), "--trust", str(trust)]) == cli.EXIT_UNVERIFIED
+    assert cli.main(["audit", "verify", str(path)]) == cli.EXIT_UNVERIFIED
+    assert cli.main(["audit", "verify", str(path), "--trust", str(trust), "--open"]) == cli.EXIT_UNVERIFIED
+
+
+async def test_a_forged_checkpoint_signature_is_tampering(sidecar: MakeSidecar, keyset: keys.KeySet,
+                                                          tmp_path: Path, root_key: Path) -> None:
+    content = await closed_ledger(sidecar)
+    closing = json.loads(content[-1])
+    signature = closing["signature"]
+    closing["signature"] = ("B" if signature[0] == "A" else "A") + signature[1:]
+    closing["hash"] = ledger.record_hash(closing)
+    path = tmp_path / "forged.jsonl"
+    path.write_text("".join(content[:-1]) + json.dumps(closing) + "\n")
+    report = ledger.verify(path, keyset.trust_bundle())
+    assert report.verdict() == "TAMPERED"
+    assert any("does not verify" in p for p in report.problems)
+    assert cli.main(["audit", "verify", str(path), "--trust", str(root_key.parent / "root.pub")]) == cli.EXIT_DENIED
+
+
+async def test_the_cli_exits_zero_only_for_a_verified_ledger(sidecar: MakeSidecar, root_key: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "closed.jsonl"
+    path.write_text("".join(await closed_ledger(sidecar)))
+    trust = str(root_key.parent / "root.pub")
+    assert cli.main(["audit", "verify", str(path), "--trust", trust]) == cli.EXIT_OK
+    assert capsys.readouterr().out.startswith("VERIFIED")
+    assert cli.main(["audit", "verify", str(path)]) == cli.EXIT_UNVERIFIED  # no --trust: authorship unproven
+    assert "NOT checked" in capsys.readouterr().out
 
 
 async def test_a_checkpoint_from_another_root_does_not_verify(sidecar: MakeSidecar) -> None:
@@ -114,8 +238,9 @@ async def test_a_restarted_sidecar_continues_the_chain(sidecar: MakeSidecar, key
     second = await busy_ledger(sidecar, audit_log=str(path))
     second.gate.audit.close()
     report = ledger.verify(path, keyset.trust_bundle())
-    assert report.ok, report.summary()
+    assert report.verdict() == "VERIFIED", report.summary()
     assert report.unsigned == 0
+    assert report.unclean_stops == []
 
 
 def test_without_a_trust_bundle_the_chain_is_checked_and_checkpoints_are_noted(tmp_path: Path) -> None:
@@ -127,3 +252,19 @@ def test_without_a_trust_bundle_the_chain_is_checked_and_checkpoints_are_noted(t
     assert report.ok
     assert report.unverified_checkpoints == 1
     assert "--trust" in report.summary()
+
+
+def test_an_expired_session_key_signs_nothing_rather_than_a_checkpoint_that_reads_as_forged(
+        tmp_path: Path, keyset: keys.KeySet) -> None:
+    stale = receipts.SessionKey.issue(keyset, capability="travel/booking-agent", credential="c1",
+                                      now=datetime.now(UTC) - timedelta(hours=2))
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path), session=lambda: stale)
+    log.open()
+    log.write({"outcome": "allowed"})
+    assert log.checkpoint() is False
+    log.close()
+    report = ledger.verify(path, keyset.trust_bundle())
+    assert report.ok  # nothing was forged ...
+    assert report.verdict() == "UNVERIFIED"  # ... and nothing is proven
+    assert report.unsigned == 2

@@ -90,6 +90,24 @@ async def test_narrowed_token_with_a_short_ttl_expires(sidecar: MakeSidecar) -> 
     assert (response.status, body["reason"]) == (401, "expired")
 
 
+async def test_a_token_issued_120_s_in_the_future_is_401_not_yet_valid(sidecar: MakeSidecar,
+                                                                     keyset: keys.KeySet) -> None:
+    sc = await sidecar()
+    token = tokens.mint(base(sc).capability, keyset, now=datetime.now(UTC) + timedelta(seconds=120))
+    response = await sc.client.get("/flights/search", headers={"X-Capgate-Token": token})
+    body = await response.json()
+    assert (response.status, body["error"], body["reason"]) == (401, "invalid_token", "not_yet_valid")
+    assert sc.upstream.seen == []
+
+
+async def test_a_narrowed_token_stamped_in_the_future_is_401_not_yet_valid(sidecar: MakeSidecar) -> None:
+    sc = await sidecar()
+    token = narrowed(sc, rules=["search"], now=datetime.now(UTC) + timedelta(seconds=120))
+    response = await sc.client.get("/flights/search", headers={"X-Capgate-Token": token})
+    body = await response.json()
+    assert (response.status, body["reason"]) == (401, "not_yet_valid")
+
+
 async def write_revocations(path: Path, ids: list[str], lockdown: dict[str, object] | None = None) -> None:
     path.write_text(json.dumps({"spec": {"revokedIds": [{"id": i, "expiresAt": "2099-01-01T00:00:00Z"} for i in ids],
                                          "lockdown": lockdown or {}}}))

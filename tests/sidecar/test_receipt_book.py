@@ -1,0 +1,49 @@
+"""The sidecar's receipt book: receipts it holds and receipts the agent carries expire alike."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from capgate.capabilities import receipts as core
+from capgate.sidecar.receipts import Held, ReceiptBook
+from tests.capabilities import _support
+from tests.capabilities._support import NOW
+
+CAPABILITY = "travel/booking-agent"
+CREDENTIAL = "cafe" * 16
+TTL = timedelta(minutes=5)
+
+
+def mint() -> str:
+    key = core.SessionKey.issue(_support.keyset(), capability=CAPABILITY, credential=CREDENTIAL, now=NOW)
+    return core.mint(key, rule="search", correlation="c", ttl=TTL, decision_id="d", now=NOW)
+
+
+def both_ways(at: timedelta) -> tuple[bool, bool]:
+    """(held receipt still counts, carried receipt still counts) ``at`` after minting."""
+    book = ReceiptBook()
+    book.hold("c", Held(rule="search", capability=CAPABILITY, credential=CREDENTIAL, expires_at=NOW + TTL))
+    receipt = mint()
+    held = "search" in book.held_rules("c", CAPABILITY, NOW + at, revoked=())
+    carried, _ = ReceiptBook().carried_rules([receipt], trust=_support.trust(), correlation="c",
+                                             capability=CAPABILITY, revoked=(), now=NOW + at)
+    return held, "search" in carried
+
+
+@pytest.mark.parametrize(("at", "valid"), [(TTL, True), (TTL + timedelta(seconds=29), True),
+                                           (TTL + timedelta(seconds=31), False)])
+def test_held_and_carried_receipts_expire_with_the_same_skew(at: timedelta, valid: bool) -> None:
+    assert both_ways(at) == (valid, valid)
+
+
+def test_a_cached_carried_receipt_expires_like_a_fresh_one() -> None:
+    book = ReceiptBook()
+    receipt = mint()
+    ask = dict(trust=_support.trust(), correlation="c", capability=CAPABILITY, revoked=())
+    assert book.carried_rules([receipt], now=NOW, **ask)[0] == {"search"}  # type: ignore[arg-type]
+
+    rules, ignored = book.carried_rules([receipt], now=NOW + TTL + timedelta(seconds=31), **ask)  # type: ignore[arg-type]
+
+    assert (rules, ignored) == (set(), ["expired"])
