@@ -70,10 +70,20 @@ class Mcp:
     messages: str | None = None
 
     def covers(self, path: str) -> bool:
-        """Is ``path`` (normalized) an MCP endpoint of this upstream?"""
-        if path == self.path or path == self.sse:
-            return True
-        return self.messages is not None and (path == self.messages or path.startswith(self.messages.rstrip("/") + "/"))
+        """Is ``path`` (normalized) an MCP endpoint of this upstream?
+
+        Read leniently, like deny globs (:func:`paths.lenient_forms`): ``/MCP/`` or ``/mcp.json``
+        may reach the MCP endpoint through a forgiving router, so they are decided as MCP
+        messages too, never by an HTTP rule that happens to allow the upstream.
+        """
+        forms = set(paths.lenient_forms(path))
+        for endpoint in (self.path, self.sse):
+            if endpoint is not None and forms & set(paths.lenient_forms(endpoint)):
+                return True
+        if self.messages is None:
+            return False
+        prefix = paths.lenient_forms(self.messages)[0].rstrip("/")
+        return any(form == prefix or form.startswith(prefix + "/") for form in forms)
 
 
 @dataclass(frozen=True)

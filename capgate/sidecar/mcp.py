@@ -151,10 +151,12 @@ def could_call(ctx: Context, creds: list[tokens.Credential], action: str, resour
     needs a receipt or argument values is still listed; a denied or unnamed one is not.
     """
     cap = ctx.loaded.capability
-    outcome = decision.decide(creds, decision.Request(
-        principal=ctx.loaded.principal, correlation=ctx.correlation, action=action, resource=resource,
-        receipts=frozenset(rule.name for rule in cap.rules), now=ctx.now), revoked=ctx.gate.revocations.revoked_ids)
-    return outcome.reason in _CALLABLE_REASONS
+    request = decision.Request(principal=ctx.loaded.principal, correlation=ctx.correlation, action=action,
+                               resource=resource, receipts=frozenset(rule.name for rule in cap.rules), now=ctx.now)
+    # Each token on its own: decide() stops at the first refusal, and a base credential's
+    # "needs arguments" must not hide the narrowed token's "not this tool at all".
+    return all(decision.decide([cred], request, revoked=ctx.gate.revocations.revoked_ids).reason in _CALLABLE_REASONS
+               for cred in creds)
 
 
 # -- forwarding --------------------------------------------------------------------------------

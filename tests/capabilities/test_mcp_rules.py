@@ -127,3 +127,23 @@ def test_the_mcp_transport_and_args_survive_the_canonical_spec(cap: Capability) 
     again = parse_capability({"apiVersion": "capgate.dev/v1alpha1", "kind": "AgentCapability",
                               "metadata": {"name": cap.name, "namespace": cap.namespace}, "spec": document["spec"]})
     assert again.rules == cap.rules and again.upstreams == cap.upstreams
+
+
+@pytest.mark.parametrize(("path", "covered"), [
+    ("/mcp", True), ("/MCP", True), ("/mcp/", True), ("/mcp.json", True), ("/mcpx", False), ("/mcp/x", False),
+    ("/other", False),
+])
+def test_paths_a_forgiving_router_reads_as_the_mcp_endpoint_are_mcp(cap: Capability, path: str,
+                                                                    covered: bool) -> None:
+    upstream = cap.upstream("booking")
+    assert upstream is not None and upstream.mcp is not None
+    assert upstream.mcp.covers(path) is covered
+
+
+def test_the_old_transport_covers_its_stream_and_every_message_path() -> None:
+    cap = _with_rule({"name": "x", "effect": "allow", "actions": ["mcp.call"]},
+                     {"sse": "/sse", "messages": "/messages/"})
+    mcp_ = cap.upstreams[0].mcp
+    assert mcp_ is not None
+    assert [mcp_.covers(p) for p in ("/sse", "/SSE/", "/messages/", "/messages", "/Messages/x", "/message")] == [
+        True, True, True, True, True, False]

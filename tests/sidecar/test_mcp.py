@@ -7,13 +7,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import yaml
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from capgate import cli
 from capgate.capabilities.spec import load_capability_file
+from capgate.sidecar.watch import FileSource
 from tests.sidecar.conftest import MakeSidecar, Sidecar
 from tests.sidecar.mcp_server import Booking, running
 
@@ -221,3 +224,51 @@ async def test_capgate_explain_gives_the_sidecars_verdict(mcp_sidecar: Sidecar, 
         except MCPError as exc:
             sidecar = (exc.data["reason"], exc.data["rule"])
     assert sidecar == (explained.reason, explained.rule)
+
+
+async def narrowed(side: Sidecar, **request: object) -> str:
+    response = await side.client.post("/_capgate/v1/attenuate", json=request)
+    body = await response.json()
+    assert response.status == 200, body
+    token: str = body["token"]
+    return token
+
+
+async def test_a_narrowed_token_limits_a_sub_agent_to_its_tools(mcp_sidecar: Sidecar, booking: Booking) -> None:
+    token = await narrowed(mcp_sidecar, rules=["search"], ttl="5m")
+    http = httpx2.AsyncClient(headers={"X-Capgate-Token": token}, timeout=30)
+    async with http, Client(streamable_http_client(url_of(mcp_sidecar), http_client=http), mode="legacy") as client:
+        listed = await client.list_tools()
+        assert [tool.name for tool in listed.tools] == ["search_flights"]
+        await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+        with pytest.raises(MCPError) as caught:
+            await client.call_tool("list_bookings", {})
+    assert caught.value.data["reason"] == "check_failed"
+    assert booking.tools() == ["search_flights"]
+
+
+async def test_a_narrowed_token_lowers_a_tools_argument_limit(mcp_sidecar: Sidecar, booking: Booking) -> None:
+    token = await narrowed(mcp_sidecar, limits={"charge": {"amount": 50}}, ttl="5m")
+    http = httpx2.AsyncClient(headers={"X-Capgate-Token": token}, timeout=30)
+    async with http, Client(streamable_http_client(url_of(mcp_sidecar), http_client=http)) as client:
+        await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+        with pytest.raises(MCPError):
+            await client.call_tool("charge", {"amount": 100, "currency": "EUR"})
+        await client.call_tool("charge", {"amount": 50, "currency": "EUR"})
+    assert booking.calls[-1] == ("charge", {"amount": 50, "currency": "EUR"})
+
+
+async def test_lockdown_stops_tool_calls_but_not_the_protocol(sidecar: MakeSidecar, booking: Booking,
+                                                              tmp_path: Path) -> None:
+    revocations = tmp_path / "revocations.json"
+    revocations.write_text(json.dumps({"lockdown": {"all": True}}))
+    async with running(booking) as url:
+        side = await sidecar(example_spec(), upstream_urls={"booking": url}, revocations=revocations,
+                             read_timeout=5.0, total_timeout=10.0)
+        assert FileSource(revocations).read(side.gate.revocations)
+        async with Client(url_of(side)) as client:
+            assert (await client.list_tools()).tools
+            with pytest.raises(MCPError) as caught:
+                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+    assert caught.value.data["error"] == "lockdown"
+    assert booking.calls == []
