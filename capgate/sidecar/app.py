@@ -45,6 +45,7 @@ GATE = web.AppKey("gate", Gate)
 SECRETS = web.AppKey("upstream_secrets", UpstreamSecrets)
 SOURCE: web.AppKey[RevocationSource | None] = web.AppKey("revocation_source")
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
+MCP_SESSIONS = web.AppKey("mcp_sessions", mcp.Sessions)
 EGRESS: web.AppKey[egress.Egress | None] = web.AppKey("egress")
 TRACE = web.RequestKey("trace", Trace)
 
@@ -78,6 +79,7 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent[GATE] = gate
     agent[SECRETS] = secrets
     agent[SOURCE] = source
+    agent[MCP_SESSIONS] = mcp.Sessions()
     agent[EGRESS] = egress.Egress(settings, gate) if settings.outbound_listen is not None else None
     agent.cleanup_ctx.append(runtime)
     agent.router.add_post("/_capgate/v1/authorize", _control(control.authorize))
@@ -196,7 +198,8 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     trace.correlation = correlation
     if mcp.is_mcp(route):
         return await mcp.handle(request, mcp.Context(gate, settings, trace, loaded, route, correlation, now,
-                                                     request.app[CLIENT], lambda: _injection(request, route.upstream)))
+                                                     request.app[CLIENT], lambda: _injection(request, route.upstream),
+                                                     request.app[MCP_SESSIONS]))
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, now)
     gate.check_lockdown(loaded, request.method)
     body = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -53,6 +54,52 @@ _EOL = re.compile(rb"\r\n|\n|\r")
 _STREAM_METHODS = frozenset({"GET", "DELETE"})
 
 
+SESSION_HEADER = "Mcp-Session-Id"
+MAX_SESSIONS = 10_000
+"""Bound sessions kept per sidecar; the oldest is forgotten first (its next message gets 404)."""
+
+
+class Sessions:
+    """Which token opened each MCP session (2025-11-25 ``Mcp-Session-Id``) on this sidecar.
+
+    A session belongs to the token that opened it: the pod's own credential, or one narrowed
+    token. Another token presenting its id — or any token presenting an id this sidecar never saw
+    open — gets 404, which the protocol answers by opening a new session, so one sub-agent can
+    never ride (or end) another's session and its server-side state.
+    """
+
+    def __init__(self, limit: int = MAX_SESSIONS) -> None:
+        self._owners: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._limit = limit
+
+    def bind(self, upstream: str, session: str, owner: str) -> None:
+        self._owners[(upstream, session)] = owner
+        self._owners.move_to_end((upstream, session))
+        while len(self._owners) > self._limit:
+            self._owners.popitem(last=False)
+
+    def owned(self, upstream: str, session: str, owner: str) -> bool:
+        return self._owners.get((upstream, session)) == owner
+
+    def forget(self, upstream: str, session: str) -> None:
+        self._owners.pop((upstream, session), None)
+
+
+def _owner(trace: Trace) -> str:
+    return f"narrowed:{trace.narrowed}" if trace.narrowed else "credential"
+
+
+def _check_session(request: web.Request, ctx: Context) -> str | None:
+    """The session id the request names (after checking it is this token's), or None."""
+    values = request.headers.getall(SESSION_HEADER, [])
+    if not values:
+        return None
+    if len(values) > 1 or not ctx.sessions.owned(ctx.route.upstream.name, values[0], _owner(ctx.trace)):
+        raise errors.SidecarError(404, "bad_request", "unknown_session",
+                                  "no MCP session with this id was opened by this token here; start a new one")
+    return values[0]
+
+
 def is_mcp(route: Route) -> bool:
     """Does ``route`` address one of its upstream's MCP endpoints?"""
     return route.upstream.mcp is not None and route.upstream.mcp.covers(route.path)
@@ -71,6 +118,7 @@ class Context:
     now: datetime
     client: aiohttp.ClientSession
     injection: Callable[[], proxy.Injection | None]
+    sessions: Sessions
 
 
 async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
@@ -124,6 +172,7 @@ def _decide(request: web.Request, ctx: Context,
     """The verified tokens and the verdict (None for implied plumbing); raises for a refusal."""
     gate, loaded, trace = ctx.gate, ctx.loaded, ctx.trace
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, ctx.now)
+    _check_session(request, ctx)
     if target.implied:
         gate.charge(loaded, None, None, trace)  # the rate limit counts every message
         trace.outcome, trace.reason = "allowed", "implied"
@@ -198,17 +247,24 @@ async def _send(request: web.Request, ctx: Context, body: bytes | None) -> aioht
 async def _plumbing(request: web.Request, ctx: Context) -> web.StreamResponse:
     """The GET stream and DELETE of a session: implied by the upstream, still token-checked."""
     ctx.gate.credentials(ctx.loaded, facts.narrowed_token(request), ctx.trace, ctx.now)
-    ctx.trace.outcome, ctx.trace.reason = "allowed", "implied"
     ctx.trace.mcp = {"kind": "stream" if request.method == "GET" else "session_end"}
+    session = _check_session(request, ctx)
+    ctx.trace.outcome, ctx.trace.reason = "allowed", "implied"
     if request.body_exists:
         raise errors.bad_request("mcp_body", f"an MCP {request.method} carries no body")
-    return await _forward(request, ctx, None, Exchange(None, None, None))
+    response = await _forward(request, ctx, None, Exchange(None, None, None))
+    if request.method == "DELETE" and session is not None and 200 <= response.status < 300:
+        ctx.sessions.forget(ctx.route.upstream.name, session)
+    return response
 
 
 async def _forward(request: web.Request, ctx: Context, body: bytes | None, exchange: Exchange) -> web.StreamResponse:
     upstream = await _send(request, ctx, body)
     trace = ctx.trace
     trace.status = trace.upstream_status = upstream.status
+    opened = upstream.headers.getall(SESSION_HEADER, [])
+    if len(opened) == 1 and not request.headers.get(SESSION_HEADER):
+        ctx.sessions.bind(ctx.route.upstream.name, opened[0], _owner(trace))
     async with upstream:
         headers = proxy.incoming_headers(upstream.headers)
         headers[facts.DECISION_HEADER] = trace.decision_id

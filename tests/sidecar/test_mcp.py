@@ -272,3 +272,37 @@ async def test_lockdown_stops_tool_calls_but_not_the_protocol(sidecar: MakeSidec
                 await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
     assert caught.value.data["error"] == "lockdown"
     assert booking.calls == []
+
+
+async def initialize(side: Sidecar, headers: dict[str, str] | None = None) -> str:
+    message = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+               "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                          "clientInfo": {"name": "raw", "version": "0"}}}
+    response = await side.client.post("/booking/mcp", json=message, headers={**HEADERS, **(headers or {})})
+    assert response.status == 200, await response.text()
+    await response.read()
+    return response.headers["Mcp-Session-Id"]
+
+
+async def test_a_session_belongs_to_the_token_that_opened_it(mcp_sidecar: Sidecar, booking: Booking) -> None:
+    session = await initialize(mcp_sidecar)
+    token = await narrowed(mcp_sidecar, rules=["search"], ttl="5m")
+    call = tool_call("search_flights", 5, origin="a", destination="b")
+    other = await mcp_sidecar.client.post("/booking/mcp", json=call,
+                                          headers={**HEADERS, "Mcp-Session-Id": session, "X-Capgate-Token": token})
+    body = await other.json()
+    assert other.status == 404 and body["id"] == 5 and body["error"]["data"]["reason"] == "unknown_session"
+    ended = await mcp_sidecar.client.delete("/booking/mcp", headers={"Mcp-Session-Id": session,
+                                                                     "X-Capgate-Token": token})
+    assert ended.status == 404
+    unknown = await mcp_sidecar.client.post("/booking/mcp", json=call,
+                                            headers={**HEADERS, "Mcp-Session-Id": "made-up"})
+    assert unknown.status == 404
+    assert booking.calls == []
+
+
+async def test_the_owner_ends_its_session_and_then_it_is_gone(mcp_sidecar: Sidecar) -> None:
+    session = await initialize(mcp_sidecar)
+    assert (await mcp_sidecar.client.delete("/booking/mcp", headers={"Mcp-Session-Id": session})).status == 200
+    again = await mcp_sidecar.client.delete("/booking/mcp", headers={"Mcp-Session-Id": session})
+    assert again.status == 404
