@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from capgate.capabilities import decision, keys, paths, spec, tokens
+from capgate.capabilities import bodies, decision, keys, paths, spec, tokens
 from capgate.capabilities import mcp as core_mcp
 from capgate.capabilities.errors import CapabilityError, RequestError
 from capgate.cluster import ClusterError
@@ -147,9 +147,11 @@ class Case:
 
     request: str
     body: object = None
+    """The body as sent: a string is its bytes (``--body``), anything else is sent as its JSON."""
     receipts: tuple[str, ...] = ()
     principal: str | None = None
     at: datetime | None = None
+    content_type: str = "application/json"
     mcp: str | None = None
     """``'METHOD UPSTREAM [NAME]'`` of an MCP message (then ``body`` is ``params.arguments``)."""
 
@@ -161,13 +163,28 @@ def parse_request(cap: spec.Capability, case: Case, correlation: str = "explain"
     base = {"principal": principal, "correlation": correlation, "receipts": frozenset(case.receipts),
             "body": case.body, "now": now}
     if len(words) == 3 and words[0].upper() in spec.METHODS:
-        raw_path = urlsplit(words[2]).path if words[2].startswith("/") else words[2]
+        target = urlsplit(words[2]) if words[2].startswith("/") else None
+        raw_path = target.path if target is not None else words[2]
+        base["body"] = read_body(cap, words[1], case, target.query if target is not None else "")
         return decision.Request(method=words[0].upper(), upstream=words[1], path=paths.normalize(raw_path),
                                 **base)  # type: ignore[arg-type]
     if len(words) == 2:
         return decision.Request(action=words[0], resource=paths.normalize_resource(words[1]),
                                 **base)  # type: ignore[arg-type]
     raise UsageError(f"request {case.request!r}: expected 'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
+
+
+def read_body(cap: spec.Capability, upstream: str, case: Case, query: str) -> object:
+    """The document the sidecar would judge, through the sidecar's own reader (BodyError if it would refuse)."""
+    if cap.upstream(upstream) is None:
+        return None  # refused as an unknown upstream first, as the sidecar does
+    fields = bodies.fields_for(cap, upstream)
+    body = case.body
+    raw = b"" if body is None else body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    if not fields:
+        bodies.check_query(query, fields)
+        return None
+    return bodies.read(raw, content_type=[case.content_type], content_encoding=[], query=query, fields=fields)
 
 
 def evaluate(cap: spec.Capability, case: Case) -> decision.Decision:
@@ -180,6 +197,8 @@ def evaluate(cap: spec.Capability, case: Case) -> decision.Decision:
         return _evaluate_mcp(cap, case, credential)
     try:
         request = parse_request(cap, case)
+    except bodies.BodyError as exc:
+        return decision.Decision(False, "denied", "bad_request", f"{exc.reason}: {exc.message}")
     except RequestError as exc:
         return decision.Decision(False, "denied", "bad_request", f"ambiguous path refused: {exc}")
     if request.upstream is not None and cap.upstream(request.upstream) is None:
@@ -214,6 +233,7 @@ def _evaluate_mcp(cap: spec.Capability, case: Case, credential: tokens.Credentia
         return decision.Decision(False, "denied", "unknown_upstream", f"no MCP upstream {upstream_name!r}")
     try:
         target = core_mcp.target(core_mcp.message_of(document), upstream_name)
+        core_mcp.check_arguments(target.arguments, cap.limit_fields | cap.arg_fields)
     except core_mcp.McpError as exc:
         return decision.Decision(False, "denied", "bad_request", f"refused MCP message: {exc.message}")
     if target.implied:
@@ -224,17 +244,31 @@ def _evaluate_mcp(cap: spec.Capability, case: Case, credential: tokens.Credentia
         receipts=frozenset(case.receipts), now=case.at or datetime.now(UTC)))
 
 
+def _mcp_args(text: str | None) -> object:
+    """``--args`` read by the same strict JSON reader as the sidecar's MCP messages."""
+    if text is None:
+        return None
+    try:
+        return core_mcp.parse_json(text.encode("utf-8", "surrogatepass"))
+    except core_mcp.McpError as exc:
+        raise UsageError(f"--args: {exc.message}") from None
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     cap = spec.load_capability_file(args.capability)
     if (args.request is None) == (args.mcp is None):
         raise UsageError("give exactly one of --request and --mcp")
     if args.mcp is not None and args.body is not None:
         raise UsageError("--body is for --request; an MCP call takes --args")
-    body = _json_arg(args.args if args.mcp is not None else args.body, "--args" if args.mcp else "--body")
     at = _time_arg(args.at)
     principal = args.identity
-    result = evaluate(cap, Case(request=args.request or "", body=body, receipts=tuple(args.receipt or ()),
-                                principal=principal, at=at, mcp=args.mcp))
+    if args.mcp is not None:
+        case = Case(request="", body=_mcp_args(args.args), receipts=tuple(args.receipt or ()), principal=principal,
+                    at=at, mcp=args.mcp)
+    else:
+        case = Case(request=args.request, body=args.body, receipts=tuple(args.receipt or ()), principal=principal,
+                    at=at, content_type=args.content_type)
+    result = evaluate(cap, case)
     if args.json:
         print(json.dumps({"allowed": result.allowed, "rule": result.rule, "reason": result.reason,
                           "message": result.message}))
@@ -244,15 +278,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"  rule:   {result.rule or '-'}")
         print(f"  reason: {result.reason} — {result.message}")
     return EXIT_OK if result.allowed else EXIT_DENIED
-
-
-def _json_arg(text: str | None, flag: str) -> object:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"{flag}: not valid JSON ({exc.args[0]})") from exc
 
 
 def _time_arg(text: object) -> datetime | None:
@@ -395,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("capability")
     explain.add_argument("--request", help="'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
     explain.add_argument("--mcp", help="an MCP message: 'METHOD UPSTREAM [NAME]', e.g. 'tools/call payments charge'")
-    explain.add_argument("--body", help="JSON request body")
+    explain.add_argument("--body", help="the request body, as sent (read exactly as the sidecar reads it)")
+    explain.add_argument("--content-type", default="application/json", help="the body's Content-Type")
     explain.add_argument("--args", help="JSON arguments of an --mcp tool call or prompt (params.arguments)")
     explain.add_argument("--receipt", action="append", help="a rule with a receipt in this correlation")
     explain.add_argument("--identity", help="namespace/serviceaccount of the caller (default: the capability's)")

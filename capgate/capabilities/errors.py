@@ -13,6 +13,7 @@ outcomes in exactly one place each, so every class carries the machine-readable 
     │                               unknown_key, unendorsed, expired, wrong_correlation,
     │                               wrong_credential
     ├── RequestError                400 bad_request: an ambiguous path, an unreadable body
+    │   └── BodyError               (bodies.py) a body or query a limit cannot read unambiguously
     └── AttenuationError            a narrowing that would widen, or is not allowed by the capability
 
 None of these messages ever contains a token, a key or a secret value: they name fields, rule

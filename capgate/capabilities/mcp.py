@@ -19,8 +19,9 @@ Protocol plumbing (``initialize``, ``server/discover``, ``ping``, ``subscription
 upstream: it carries no action. ``*/list`` methods are implied too; their results are filtered.
 
 Strictness, because the upstream reads the same bytes with another parser: one JSON object (a
-batch — a JSON array — is refused: one HTTP request, one decision), strict JSON (no duplicate or
-case-colliding keys, no ``NaN``, UTF-8, nothing after the document), ``jsonrpc: "2.0"``, no
+batch — a JSON array — is refused: one HTTP request, one decision), strict JSON read by the one body
+reader, :mod:`capgate.capabilities.bodies` (no duplicate or case-colliding keys, no ``NaN``,
+UTF-8, nothing after the document), ``jsonrpc: "2.0"``, no
 members JSON-RPC does not define, an ``id`` that is a string or an integer, ``params`` an object.
 
 Names become resource paths through :mod:`capgate.capabilities.paths` — the same normalization
@@ -42,11 +43,11 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from capgate.capabilities import paths
+from capgate.capabilities import bodies, paths
 from capgate.capabilities.errors import RequestError
 
 PARSE_ERROR = -32700
@@ -121,35 +122,12 @@ class Target:
 
 
 # -- strict JSON -------------------------------------------------------------------------------
-class _Ambiguous(ValueError):
-    pass
-
-
-def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    folded = {key.casefold() for key, _ in pairs}
-    if len(folded) != len(pairs):
-        raise _Ambiguous("repeated or case-colliding keys")
-    return dict(pairs)
-
-
-def _constant(name: str) -> object:
-    raise _Ambiguous(f"{name} is not JSON")
-
-
 def parse_json(raw: bytes) -> object:
-    """One strict JSON document.
-
-    TODO(bodies): swap for ``capgate.capabilities.bodies.parse`` once it is merged (one parser).
-    """
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raise McpError(PARSE_ERROR, "the message starts with a byte order mark")
+    """One strict JSON document, read by the one body reader (:func:`bodies.parse`)."""
     try:
-        text = raw.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_object, parse_constant=_constant)
-    except _Ambiguous as exc:
-        raise McpError(PARSE_ERROR, f"ambiguous JSON: {exc}") from None
-    except (ValueError, RecursionError):
-        raise McpError(PARSE_ERROR, "the message is not exactly one JSON document") from None
+        return bodies.parse(raw)
+    except bodies.BodyError as exc:
+        raise McpError(PARSE_ERROR, exc.message, reason=exc.reason) from None
 
 
 # -- messages ----------------------------------------------------------------------------------
@@ -215,6 +193,17 @@ def target(message: Message, upstream: str) -> Target:
     if action == READ:
         return Target(method, action, uri_resource(upstream, name), name, arguments)
     return Target(method, action, resource(upstream, name, what="name"), name, arguments)
+
+
+def check_arguments(arguments: Mapping[str, object] | None, fields: Iterable[str]) -> None:
+    """Refuse ``{"AMOUNT": 5}`` where a limit reads ``amount`` (:func:`bodies.check_spelling`):
+    servers that match argument names case-insensitively would read what the limit does not see."""
+    if arguments is None:
+        return
+    try:
+        bodies.check_spelling(arguments, fields)
+    except bodies.BodyError as exc:
+        raise McpError(INVALID_PARAMS, exc.message, reason=exc.reason) from None
 
 
 def _arguments(params: Mapping[str, object]) -> Mapping[str, object]:

@@ -22,7 +22,7 @@ from capgate import timestamps
 from capgate.capabilities import _biscuit, compiler
 from capgate.capabilities.errors import AttenuationError, SpecError, TokenError
 from capgate.capabilities.keys import KeySet, TrustBundle, parse_time
-from capgate.capabilities.spec import Capability, parse_spec
+from capgate.capabilities.spec import MAX_INT64, Capability, parse_spec
 
 
 class DecisionIndex:
@@ -229,8 +229,8 @@ def attenuate(
         if rule is None or rule.effect != "allow":
             raise AttenuationError(f"no allow rule {rule_name!r} to lower limits on")
         for field, maximum in fields.items():
-            if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 0:
-                raise AttenuationError(f"limit {rule_name}.{field} must be a non-negative integer")
+            if isinstance(maximum, bool) or not isinstance(maximum, int) or not 0 <= maximum <= MAX_INT64:
+                raise AttenuationError(f"limit {rule_name}.{field} must be a non-negative integer up to {MAX_INT64}")
             current = next((lim.max for lim in rule.limits if lim.field == field), None)
             if current is not None and maximum > current:
                 raise AttenuationError(f"limit {rule_name}.{field}={maximum} is above the parent's {current}")

@@ -36,8 +36,10 @@ async def serve(settings: config.Settings, agent: web.Application, admin: web.Ap
             loop.add_signal_handler(sig, stop.set)
     # A narrowed token of a large capability outgrows aiohttp's 8 KiB header default; the sidecar
     # itself accepts X-Capgate-Token up to 64 KiB, so the agent port parses headers that long.
+    # auto_decompress=False: aiohttp's server inflates gzip/deflate/br request bodies by default, so
+    # a gzip bomb would stall the loop and the upstream would get inflated bytes labelled gzip.
     agent_runner = web.AppRunner(agent, access_log=None, max_field_size=MAX_HEADER_BYTES,
-                                 max_line_size=MAX_HEADER_BYTES)
+                                 max_line_size=MAX_HEADER_BYTES, auto_decompress=False)
     runners = [agent_runner, web.AppRunner(admin, access_log=None)]
     outbound = agent[EGRESS]
     try:

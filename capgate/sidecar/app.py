@@ -202,9 +202,9 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
                                                      request.app[MCP_SESSIONS]))
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, now)
     gate.check_lockdown(loaded, request.method)
-    body = None
-    if facts.needs_body(request, loaded.capability, route.upstream.name):
-        body = await facts.read_body(request, settings.max_body_bytes)
+    facts.check_headers(request)
+    body = await facts.limited_body(request, loaded.capability, route.upstream.name, route.query,
+                                    settings.max_body_bytes)
     parsed = body.parsed if body is not None else None
     carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
     receipts = gate.receipt_rules(loaded, carried, correlation, trace, now)

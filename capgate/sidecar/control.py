@@ -42,7 +42,7 @@ MAX_SCOPES = 32
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    body = await facts.read_body(request, MAX_CONTROL_BODY)
+    body = await facts.read_json(request, MAX_CONTROL_BODY)
     if not isinstance(body.parsed, dict):
         raise errors.bad_request("bad_json", "the request body must be a JSON object")
     return body.parsed
@@ -233,6 +233,11 @@ def _attenuation_args(data: Mapping[str, Any], cap: spec.Capability) -> tuple[
     limits = data.get("limits")
     if limits is not None and not (isinstance(limits, dict) and all(isinstance(v, dict) for v in limits.values())):
         raise errors.bad_request("bad_attenuation", "limits must map rule names to {field: max}")
+    for fields in (limits or {}).values():
+        for maximum in fields.values():
+            # Datalog integers are 64-bit: 10**30 cannot be a limit, and must not become an internal error.
+            if isinstance(maximum, bool) or not isinstance(maximum, int) or not 0 <= maximum <= spec.MAX_INT64:
+                raise errors.bad_request("bad_attenuation", f"limits must be integers from 0 to {spec.MAX_INT64}")
     ttl = None
     if data.get("ttl") is not None:
         try:

@@ -4,7 +4,7 @@
 
     SidecarError(status, error, reason)       rendered by the outermost middleware as
     │                                          {"error", "reason", "rule", "decision_id", "message"}
-    ├── 400 bad_request         ambiguous path, bad header, unreadable control request, CONNECT (405)
+    ├── 400 bad_request         ambiguous path, body or query; bad header; bad control request; CONNECT (405)
     ├── 401 invalid_token       malformed, bad_signature, unknown_root, expired, revoked, identity, too_deep
     ├── 403 denied              a policy verdict, unknown_upstream, internal_error (fail closed)
     ├── 413 too_large           a body a limit must read is over --max-body-bytes

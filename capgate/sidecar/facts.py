@@ -1,25 +1,28 @@
 """From an aiohttp request to the core's :class:`~capgate.capabilities.decision.Request`.
 
 The pieces the policy may see: method, upstream, normalized path, the correlation, the rules with
-valid receipts in that correlation, and — only when a limit or budget on this upstream reads one —
-the JSON body. The body is then read whole, bounded by ``--max-body-bytes`` (413 ``too_large``
-above it, decided from Content-Length before reading when possible), and kept so it can be
-forwarded as read. Otherwise it is never touched and streams straight through.
+valid receipts in that correlation, and — whenever a limit or budget reads fields for this
+upstream — the JSON body, whatever the method (a JSON body sent with GET is read too). The body is
+then read whole, bounded by ``--max-body-bytes`` (413 ``too_large`` above it, decided from
+Content-Length before reading when possible), and kept so it is forwarded exactly as read.
+Otherwise it is never touched and streams straight through.
 
-A body that is not JSON (or not an object) where a limit needs a field is *not* a 400: the fields
-are simply missing, so the limit denies with 403 ``limit_missing`` — the same answer a JSON body
-without the field gets, which is what the capability author wrote ("missing/non-numeric = deny").
+What a body must be is :mod:`capgate.capabilities.bodies`' business, the one reader the CLI shares:
+a body that is not exactly one unambiguous JSON document is 400 ``bad_request``, never counted as
+0; a valid document without the field is what limits deny (403 ``limit_missing``).
+
+Header bytes that are not UTF-8 are refused (400 ``bad_header``): the forwarder could only drop or
+mangle them, and an upstream would then see another request than the one decided.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from capgate.capabilities import spec
+from capgate.capabilities import bodies, spec
 from capgate.sidecar import errors
 
 CORRELATION_HEADER = "X-Capgate-Correlation-Id"
@@ -27,7 +30,6 @@ RECEIPT_HEADER = "X-Capgate-Receipt"
 TOKEN_HEADER = "X-Capgate-Token"
 DECISION_HEADER = "X-Capgate-Decision-Id"
 CORRELATION = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_TOKEN_BYTES = 64 * 1024
 
 
@@ -35,7 +37,7 @@ MAX_TOKEN_BYTES = 64 * 1024
 class Body:
     raw: bytes
     parsed: object
-    """The JSON document, or None when the bytes are not JSON."""
+    """The JSON document (None for an empty body)."""
 
 
 def correlation(request: web.Request, default: str) -> str:
@@ -59,19 +61,47 @@ def narrowed_token(request: web.Request) -> str | None:
     return values[0].strip()
 
 
-def fields_for(cap: spec.Capability, upstream: str) -> frozenset[str]:
-    """Body fields some limit or budget reads for requests to ``upstream``."""
-    found = {lim.field for rule in cap.rules if rule.upstream in (None, upstream) for lim in rule.limits}
-    found.update(b.field for b in cap.budgets if b.upstream == upstream)
-    return frozenset(found)
+def check_headers(request: web.Request) -> None:
+    """Every header name and value must be UTF-8 (aiohttp would otherwise hand us surrogate escapes)."""
+    for name, value in request.raw_headers:
+        try:
+            name.decode("utf-8")
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.bad_request("bad_header", "a request header is not valid UTF-8") from None
 
 
-def needs_body(request: web.Request, cap: spec.Capability, upstream: str) -> bool:
-    return request.method in BODY_METHODS and bool(fields_for(cap, upstream))
+async def limited_body(request: web.Request, cap: spec.Capability, upstream: str, query: str,
+                       limit: int) -> Body | None:
+    """The body limits and budgets read (None when none applies or none was sent), else 400/413.
+
+    ``_method`` in the query or in a URL-encoded form body is refused for every request (method
+    override; a form is read for that, bounded like any body); the rest only where a limit or
+    budget reads this upstream's bodies.
+    """
+    fields = bodies.fields_for(cap, upstream)
+    content_type = request.headers.getall("Content-Type", [])
+    content_encoding = request.headers.getall("Content-Encoding", [])
+    try:
+        bodies.check_query(query, fields)
+        if not request.body_exists:
+            return None
+        if not fields:
+            if not bodies.is_form(content_type):
+                return None
+            raw = await read_bytes(request, limit)
+            bodies.check_form(raw, content_encoding)
+            return Body(raw=raw, parsed=None)
+        raw = await read_bytes(request, limit)
+        document = bodies.read(raw, content_type=content_type, content_encoding=content_encoding, query=query,
+                               fields=fields)
+    except bodies.BodyError as exc:
+        raise errors.bad_request(exc.reason, exc.message) from None
+    return Body(raw=raw, parsed=document)
 
 
-async def read_body(request: web.Request, limit: int) -> Body:
-    """Read at most ``limit`` bytes (413 above it) and parse JSON leniently (None if not JSON)."""
+async def read_bytes(request: web.Request, limit: int) -> bytes:
+    """At most ``limit`` bytes of the body, as sent (413 above it)."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
@@ -81,35 +111,18 @@ async def read_body(request: web.Request, limit: int) -> Body:
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    return Body(raw=raw, parsed=parse_json(raw))
+    return b"".join(chunks)
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    if len({key for key, _ in pairs}) != len(pairs):
-        raise _DuplicateKey
-    return dict(pairs)
-
-
-def parse_json(raw: bytes) -> object:
-    """The JSON document, None when not JSON; 400 when a key repeats.
-
-    ``{"amount": 99999, "amount": 1}`` reads as 1 here (last wins) but as 99999 to a first-wins
-    upstream parser: like an ambiguous path, an ambiguous body is refused, never read "leniently".
-    """
-    if not raw:
-        return None
+async def read_json(request: web.Request, limit: int) -> Body:
+    """A control API body: one strict JSON document (400 ``bad_json`` / ``ambiguous_body`` otherwise)."""
+    raw = await read_bytes(request, limit)
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys)
-    except _DuplicateKey:
-        raise errors.bad_request("ambiguous_body", "the JSON body repeats a key, which parsers read differently") \
-            from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
+        return Body(raw=raw, parsed=bodies.parse(raw))
+    except bodies.BodyError as exc:
+        if exc.reason == "ambiguous_body":
+            raise errors.bad_request(exc.reason, exc.message) from None
+        raise errors.bad_request("bad_json", "the request body must be one JSON document") from None
 
 
 def _too_large(limit: int) -> errors.SidecarError:

@@ -5,8 +5,11 @@
   credential id, so a credential rotation does not hand out a fresh bucket.
 * **Budget** — per ``budgets[]`` entry, the sum of the body field over *forwarded* requests to that
   upstream within a sliding window ``per``. A request is refused when it would take the sum past
-  ``max``. A request without the field contributes 0 (limits, not budgets, are where a missing field
-  denies).
+  ``max``. The body is the document :mod:`capgate.capabilities.bodies` read — the same one the
+  limits judged, whatever the method; a body it cannot read unambiguously never gets here (400).
+  A document without the field, or no body at all, contributes 0 (limits, not budgets, are where
+  a missing field denies); a field that is present but not countable (``1e300``, ``"500"``) is
+  refused, never counted as 0.
 
 Both are charged only for requests that are about to be forwarded, so denied calls do not eat an
 agent's allowance. State is in memory, per sidecar: a restart resets it, which the short credential

@@ -36,7 +36,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from capgate.capabilities import decision, tokens
+from capgate.capabilities import bodies, decision, tokens
 from capgate.capabilities import mcp as core_mcp
 from capgate.sidecar import errors, facts, proxy
 from capgate.sidecar.config import Settings
@@ -130,14 +130,18 @@ async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
         raise errors.SidecarError(405, "bad_request", "mcp_method",
                                   "an MCP endpoint takes POST (messages), GET (the stream) and DELETE (a session)",
                                   headers={"Allow": "GET, POST, DELETE"})
-    raw = await facts.read_body(request, ctx.settings.max_body_bytes)
+    facts.check_headers(request)
+    raw = await facts.read_bytes(request, ctx.settings.max_body_bytes)
     ident: core_mcp.JsonRpcId | None = None
     try:
-        message = core_mcp.parse(raw.raw)
+        _check_envelope(request, ctx)
+        message = core_mcp.parse(raw)
         ident = message.id
         core_mcp.check_headers(message, request.headers.getall(core_mcp.METHOD_HEADER, []),
                                request.headers.getall(core_mcp.NAME_HEADER, []))
         target = core_mcp.target(message, ctx.route.upstream.name)
+        cap = ctx.loaded.capability
+        core_mcp.check_arguments(target.arguments, cap.limit_fields | cap.arg_fields)
     except core_mcp.McpError as exc:
         raise _rpc(errors.bad_request(exc.reason, exc.message), ident, exc.rpc_code) from None
     _describe(ctx.trace, message, target)
@@ -145,7 +149,21 @@ async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
         creds, verdict = _decide(request, ctx, target)
     except errors.SidecarError as exc:
         raise _rpc(exc, ident, core_mcp.DENIED) from None
-    return await _forward(request, ctx, raw.raw, Exchange(message, target, verdict, creds))
+    return await _forward(request, ctx, raw, Exchange(message, target, verdict, creds))
+
+
+def _check_envelope(request: web.Request, ctx: Context) -> None:
+    """What the body reader demands of any body it judges: JSON media type, no Content-Encoding,
+    no ``_method`` or limited field in the query."""
+    try:
+        if request.headers.getall("Content-Encoding", []):
+            raise bodies.BodyError("body_encoding", "an MCP message must not carry Content-Encoding: the sidecar "
+                                                    "never decompresses")
+        bodies.check_content_type(request.headers.getall("Content-Type", []))
+        cap = ctx.loaded.capability
+        bodies.check_query(ctx.route.query, cap.limit_fields | cap.arg_fields)
+    except bodies.BodyError as exc:
+        raise core_mcp.McpError(core_mcp.INVALID_REQUEST, exc.message, reason=exc.reason) from None
 
 
 def _rpc(exc: errors.SidecarError, ident: core_mcp.JsonRpcId | None, code: int) -> errors.SidecarError:

@@ -2,10 +2,16 @@
 
 What changes on the way out: the agent's ``Authorization`` and ``Proxy-Authorization``, every
 hop-by-hop header (``Connection`` and the headers it names, ``Keep-Alive``, ``TE``, ``Trailer``,
-``Transfer-Encoding``, ``Upgrade``, ``Proxy-Connection``) and every ``X-Capgate-*`` header are
-dropped; the upstream credential is injected. On the way back hop-by-hop and ``X-Capgate-*``
-headers from the upstream are dropped (an upstream must not be able to hand the agent something
-that looks like a receipt), and the sidecar's own decision id and receipt are added.
+``Transfer-Encoding``, ``Upgrade``, ``Proxy-Connection``), the method-override headers
+(``X-HTTP-Method-Override``, ``X-HTTP-Method``, ``X-Method-Override``: Rails, Symfony, ASP.NET and
+Express would turn the POST that was allowed into the DELETE a rule denies) and every
+``X-Capgate-*`` header are dropped; the upstream credential is injected. Nothing is added: the
+client's automatic ``Accept``, ``Accept-Encoding``, ``User-Agent`` and ``Content-Type:
+application/octet-stream`` are switched off, so the upstream sees the agent's headers, not ours.
+
+On the way back hop-by-hop and ``X-Capgate-*`` headers from the upstream are dropped (an upstream
+must not be able to hand the agent something that looks like a receipt), and the sidecar's own
+decision id and receipt are added.
 
 No redirects are followed (a redirect is the upstream's answer, the agent decides whether to make
 a new — separately authorized — request), nothing is decompressed, and connect/read/total timeouts
@@ -49,7 +55,10 @@ log = logging.getLogger("capgate.sidecar.proxy")
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "proxy-authenticate", "proxy-authorization"})
-REQUEST_DROP = HOP_BY_HOP | {"authorization", "host", "expect"}
+METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+REQUEST_DROP = HOP_BY_HOP | METHOD_OVERRIDES | {"authorization", "host", "expect"}
+AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+"""What aiohttp's client would add on its own; an agent's own values are still forwarded."""
 CAPGATE_PREFIX = "x-capgate-"
 CHUNK = 64 * 1024
 LARGE_BYTES = 1024 * 1024
@@ -127,7 +136,7 @@ def new_client(settings: Settings) -> aiohttp.ClientSession:
     sent = aiohttp.TraceConfig()
     sent.on_request_headers_sent.append(_headers_sent)
     return aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=timeout(settings),
-                                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",),
+                                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=AUTO_HEADERS,
                                  trace_configs=[sent])
 
 

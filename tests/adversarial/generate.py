@@ -9,6 +9,7 @@ that "helps".
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from urllib.parse import quote
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 UPSTREAM_NAMES = ("alpha", "beta", "pay", "mcp-tools")
-FIELDS = ("amount", "order.total")
+FIELDS = ("amount", "order.total", "cost")
 # Literal segments, including Datalog-looking ones: values reach Biscuit only as parameters.
 SEGMENTS = ("search", "v1", "charges", "admin", "a", "b", "x.json", "caf\u00e9", 'q")or(true', "{r0}", "$x",
             "allow_match(r0)", "sp ace", "..a", "a..")
@@ -200,6 +201,31 @@ def lookalike(rng: random.Random, target: str) -> str:
     return f"/{head}/" + "/".join(segments)
 
 
+CONTENT_TYPES = ("application/json", "application/json; charset=utf-8", "application/vnd.api+json",
+                 "application/x-www-form-urlencoded", "text/plain", "application/json; charset=utf-16",
+                 "multipart/form-data; boundary=x", "application/json, text/plain", "APPLICATION/JSON")
+
+
+def body_headers(rng: random.Random, body: bytes) -> tuple[bytes, list[tuple[str, str]]]:
+    """A Content-Type (usually JSON, sometimes a lie, missing or doubled) and sometimes a Content-Encoding."""
+    roll = rng.random()
+    headers: list[tuple[str, str]] = []
+    if not body.startswith(b"{") and rng.random() < 0.4:
+        headers.append(("Content-Type", "application/x-www-form-urlencoded"))
+    elif roll < 0.75:
+        headers.append(("Content-Type", "application/json"))
+    elif roll < 0.93:
+        headers.append(("Content-Type", rng.choice(CONTENT_TYPES)))
+    elif roll < 0.96:
+        headers += [("Content-Type", "application/json"), ("Content-Type", rng.choice(CONTENT_TYPES))]
+    if rng.random() < 0.04:
+        encoding = rng.choice(("gzip", "deflate", "br", "identity", "x-unknown"))
+        if encoding == "gzip":
+            body = gzip.compress(body)
+        headers.append(("Content-Encoding", encoding))
+    return body, headers
+
+
 def random_body(rng: random.Random) -> tuple[bytes, bool]:
     """(body, http_weird)."""
     roll = rng.random()
@@ -219,6 +245,16 @@ def random_body(rng: random.Random) -> tuple[bytes, bool]:
         lambda: b"amount=1",
         lambda: b"\xff\xfe{\x00",
         lambda: b"",
+        # Issue 10: bodies two parsers read differently.
+        lambda: rng.choice((b'{"amount":100,"AMOUNT":5000000}', b'{"AMOUNT":5000000}', b'{"Amount":1}',
+                            b'{"order":{"total":1,"TOTAL":99999999}}', b'{"order":{"Total":99999999}}',
+                            b'{"ORDER":{"total":99999999}}', b'{"cost":1,"co\xc5\xbft":99999999}',
+                            b'{"co\xc5\xbft":99999999}', b'{"\xe2\x84\xaa":1,"k":2}', b'{"x":[{"a":1,"A":2}]}')),
+        lambda: rng.choice((b'{"amount":1}{"amount":99999999}', b'{"amount":1} trailing', b'{"amount":1}\x00',
+                            b'\xef\xbb\xbf{"amount":1}', b'{"amount":1,"note":"\xff"}', b'{"amount":1,"\\ud800":2}',
+                            '{"amount":1}'.encode("utf-16"), b'{"amount":01}', b" ")),
+        lambda: rng.choice((b'{"amount":1,"_method":"DELETE"}', b'{"_METHOD":"DELETE"}', b"_method=DELETE",
+                            b"a=1&%5Fmethod=PUT", b"title=x&method=DELETE")),
     ]
     if rng.random() < 0.003:
         return b'{"amount": 1' + b" " * (1024 * 1024 + 10) + b"}", False
@@ -235,7 +271,12 @@ HEADER_TRICKS: tuple[tuple[str, str], ...] = (
     ("Connection", "X-Private"), ("X-Private", "hop"), ("Keep-Alive", "timeout=5"), ("TE", "trailers"),
     ("Upgrade", "websocket"), ("X-Api-Key", "agent-made-up"), ("X-Forwarded-For", "10.0.0.1"),
     ("Forwarded", "for=evil"), ("Trailer", "X-Capgate-Token"),
+    ("X-HTTP-Method-Override", "DELETE"), ("X-HTTP-Method", "DELETE"), ("X-Method-Override", "PUT"),
+    ("x-http-method-override", "GET"), ("X-Note", "caf\udce9"), ("X-Note", "\udcff\udcfe"),
 )
+QUERY_TRICKS = ("amount=5000000", "AMOUNT=1", "%61mount=1", "amount[]=1", "order[total]=9", "order.total=9",
+                "x=1;amount=2", "+amount=1", "_method=DELETE", "_METHOD=put", "%5Fmethod=DELETE", "co%C5%BFt=1",
+                "amounts=1", "%ff=1", "q=amount")
 
 
 @dataclass
@@ -256,7 +297,7 @@ def random_attempt(rng: random.Random, spec: dict[str, Any], tokens: Tokens,
         target, raw, weird = random_path(rng, [aimed.get("upstream") or rng.choice(upstreams)], globs)
         if rng.random() < (0.5 if aimed["effect"] == "deny" else 0.15):
             target = lookalike(rng, target)
-        method = rng.choice(aimed.get("methods") or METHODS)
+        method = rng.choice(aimed.get("methods") or (*METHODS, "QUERY", "PROPFIND"))
     else:
         target, raw, weird = random_path(rng, upstreams)
         method = rng.choice(METHODS) if rng.random() < 0.97 else rng.choice(("get", "PROPFIND", "TRACE", "FOO"))
@@ -291,9 +332,16 @@ def random_attempt(rng: random.Random, spec: dict[str, Any], tokens: Tokens,
             headers += [("X-Capgate-Receipt", r) for r, _, _ in chosen]
     elif receipt_roll < 0.4:
         headers.append(("X-Capgate-Receipt", forge_receipt(rng, receipts)))
-    if method in ("POST", "PUT", "PATCH", "DELETE") or rng.random() < 0.03:
+    if method in ("POST", "PUT", "PATCH", "DELETE") or rng.random() < 0.12:
         attempt.body, body_weird = random_body(rng)
         attempt.http_weird = attempt.http_weird or body_weird
+        if attempt.body:
+            attempt.body, extra = body_headers(rng, attempt.body)
+            headers += extra
+            # aiohttp's parser refuses a doubled Content-Type itself (400, before the sidecar sees it).
+            attempt.http_weird = attempt.http_weird or sum(n == "Content-Type" for n, _ in extra) > 1
+    if rng.random() < 0.08 and "#" not in attempt.target and attempt.raw_target is None:
+        attempt.target += ("&" if "?" in attempt.target else "?") + rng.choice(QUERY_TRICKS)
     if rng.random() < 0.02:
         smuggle(rng, attempt)
     if rng.random() < 0.01:

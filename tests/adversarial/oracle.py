@@ -13,25 +13,33 @@ The semantics, in the order DESIGN.md's request flow lists them:
    U+2028/9 — or bad UTF-8, and its NFKC form must have the same shape), else 400;
 3. at most one valid ``X-Capgate-Correlation-Id`` (else 400) and at most one ``X-Capgate-Token``
    (else 400), which must be a token we know to be valid (else 401);
-4. a body a limit or budget must read is at most 1 MiB (else 413);
-5. deny rules first — matched leniently: case-insensitive (NFKC + case folding), trailing ``/``,
+4. every header value is UTF-8 (else 400); neither the query nor a URL-encoded form body (read on
+   every upstream, at most 1 MiB) names ``_method`` (else 400);
+5. where a limit or budget reads this upstream's bodies, the query never names a field (its top
+   key or dotted path, any case) and a body of any method is at most 1 MiB (else 413) and exactly one
+   strict JSON document in UTF-8 with one JSON Content-Type, no Content-Encoding, no keys that
+   collide case-insensitively, no top-level ``_method`` and the field spelled exactly (else 400);
+   an empty body is no document;
+6. deny rules first — matched leniently: case-insensitive (NFKC + case folding), trailing ``/``,
    trailing dots and whitespace of a segment, format characters, IIS's ``::$DATA`` and a
    last-segment extension tolerated — then allow rules, matched exactly (scope, limits on the JSON body, required
    receipts in the correlation), default deny (403) — under the base capability and under the
    narrowed one;
-6. budgets (429); then the upstream sees the request.
+7. budgets (429); then the upstream sees the request, without method-override headers.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote_plus
 
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+METHOD_OVERRIDE_HEADERS = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
 MAX_BODY = 1024 * 1024
 MAX_PATH_BYTES = 4096
 INT64 = 2**63 - 1
@@ -187,34 +195,126 @@ def glob_matches(glob: str, path: str) -> bool:
     return match(0, 0)
 
 
-class _Duplicate(ValueError):
+def same_name(a: str, b: str) -> bool:
+    """Go folds keys (Unicode simple folding: K→k, ſ→s), Java/.NET/JS lower or upper them."""
+    return a.casefold() == b.casefold() or a.lower() == b.lower() or a.upper() == b.upper()
+
+
+class _Unreadable(ValueError):
     pass
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise _Duplicate("duplicate key")  # two parsers may pick different values: ambiguous
+    for i, key in enumerate(keys):
+        if any(same_name(key, other) for other in keys[:i]):
+            raise _Unreadable("ambiguous")  # a repeated or case-colliding key: parsers pick different values
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in key):
+            raise _Unreadable("unreadable")
     return dict(pairs)
 
 
-def has_duplicate_keys(raw: bytes) -> bool:
-    """A JSON object repeating a key: first-wins and last-wins parsers read different amounts."""
+def _no_constant(name: str) -> object:
+    raise _Unreadable("unreadable")
+
+
+def strict_document(raw: bytes) -> object:
+    """The one strict JSON document in UTF-8 (no BOM, NaN, trailing bytes, colliding keys); raises otherwise."""
+    if raw[:3] == b"\xef\xbb\xbf":
+        raise _Unreadable("unreadable")
     try:
-        json.loads(raw, object_pairs_hook=_no_duplicates)
-    except _Duplicate:
-        return True
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return False
-    return False
+        text = raw.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_strict_object, parse_constant=_no_constant)
+    except _Unreadable:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise _Unreadable("unreadable") from exc
 
 
 def parse_body(raw: bytes) -> object:
-    """The JSON document a limit reads, or None when it is not JSON (NaN/Infinity parse, but count as no number)."""
+    """The document a limit reads, or None when the sidecar must refuse the body (or it is not JSON)."""
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        return strict_document(raw)
+    except _Unreadable:
         return None
+
+
+def query_names(query: str) -> list[str | None]:
+    names: list[str | None] = []
+    for part in re.split("[&;]", query):
+        if part:
+            try:
+                names.append(unquote_plus(part.split("=", 1)[0], errors="strict"))
+            except UnicodeDecodeError:
+                names.append(None)
+    return names
+
+
+def query_refused(query: str, fields: set[str]) -> bool:
+    """``_method`` anywhere, or (where fields are read) a field's top key or dotted path, any case."""
+    names = query_names(query)
+    bases = [n.split("[", 1)[0].strip(" \t\r\n\x00") for n in names if n is not None]
+    if any(same_name(base, "_method") for base in bases):
+        return True
+    if not fields:
+        return False
+    wanted = set(fields) | {f.split(".")[0] for f in fields}
+    return None in names or any(same_name(base, name) for base in bases for name in wanted)
+
+
+JSON_MEDIA = re.compile(r"^application/(json|[a-z0-9!#$&^_.-]+\+json)$")
+
+
+def body_refused(raw: bytes, headers: Sequence[tuple[str, str]], fields: set[str]) -> bool:
+    """What DESIGN.md says about a non-empty body a limit or budget reads."""
+    if any(n.lower() == "content-encoding" for n, _ in headers):
+        return True  # the sidecar never decompresses
+    types = [v.strip() for n, v in headers if n.lower() == "content-type"]
+    if len(types) != 1:
+        return True
+    media, *params = types[0].split(";")
+    if not JSON_MEDIA.match(media.strip().lower()):
+        return True
+    charsets = [p.split("=", 1)[1].strip().strip('"').lower() for p in params
+                if "=" in p and p.split("=", 1)[0].strip().lower() == "charset"]
+    if len(charsets) > 1 or (charsets and charsets[0] != "utf-8"):
+        return True
+    try:
+        document = strict_document(raw)
+    except _Unreadable:
+        return True
+    if isinstance(document, dict) and any(same_name(k, "_method") for k in document):
+        return True
+    for dotted in fields:
+        value = document
+        for part in dotted.split("."):
+            if not isinstance(value, dict):
+                break
+            spelled = [k for k in value if same_name(k, part)]
+            if not spelled:
+                break
+            if spelled[0] != part:
+                return True  # {"AMOUNT": 5}: Go charges it, a limit on "amount" would not see it
+            value = value[part]
+    return False
+
+
+def is_form(headers: Sequence[tuple[str, str]]) -> bool:
+    return any(n.lower() == "content-type" and v.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
+               for n, v in headers)
+
+
+def form_refused(raw: bytes, headers: Sequence[tuple[str, str]]) -> bool:
+    """A URL-encoded form is read on every upstream for ``_method`` (Rack, Laravel); compressed, it cannot be."""
+    if any(n.lower() == "content-encoding" for n, _ in headers):
+        return True
+    names = query_names(raw.decode("latin-1"))
+    return any(same_name(n.split("[", 1)[0].strip(" \t\r\n\x00"), "_method") for n in names if n is not None)
+
+
+def header_bytes_ok(headers: Sequence[tuple[str, str]]) -> bool:
+    """Header values as the runner sends them (surrogate escapes are raw non-UTF-8 bytes)."""
+    return not any(0xDC80 <= ord(c) <= 0xDCFF for _, v in headers for c in v)
 
 
 def number_at(body: object, dotted: str) -> float | int | None:
@@ -296,6 +396,8 @@ class Agent:
     held: dict[str, set[str]] = field(default_factory=dict)
     """correlation -> rules with a receipt this sidecar minted (the default correlation is ``""``)."""
     spent: dict[int, int] = field(default_factory=dict)
+    pending: list[tuple[int, int]] = field(default_factory=list)
+    """What the last allowed request would charge; spent once the upstream is seen to get it."""
     override_host: str = "127.0.0.1"
     """Where ``--upstream-url`` points every upstream; absolute-form hosts may name it too."""
 
@@ -305,6 +407,7 @@ class Agent:
 
         ``carried`` maps correlation -> rules of the *valid* receipts the request carries.
         """
+        self.pending = []
         if target.startswith("/_capgate/"):
             return Refusal(404, "bad_request"), None  # the reserved control prefix: never proxied
         upstream, path = self.route(target)
@@ -322,10 +425,18 @@ class Agent:
             return Refusal(400, "bad_request"), None
         if tokens == 1 and narrowed is None:
             return Refusal(401, "invalid_token"), None
-        needs = method in BODY_METHODS and bool(body_fields(self.spec, upstream))
-        if needs and len(body) > MAX_BODY:
+        if not header_bytes_ok(headers):
+            return Refusal(400, "bad_request"), None
+        fields = body_fields(self.spec, upstream)
+        if query_refused(self.query(target), fields):
+            return Refusal(400, "bad_request"), None
+        needs = bool(fields) and bool(body)
+        form = not fields and bool(body) and is_form(headers)
+        if (needs or form) and len(body) > MAX_BODY:
             return Refusal(413, "too_large"), None
-        if needs and has_duplicate_keys(body):
+        if form and form_refused(body, headers):
+            return Refusal(400, "bad_request"), None
+        if needs and body_refused(body, headers, fields):
             return Refusal(400, "bad_request"), None
         parsed = parse_body(body) if needs else None
         receipts = self.held.get(correlation, set()) | carried.get(correlation, set())
@@ -347,14 +458,33 @@ class Agent:
             if self.spent.get(index, 0) + amount > budget["max"]:
                 return Refusal(429, "budget_exhausted"), None
             charges.append((index, amount))
-        for index, amount in charges:
-            self.spent[index] = self.spent.get(index, 0) + amount
+        self.pending = charges
         return ALLOW, rule
+
+    def charged(self) -> None:
+        """The upstream got the last request: the sidecar charged its budgets before forwarding it.
+
+        A request the HTTP parser refused first (allowed for malformed HTTP) was never charged.
+        """
+        for index, amount in self.pending:
+            self.spent[index] = self.spent.get(index, 0) + amount
+        self.pending = []
 
     def forwarded(self, correlation: str, rule: str | None) -> None:
         """The upstream answered 2xx: the sidecar now holds a receipt of ``rule`` in ``correlation``."""
         if rule is not None:
             self.held.setdefault(correlation, set()).add(rule)
+
+    @staticmethod
+    def query(target: str) -> str:
+        """The query as forwarded: after the first ``?``, of the part before any ``#`` in the path."""
+        if target.startswith("/"):
+            _path, _, query = target.partition("?")
+            return query
+        after = target.partition("://")[2]
+        authority = re.match(r"[^/?#]*", after)
+        rest = after[authority.end():] if authority else after
+        return rest.partition("#")[0].partition("?")[2]
 
     def route(self, target: str) -> tuple[str | None, str | None]:
         """(upstream name, decoded path): (None, _) for no such upstream, (name, None) if ambiguous."""

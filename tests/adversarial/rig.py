@@ -159,7 +159,7 @@ class Upstream:
     async def start(self) -> None:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(app, access_log=None, auto_decompress=False)  # record bytes as forwarded
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -225,7 +225,7 @@ class Rig:
                             upstream_credentials={names[0]: SecretRef("env", "FUZZ_API_KEY")},
                             read_timeout=5, total_timeout=10, connect_timeout=2)
         agent, _admin = sidecar_app.create_apps(settings, env={"FUZZ_API_KEY": generate.API_KEY})
-        runner = web.AppRunner(agent, access_log=None)
+        runner = web.AppRunner(agent, access_log=None, auto_decompress=False)  # as capgate-sidecar serves it
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -349,6 +349,7 @@ class Rig:
             self.forwarded_ids.add(response.headers["x-capgate-decision-id"])
         if seen is not None:
             counts.allowed += 1
+            state.charged()
             if expected is not None:
                 counts.false_allows += 1
                 counts.note("FALSE ALLOW", attempt, f"oracle {expected}, upstream saw {seen['path']!r}")
@@ -412,6 +413,13 @@ class Rig:
             if inject is not None and lower == inject["header"].lower() and value != inject["valuePrefix"] + \
                     generate.API_KEY:
                 problems.append(f"{name} not the injected key")
+        sent = {n.lower() for n, _ in attempt.headers}
+        for name, _value in seen["headers"]:
+            lower = name.lower()
+            if lower in oracle.METHOD_OVERRIDE_HEADERS:
+                problems.append(f"method override {name} forwarded")
+            if lower in ("accept", "accept-encoding", "user-agent", "content-type") and lower not in sent:
+                problems.append(f"{name} added by the forwarder")
         if inject is not None and sum(1 for n, _ in seen["headers"] if n.lower() == inject["header"].lower()) != 1:
             problems.append(f"injected {inject['header']} not exactly once")
         from urllib.parse import unquote

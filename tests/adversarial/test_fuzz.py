@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capgate.capabilities import compiler, decision, keys, paths, receipts, spec, tokens
+from capgate.capabilities import bodies, compiler, decision, keys, paths, receipts, spec, tokens
 from capgate.capabilities.errors import ReceiptError, RequestError, TokenError
-from capgate.sidecar import errors, facts
 from tests.adversarial import generate, oracle, rig
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -97,12 +97,29 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
                                                                                inner, max_size=3), max_leaves=10)
 
 
+FIELDS = frozenset(generate.FIELDS)
+JSON_HEADERS = [("Content-Type", "application/json")]
+
+
+def capgate_reads(raw: bytes, headers: list[tuple[str, str]], query: str = "") -> object:
+    """The document the sidecar's body reader returns, or the exception it refuses with."""
+    try:
+        return bodies.read(raw, content_type=[v for n, v in headers if n.lower() == "content-type"],
+                           content_encoding=[v for n, v in headers if n.lower() == "content-encoding"],
+                           query=query, fields=FIELDS)
+    except bodies.BodyError as exc:
+        return exc
+
+
 @FAST
 @given(document=JSON, maximum=st.sampled_from([0, 1, 100, 40000, 2**63 - 1]))
 def test_a_limit_passes_only_a_number_within_it(document: object, maximum: int) -> None:
     raw = json.dumps(document).encode()
-    parsed = facts.parse_json(raw)
-    for field in ("amount", "order.total"):
+    parsed = capgate_reads(raw, JSON_HEADERS)
+    assert isinstance(parsed, bodies.BodyError) == oracle.body_refused(raw, JSON_HEADERS, set(FIELDS))
+    if isinstance(parsed, bodies.BodyError):
+        return
+    for field in FIELDS:
         value = spec.numeric_field(parsed, field)
         capgate_passes = value is not None and 0 <= value <= maximum
         assert capgate_passes == oracle.within(oracle.number_at(oracle.parse_body(raw), field), maximum)
@@ -110,22 +127,48 @@ def test_a_limit_passes_only_a_number_within_it(document: object, maximum: int) 
 
 @FAST
 @given(data=st.binary(max_size=300))
-def test_arbitrary_bytes_as_a_body_never_raise_anything_but_a_400(data: bytes) -> None:
-    refusal = None
+def test_arbitrary_bytes_as_a_body_are_read_or_refused_exactly_as_the_design_says(data: bytes) -> None:
+    got = capgate_reads(data, JSON_HEADERS)
+    assert isinstance(got, bodies.BodyError) == (bool(data) and oracle.body_refused(data, JSON_HEADERS, set(FIELDS)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**32))
+def test_generated_bodies_headers_and_queries_are_refused_exactly_when_the_oracle_refuses(seed: int) -> None:
+    rng = random.Random(seed)
+    raw, _ = generate.random_body(rng)
+    raw, headers = generate.body_headers(rng, raw)
+    query = rng.choice(("", *generate.QUERY_TRICKS))
+    got = capgate_reads(raw, headers, query)
+    expected = oracle.query_refused(query, set(FIELDS)) or (bool(raw) and oracle.body_refused(raw, headers,
+                                                                                               set(FIELDS)))
+    assert isinstance(got, bodies.BodyError) == expected, (raw[:80], headers, query, got)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(min_value=0, max_value=2**32))
+def test_generated_form_bodies_are_refused_exactly_when_the_oracle_refuses(seed: int) -> None:
+    rng = random.Random(seed)
+    raw, _ = generate.random_body(rng)
+    raw, headers = generate.body_headers(rng, raw)
+    if not raw or not oracle.is_form(headers):
+        return
     try:
-        facts.parse_json(data)
-    except errors.SidecarError as exc:
-        refusal = (exc.status, exc.reason)
-    assert refusal in (None, (400, "ambiguous_body"))
+        bodies.check_form(raw, [v for n, v in headers if n.lower() == "content-encoding"])
+        refused = False
+    except bodies.BodyError:
+        refused = True
+    assert refused == oracle.form_refused(raw, headers), (raw[:80], headers)
 
 
-def test_a_body_repeating_the_limited_field_is_refused_not_read_leniently() -> None:
-    # A first-wins upstream would charge 99999999 where a last-wins check saw 1.
-    for raw in (b'{"amount": 99999999, "amount": 1}', b'{"a": {"amount": 1, "\\u0061mount": 2}}'):
-        with pytest.raises(errors.SidecarError) as refused:
-            facts.parse_json(raw)
-        assert (refused.value.status, refused.value.error, refused.value.reason) == (400, "bad_request",
-                                                                                      "ambiguous_body")
+@pytest.mark.parametrize("raw", [b'{"amount": 99999999, "amount": 1}', b'{"a": {"amount": 1, "\\u0061mount": 2}}',
+                                 b'{"amount":100,"AMOUNT":5000000}', b'{"AMOUNT":5000000}'])
+def test_a_body_repeating_the_limited_field_in_any_case_is_refused_not_read_leniently(raw: bytes) -> None:
+    # A first-wins upstream would charge 99999999 where a last-wins check saw 1; Go folds case.
+    got = capgate_reads(raw, JSON_HEADERS)
+    assert isinstance(got, bodies.BodyError)
+    assert got.reason == "ambiguous_body"
+    assert oracle.body_refused(raw, JSON_HEADERS, set(FIELDS))
 
 
 KEYSET = keys.KeySet.generate()

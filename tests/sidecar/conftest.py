@@ -104,7 +104,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     holder = Upstream(server=None)  # type: ignore[arg-type]
     server = TestServer(upstream_app(holder))
     holder.server = server
-    await server.start_server()
+    await server.start_server(auto_decompress=False)  # record the bytes as they arrived
     yield holder
     holder.never.set()
     await server.close()
@@ -158,7 +158,9 @@ async def sidecar(tmp_path: Path, root_key: Path, upstream: Upstream) -> AsyncIt
         settings = replace(settings, **changes)
         agent, admin = sidecar_app.create_apps(settings, env={"PAYMENTS_API_KEY": API_KEY, **(env or {})},
                                                revocation_source=revocation_source)
-        client = TestClient(TestServer(agent))
+        server = TestServer(agent)
+        await server.start_server(auto_decompress=False)  # as capgate-sidecar serves it: never inflate
+        client = TestClient(server)
         admin_client = TestClient(TestServer(admin))
         await client.start_server()
         await admin_client.start_server()

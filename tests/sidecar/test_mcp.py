@@ -306,3 +306,18 @@ async def test_the_owner_ends_its_session_and_then_it_is_gone(mcp_sidecar: Sidec
     assert (await mcp_sidecar.client.delete("/booking/mcp", headers={"Mcp-Session-Id": session})).status == 200
     again = await mcp_sidecar.client.delete("/booking/mcp", headers={"Mcp-Session-Id": session})
     assert again.status == 404
+
+
+@pytest.mark.parametrize(("arguments", "headers", "reason"), [
+    ({"AMOUNT": 5000, "currency": "EUR"}, {}, "ambiguous_body"),
+    ({"amount": 50, "currency": "EUR"}, {"Content-Encoding": "gzip"}, "body_encoding"),
+    ({"amount": 50, "currency": "EUR"}, {"Content-Type": "text/plain"}, "body_content_type"),
+])
+async def test_what_the_body_reader_refuses_is_refused_in_an_mcp_message_too(
+        mcp_sidecar: Sidecar, booking: Booking, arguments: dict[str, object], headers: dict[str, str],
+        reason: str) -> None:
+    response = await mcp_sidecar.client.post("/booking/mcp", data=json.dumps(tool_call("charge", 3, **arguments)),
+                                             headers={**HEADERS, **headers})
+    body = await response.json()
+    assert response.status == 400 and body["id"] in (3, None) and body["error"]["data"]["reason"] == reason
+    assert booking.calls == []

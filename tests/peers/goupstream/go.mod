@@ -1,0 +1,3 @@
+module capgate.dev/tests/peers/goupstream
+
+go 1.26
