@@ -46,6 +46,7 @@ SECRETS = web.AppKey("upstream_secrets", UpstreamSecrets)
 SOURCE: web.AppKey[RevocationSource | None] = web.AppKey("revocation_source")
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 MCP_SESSIONS = web.AppKey("mcp_sessions", mcp.Sessions)
+MCP_PENDING = web.AppKey("mcp_pending", mcp.Pending)
 EGRESS: web.AppKey[egress.Egress | None] = web.AppKey("egress")
 TRACE = web.RequestKey("trace", Trace)
 
@@ -80,6 +81,7 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent[SECRETS] = secrets
     agent[SOURCE] = source
     agent[MCP_SESSIONS] = mcp.Sessions()
+    agent[MCP_PENDING] = mcp.Pending()
     agent[EGRESS] = egress.Egress(settings, gate) if settings.outbound_listen is not None else None
     agent.cleanup_ctx.append(runtime)
     agent.router.add_post("/_capgate/v1/authorize", _control(control.authorize))
@@ -199,7 +201,7 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     if mcp.is_mcp(route):
         return await mcp.handle(request, mcp.Context(gate, settings, trace, loaded, route, correlation, now,
                                                      request.app[CLIENT], lambda: _injection(request, route.upstream),
-                                                     request.app[MCP_SESSIONS]))
+                                                     request.app[MCP_SESSIONS], request.app[MCP_PENDING]))
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, now)
     gate.check_lockdown(loaded, request.method)
     facts.check_headers(request)

@@ -23,6 +23,7 @@ Each message is one audit record: JSON-RPC method, tool/URI, id, argument digest
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -30,13 +31,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from capgate.capabilities import bodies, decision, tokens
+from capgate.capabilities import bodies, decision, spec, tokens
 from capgate.capabilities import mcp as core_mcp
 from capgate.sidecar import errors, facts, proxy
 from capgate.sidecar.config import Settings
@@ -85,19 +87,63 @@ class Sessions:
         self._owners.pop((upstream, session), None)
 
 
+class Pending:
+    """Requests posted on the old HTTP+SSE transport, waiting for their answer on the session's stream.
+
+    That transport answers a POST with 202 and the result arrives on the GET stream, so the stream
+    looks the request up here by (upstream, session, id) to filter a list or mint a receipt.
+    """
+
+    def __init__(self, limit: int = MAX_SESSIONS) -> None:
+        self._waiting: OrderedDict[tuple[str, str, str], tuple[Context, Exchange]] = OrderedDict()
+        self._limit = limit
+        self._outboxes: dict[tuple[str, str], asyncio.Queue[bytes]] = {}
+
+    def open_outbox(self, upstream: str, session: str) -> asyncio.Queue[bytes]:
+        """Events the sidecar itself must deliver on a session's stream (its refusals)."""
+        box: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
+        self._outboxes[(upstream, session)] = box
+        return box
+
+    def outbox(self, upstream: str, session: str) -> asyncio.Queue[bytes] | None:
+        return self._outboxes.get((upstream, session))
+
+    def close_outbox(self, upstream: str, session: str) -> None:
+        self._outboxes.pop((upstream, session), None)
+
+    def add(self, key: tuple[str, str, str], ctx: Context, exchange: Exchange) -> None:
+        self._waiting[key] = (ctx, exchange)
+        while len(self._waiting) > self._limit:
+            self._waiting.popitem(last=False)
+
+    def pop(self, key: tuple[str, str, str]) -> tuple[Context, Exchange] | None:
+        return self._waiting.pop(key, None)
+
+
 def _owner(trace: Trace) -> str:
     return f"narrowed:{trace.narrowed}" if trace.narrowed else "credential"
 
 
 def _check_session(request: web.Request, ctx: Context) -> str | None:
-    """The session id the request names (after checking it is this token's), or None."""
+    """The session id the request names (after checking it is this token's), or None.
+
+    Streamable HTTP names it in ``Mcp-Session-Id``; the old transport in ``?session_id=`` of the
+    message endpoint its stream announced.
+    """
     values = request.headers.getall(SESSION_HEADER, [])
+    if _is_messages(ctx):
+        values = parse_qs(ctx.route.query).get("session_id", [])
     if not values:
         return None
     if len(values) > 1 or not ctx.sessions.owned(ctx.route.upstream.name, values[0], _owner(ctx.trace)):
         raise errors.SidecarError(404, "bad_request", "unknown_session",
                                   "no MCP session with this id was opened by this token here; start a new one")
     return values[0]
+
+
+def _is_messages(ctx: Context) -> bool:
+    old = ctx.old_transport
+    return old is not None and old.sse is not None and not spec.Mcp(path=old.sse).covers(ctx.route.path)
 
 
 def is_mcp(route: Route) -> bool:
@@ -119,6 +165,12 @@ class Context:
     client: aiohttp.ClientSession
     injection: Callable[[], proxy.Injection | None]
     sessions: Sessions
+    pending: Pending
+
+    @property
+    def old_transport(self) -> spec.Mcp | None:
+        mcp = self.route.upstream.mcp
+        return mcp if mcp is not None and mcp.sse is not None else None
 
 
 async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
@@ -146,10 +198,44 @@ async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
         raise _rpc(errors.bad_request(exc.reason, exc.message), ident, exc.rpc_code) from None
     _describe(ctx.trace, message, target)
     try:
-        creds, verdict = _decide(request, ctx, target)
+        creds, verdict, session = _decide(request, ctx, target)
     except errors.SidecarError as exc:
-        raise _rpc(exc, ident, core_mcp.DENIED) from None
-    return await _forward(request, ctx, raw, Exchange(message, target, verdict, creds))
+        refused = _rpc(exc, ident, core_mcp.DENIED)
+        outbox = _old_outbox(ctx) if message.kind == "request" else None
+        if outbox is None:
+            raise refused from None
+        return _refuse_on_stream(ctx, refused, outbox)
+    exchange = Exchange(message, target, verdict, creds)
+    if session is not None and _is_messages(ctx) and message.kind == "request":
+        ctx.pending.add((ctx.route.upstream.name, session, json.dumps(message.id)), ctx, exchange)
+    return await _forward(request, ctx, raw, exchange)
+
+
+def _old_outbox(ctx: Context) -> asyncio.Queue[bytes] | None:
+    """The stream of this token's old-transport session, if the message was posted for one."""
+    if not _is_messages(ctx):
+        return None
+    sessions = parse_qs(ctx.route.query).get("session_id", [])
+    upstream = ctx.route.upstream.name
+    if len(sessions) != 1 or not ctx.sessions.owned(upstream, sessions[0], _owner(ctx.trace)):
+        return None
+    return ctx.pending.outbox(upstream, sessions[0])
+
+
+def _refuse_on_stream(ctx: Context, refused: errors.SidecarError, outbox: asyncio.Queue[bytes]) -> web.Response:
+    """The old transport's client takes answers only from its stream, and a non-2xx POST ends its
+    writer for good: the refusal goes on the stream, the POST is accepted (202). The audit
+    record keeps the refusal's status and reason."""
+    trace = ctx.trace
+    trace.status, trace.reason, trace.rule = refused.status, refused.reason, refused.rule or trace.rule
+    if trace.outcome != "would_deny" or refused.status >= 500:
+        trace.outcome = "error" if refused.status >= 500 and refused.error != "lockdown" else "denied"
+    event = b"event: message\ndata: " + json_bytes(refused.body(trace.decision_id)) + b"\n\n"
+    try:
+        outbox.put_nowait(event)
+    except asyncio.QueueFull:
+        raise refused from None
+    return web.Response(status=202, text="Accepted", headers={facts.DECISION_HEADER: trace.decision_id})
 
 
 def _check_envelope(request: web.Request, ctx: Context) -> None:
@@ -185,16 +271,16 @@ def _describe(trace: Trace, message: core_mcp.Message, target: core_mcp.Target) 
     trace.mcp = record
 
 
-def _decide(request: web.Request, ctx: Context,
-            target: core_mcp.Target) -> tuple[list[tokens.Credential], decision.Decision | None]:
-    """The verified tokens and the verdict (None for implied plumbing); raises for a refusal."""
+def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
+            ) -> tuple[list[tokens.Credential], decision.Decision | None, str | None]:
+    """The verified tokens, the verdict (None for implied plumbing) and the session; raises for a refusal."""
     gate, loaded, trace = ctx.gate, ctx.loaded, ctx.trace
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, ctx.now)
-    _check_session(request, ctx)
+    session = _check_session(request, ctx)
     if target.implied:
         gate.charge(loaded, None, None, trace)  # the rate limit counts every message
         trace.outcome, trace.reason = "allowed", "implied"
-        return creds, None
+        return creds, None, session
     gate.check_lockdown(loaded, request.method)
     carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
     receipts = gate.receipt_rules(loaded, carried, ctx.correlation, trace, ctx.now)
@@ -204,7 +290,7 @@ def _decide(request: web.Request, ctx: Context,
         trace)
     gate.enforce(loaded, verdict, trace)
     gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace)
-    return creds, verdict
+    return creds, verdict, session
 
 
 _CALLABLE_REASONS = frozenset({"allowed", "limit_missing", "limit_exceeded", "missing_receipt"})
@@ -320,13 +406,21 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await response.prepare(request)
     events = SseEvents(MAX_SSE_EVENT)
+    stream = OldStream(request, ctx) if exchange.message is None and ctx.old_transport is not None else None
+    lock = asyncio.Lock()  # whole events only: the sidecar's own never land inside the upstream's
+    pump: asyncio.Task[None] | None = None
     try:
         async for chunk in upstream.content.iter_any():
             for event in events.feed(chunk):
                 replaced = None
-                if event.data is not None:
+                if stream is not None:
+                    replaced = stream.event(event)
+                elif event.data is not None:
                     replaced = _observe(ctx, exchange, event.data.encode("utf-8", "surrogatepass"))
-                await response.write(event.raw if replaced is None else event.with_data(replaced))
+                async with lock:
+                    await response.write(event.raw if replaced is None else event.with_data(replaced))
+            if stream is not None and stream.outbox is not None and pump is None:
+                pump = asyncio.create_task(_pump(stream.outbox, response, lock))
         await response.write(events.rest())
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         log.warning("MCP stream from %s ended badly (%s); aborting the agent's connection",
@@ -334,8 +428,20 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
         if request.transport is not None:
             request.transport.abort()
         return response
+    finally:
+        if pump is not None:
+            pump.cancel()
+        if stream is not None and stream.session is not None:
+            ctx.pending.close_outbox(ctx.route.upstream.name, stream.session)
     await response.write_eof()
     return response
+
+
+async def _pump(outbox: asyncio.Queue[bytes], response: web.StreamResponse, lock: asyncio.Lock) -> None:
+    while True:
+        event = await outbox.get()
+        async with lock:
+            await response.write(event)
 
 
 def _observe(ctx: Context, exchange: Exchange, data: bytes) -> bytes | None:
@@ -369,6 +475,53 @@ def _filtered(ctx: Context, exchange: Exchange, answer: core_mcp.Message) -> byt
 
     document = core_mcp.filter_list(answer.document, method, ctx.route.upstream.name, may)
     return None if document is None else json_bytes(document)
+
+
+class OldStream:
+    """The old transport's GET stream: announces the message endpoint, then carries the answers.
+
+    The ``endpoint`` event names a path on the upstream's origin; the agent resolves it against the
+    sidecar's URL, so it is rewritten to stay under the upstream's prefix (``/<upstream>/...``),
+    and its session is bound to the token that opened the stream. Answers are matched to the
+    requests posted for that session (:class:`Pending`).
+    """
+
+    def __init__(self, request: web.Request, ctx: Context) -> None:
+        self.ctx = ctx
+        agent_path = urlsplit(request.raw_path).path
+        route = ctx.route
+        self.prefix = agent_path[:-len(route.raw_path)] if agent_path.endswith(route.raw_path) else ""
+        self.base = urlsplit(route.base_url).path.rstrip("/")
+        self.session: str | None = None
+        self.outbox: asyncio.Queue[bytes] | None = None
+
+    def event(self, event: Event) -> bytes | None:
+        if event.data is None:
+            return None
+        if event.name == "endpoint":
+            return self._endpoint(event.data)
+        if self.session is None:
+            return None
+        data = event.data.encode("utf-8", "surrogatepass")
+        try:
+            answer = core_mcp.parse(data)
+        except core_mcp.McpError:
+            return None
+        if answer.kind != "response":
+            return None
+        found = self.ctx.pending.pop((self.ctx.route.upstream.name, self.session, json.dumps(answer.id)))
+        return None if found is None else _observe(found[0], found[1], data)
+
+    def _endpoint(self, data: str) -> bytes:
+        if not data.startswith("/") or data.startswith("//") or "://" in data:
+            raise ValueError("the MCP endpoint event is not a path on the upstream's origin")
+        path = data[len(self.base):] if self.base and data.startswith(self.base + "/") else data
+        sessions = parse_qs(urlsplit(path).query).get("session_id", [])
+        if len(sessions) == 1:
+            self.session = sessions[0]
+            self.ctx.sessions.bind(self.ctx.route.upstream.name, self.session, _owner(self.ctx.trace))
+            self.outbox = self.ctx.pending.open_outbox(self.ctx.route.upstream.name, self.session)
+        return (self.prefix + path).encode("utf-8")
 
 
 def succeeded(document: Mapping[str, object]) -> bool:

@@ -79,3 +79,24 @@ async def running(booking: Booking, *, json_response: bool = False, stateless: b
         uv.should_exit = True
         await task
         sock.close()
+
+
+@asynccontextmanager
+async def running_sse(booking: Booking) -> AsyncIterator[str]:
+    """The same server on the old HTTP+SSE transport (``/sse`` and ``/messages/``)."""
+    app = server(booking).sse_app()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(uv.serve(sockets=[sock]))
+    while not uv.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        await task
+        sock.close()

@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 import yaml
-from mcp import Client
+from mcp import Client, ClientSession
+from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
@@ -18,7 +20,7 @@ from capgate import cli
 from capgate.capabilities.spec import load_capability_file
 from capgate.sidecar.watch import FileSource
 from tests.sidecar.conftest import MakeSidecar, Sidecar
-from tests.sidecar.mcp_server import Booking, running
+from tests.sidecar.mcp_server import Booking, running, running_sse
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mcp-booking-agent.yaml"
 
@@ -321,3 +323,29 @@ async def test_what_the_body_reader_refuses_is_refused_in_an_mcp_message_too(
     body = await response.json()
     assert response.status == 400 and body["id"] in (3, None) and body["error"]["data"]["reason"] == reason
     assert booking.calls == []
+
+
+async def test_the_old_sse_transport_is_decided_message_by_message(sidecar: MakeSidecar, booking: Booking) -> None:
+    spec = example_spec()
+    spec["upstreams"][0]["mcp"] = {"sse": "/sse", "messages": "/messages/"}
+    async with running_sse(booking) as url:
+        side = await sidecar(spec, upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        with anyio.fail_after(20):  # the old transport hangs, rather than fails, when an answer is lost
+            await _old_transport_session(side)
+    assert booking.tools() == ["search_flights", "charge"]
+    denied = next(r for r in mcp_records(side) if r["outcome"] == "denied")
+    assert (denied["status"], denied["reason"], denied["mcp"]["name"]) == (403, "deny_rule", "delete_booking")
+
+
+async def _old_transport_session(side: Sidecar) -> None:
+    async with sse_client(str(side.client.make_url("/booking/sse"))) as (read, write), \
+            ClientSession(read, write) as session:
+        await session.initialize()
+        listed = await session.list_tools()
+        assert sorted(t.name for t in listed.tools) == ["add_note", "charge", "list_bookings", "search_flights"]
+        with pytest.raises(MCPError) as caught:
+            await session.call_tool("delete_booking", {"booking_id": "b1"})
+        assert caught.value.data["reason"] == "deny_rule"
+        await session.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+        result = await session.call_tool("charge", {"amount": 100, "currency": "EUR"})
+        assert not result.is_error
