@@ -24,13 +24,14 @@ Each message is one audit record: JSON-RPC method, tool/URI, id, argument digest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -40,6 +41,7 @@ from yarl import URL
 
 from capgate.capabilities import bodies, decision, spec, tokens
 from capgate.capabilities import mcp as core_mcp
+from capgate.capabilities.errors import TokenError
 from capgate.sidecar import errors, facts, proxy
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import Loaded
@@ -350,13 +352,13 @@ async def _send(request: web.Request, ctx: Context, body: bytes | None) -> aioht
 
 async def _plumbing(request: web.Request, ctx: Context) -> web.StreamResponse:
     """The GET stream and DELETE of a session: implied by the upstream, still token-checked."""
-    ctx.gate.credentials(ctx.loaded, facts.narrowed_token(request), ctx.trace, ctx.now)
+    creds = ctx.gate.credentials(ctx.loaded, facts.narrowed_token(request), ctx.trace, ctx.now)
     ctx.trace.mcp = {"kind": "stream" if request.method == "GET" else "session_end"}
     session = _check_session(request, ctx)
     ctx.trace.outcome, ctx.trace.reason = "allowed", "implied"
     if request.body_exists:
         raise errors.bad_request("mcp_body", f"an MCP {request.method} carries no body")
-    response = await _forward(request, ctx, None, Exchange(None, None, None))
+    response = await _forward(request, ctx, None, Exchange(None, None, None, creds))
     if request.method == "DELETE" and session is not None and 200 <= response.status < 300:
         ctx.sessions.forget(ctx.route.upstream.name, session)
     return response
@@ -409,6 +411,7 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
     stream = OldStream(request, ctx) if exchange.message is None and ctx.old_transport is not None else None
     lock = asyncio.Lock()  # whole events only: the sidecar's own never land inside the upstream's
     pump: asyncio.Task[None] | None = None
+    guard = asyncio.create_task(_guard(ctx, exchange.creds, upstream))
     try:
         async for chunk in upstream.content.iter_any():
             for event in events.feed(chunk):
@@ -423,18 +426,57 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
                 pump = asyncio.create_task(_pump(stream.outbox, response, lock))
         await response.write(events.rest())
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        if guard.done() and not guard.cancelled():
+            await response.write_eof()  # closed by the guard: a clean end the SDK reconnects after (and gets 401)
+            return response
         log.warning("MCP stream from %s ended badly (%s); aborting the agent's connection",
                     ctx.route.upstream.name, type(exc).__name__)
         if request.transport is not None:
             request.transport.abort()
         return response
     finally:
+        guard.cancel()
         if pump is not None:
             pump.cancel()
         if stream is not None and stream.session is not None:
             ctx.pending.close_outbox(ctx.route.upstream.name, stream.session)
     await response.write_eof()
     return response
+
+
+GUARD_SECONDS = 0.25
+"""How often an open stream re-checks lockdown by silence and expiry; revocations wake it at once."""
+
+
+async def _guard(ctx: Context, creds: list[tokens.Credential], upstream: aiohttp.ClientResponse) -> None:
+    """Close a stream when its tokens are revoked or expire, or the sidecar locks down.
+
+    A stream outlives the decision that opened it; what it carries afterwards (server requests,
+    notifications, a long tool call's progress) must stop when the credential stops.
+    """
+    state = ctx.gate.revocations
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.changed.wait(), GUARD_SECONDS)
+        why = _stream_end(ctx, creds)
+        if why is not None:
+            log.info("closing an MCP stream of %s: %s", ctx.trace.decision_id, why)
+            if ctx.trace.mcp is not None:
+                ctx.trace.mcp["closed"] = why
+            upstream.close()
+            return
+
+
+def _stream_end(ctx: Context, creds: list[tokens.Credential]) -> str | None:
+    state = ctx.gate.revocations
+    now = datetime.now(UTC)
+    for cred in creds:
+        try:
+            decision.check_validity(cred, now, revoked=state.revoked_ids)
+        except TokenError as exc:
+            return exc.reason
+    namespace = ctx.loaded.principal.partition("/")[0]
+    return "lockdown" if state.lockdown_reason(namespace, ctx.loaded.capability.lockdown_after) else None
 
 
 async def _pump(outbox: asyncio.Queue[bytes], response: web.StreamResponse, lock: asyncio.Lock) -> None:

@@ -349,3 +349,53 @@ async def _old_transport_session(side: Sidecar) -> None:
         await session.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
         result = await session.call_tool("charge", {"amount": 100, "currency": "EUR"})
         assert not result.is_error
+
+
+async def open_stream(side: Sidecar) -> Any:
+    session = await initialize(side)
+    await side.client.post("/booking/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                           headers={**HEADERS, "Mcp-Session-Id": session, "Mcp-Protocol-Version": "2025-11-25"})
+    stream = await side.client.get("/booking/mcp", headers={"Accept": "text/event-stream", "Mcp-Session-Id": session,
+                                                              "Mcp-Protocol-Version": "2025-11-25"})
+    assert stream.status == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+    return stream
+
+
+async def read_to_end(stream: Any) -> None:
+    with anyio.fail_after(5):  # a hang guard, not a latency assertion
+        while await stream.content.readany():
+            pass
+
+
+async def test_revoking_the_credential_closes_its_open_stream(sidecar: MakeSidecar, booking: Booking,
+                                                              tmp_path: Path) -> None:
+    revocations = tmp_path / "revocations.json"
+    revocations.write_text(json.dumps({"revokedIds": []}))
+    async with running(booking) as url:
+        side = await sidecar(example_spec(), upstream_urls={"booking": url}, revocations=revocations,
+                             read_timeout=5.0, total_timeout=10.0)
+        source = FileSource(revocations)
+        assert source.read(side.gate.revocations)
+        stream = await open_stream(side)
+        current = side.gate.store.current
+        assert current is not None
+        revocations.write_text(json.dumps({"revokedIds": list(current.credential.revocation_ids)}))
+        assert source.read(side.gate.revocations)
+        await read_to_end(stream)
+    closed = next(r for r in mcp_records(side) if r["mcp"]["kind"] == "stream")
+    assert closed["mcp"]["closed"] == "revoked"
+
+
+async def test_a_lockdown_closes_open_streams(sidecar: MakeSidecar, booking: Booking, tmp_path: Path) -> None:
+    revocations = tmp_path / "revocations.json"
+    revocations.write_text(json.dumps({"revokedIds": []}))
+    async with running(booking) as url:
+        side = await sidecar(example_spec(), upstream_urls={"booking": url}, revocations=revocations,
+                             read_timeout=5.0, total_timeout=10.0)
+        source = FileSource(revocations)
+        assert source.read(side.gate.revocations)
+        stream = await open_stream(side)
+        revocations.write_text(json.dumps({"lockdown": {"all": True}}))
+        assert source.read(side.gate.revocations)
+        await read_to_end(stream)
+    assert next(r for r in mcp_records(side) if r["mcp"]["kind"] == "stream")["mcp"]["closed"] == "lockdown"
