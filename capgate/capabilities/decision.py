@@ -250,15 +250,22 @@ def _action_facts(facts: _biscuit.Facts, cap: Capability, request: Request) -> N
 
 
 def _arg_facts(facts: _biscuit.Facts, cap: Capability, arguments: object) -> None:
-    """``arg_str``/``arg_match`` for the string arguments ``args`` constraints read (actions only)."""
+    """``arg_str``/``arg_match`` for the string arguments ``args`` constraints read (actions only),
+    and their lenient ``deny_*`` forms for deny rules."""
     for field_path in sorted(cap.arg_fields):
         value = string_field(arguments, field_path)
         if value is None:
             continue
         facts.add("arg_str", field_path, value)
-        for glob in sorted({a.glob for r in cap.rules for a in r.args if a.field == field_path and a.glob}):
-            if paths.name_glob_matches(glob, value):
-                facts.add("arg_match", field_path, glob)
+        facts.add("deny_arg_str", field_path, paths.fold_name(value))
+        for rule in cap.rules:
+            for arg in rule.args:
+                if arg.field != field_path or arg.glob is None:
+                    continue
+                if rule.effect == "allow" and paths.name_glob_matches(arg.glob, value):
+                    facts.add("arg_match", field_path, arg.glob)
+                if rule.effect == "deny" and paths.lenient_name_glob_matches(arg.glob, value):
+                    facts.add("deny_arg_match", field_path, arg.glob)
 
 
 def matching_globs(cap: Capability, path: str) -> list[str]:

@@ -147,3 +147,26 @@ def test_the_old_transport_covers_its_stream_and_every_message_path() -> None:
     assert mcp_ is not None
     assert [mcp_.covers(p) for p in ("/sse", "/SSE/", "/messages/", "/messages", "/Messages/x", "/message")] == [
         True, True, True, True, True, False]
+
+
+@pytest.mark.parametrize("trip", ["VIP-7", " vip-7", "ｖｉｐ-7"])
+def test_a_deny_rule_reads_argument_values_leniently(cred: tokens.Credential, trip: str) -> None:
+    assert call(cred, "add_note", {"trip": trip, "text": "x"}).reason == "deny_rule"
+
+
+@pytest.mark.parametrize(("env", "denied"), [("prod", True), ("PROD", True), ("prod ", True), ("staging", False)])
+def test_a_deny_rule_with_in_compares_folded_values(env: str, denied: bool) -> None:
+    obj = _support.manifest()
+    obj["spec"]["rules"] = [{"name": "tools", "effect": "allow", "actions": ["mcp.call"]},
+                            {"name": "no-prod", "effect": "deny", "actions": ["mcp.call"],
+                             "args": [{"field": "env", "in": ["prod"]}]}]
+    cap = parse_capability(obj)
+    outcome = decision.decide([_support.credential(cap)], decision.Request(
+        principal=_support.PRINCIPAL, correlation="c", action="mcp.call", resource="mcp://flights/deploy",
+        body={"env": env}, now=_support.NOW))
+    assert (outcome.reason == "deny_rule") is denied
+
+
+def test_an_allow_rule_reads_argument_values_exactly(cred: tokens.Credential) -> None:
+    outcome = call(cred, "charge", {"amount": 100, "currency": "eur"}, frozenset({"search"}))
+    assert (outcome.allowed, outcome.reason) == (False, "limit_exceeded")
