@@ -29,9 +29,10 @@ import json
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -100,6 +101,8 @@ class Pending:
         self._waiting: OrderedDict[tuple[str, str, str], tuple[Context, Exchange]] = OrderedDict()
         self._limit = limit
         self._outboxes: dict[tuple[str, str], asyncio.Queue[bytes]] = {}
+        self._asked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def open_outbox(self, upstream: str, session: str) -> asyncio.Queue[bytes]:
         """Events the sidecar itself must deliver on a session's stream (its refusals)."""
@@ -120,6 +123,26 @@ class Pending:
 
     def pop(self, key: tuple[str, str, str]) -> tuple[Context, Exchange] | None:
         return self._waiting.pop(key, None)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a reply the sidecar sends on its own (kept referenced: asyncio holds tasks weakly)."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def ask(self, upstream: str, session: str, ident: object) -> None:
+        """The server asked the client something on this session (its answer may pass, once)."""
+        self._asked[(upstream, session, json.dumps(ident))] = None
+        while len(self._asked) > self._limit:
+            self._asked.popitem(last=False)
+
+    def answer(self, upstream: str, session: str, ident: object) -> bool:
+        """Is this a first answer to a request the server really sent on this session?"""
+        key = (upstream, session, json.dumps(ident))
+        if key not in self._asked:
+            return False
+        del self._asked[key]
+        return True
 
 
 def _owner(trace: Trace) -> str:
@@ -168,6 +191,8 @@ class Context:
     injection: Callable[[], proxy.Injection | None]
     sessions: Sessions
     pending: Pending
+    session: str | None = None
+    """The MCP session this request belongs to (checked to be this token's), once known."""
 
     @property
     def old_transport(self) -> spec.Mcp | None:
@@ -207,6 +232,11 @@ async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
         if outbox is None:
             raise refused from None
         return _refuse_on_stream(ctx, refused, outbox)
+    if message.kind == "response" and (session is None or not ctx.pending.answer(ctx.route.upstream.name, session,
+                                                                                  message.id)):
+        raise _rpc(errors.SidecarError(403, "denied", "unknown_request_id",
+                                       "this answers no request the server sent on this session"),
+                   message.id, core_mcp.DENIED)
     exchange = Exchange(message, target, verdict, creds)
     if session is not None and _is_messages(ctx) and message.kind == "request":
         ctx.pending.add((ctx.route.upstream.name, session, json.dumps(message.id)), ctx, exchange)
@@ -278,7 +308,7 @@ def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
     """The verified tokens, the verdict (None for implied plumbing) and the session; raises for a refusal."""
     gate, loaded, trace = ctx.gate, ctx.loaded, ctx.trace
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, ctx.now)
-    session = _check_session(request, ctx)
+    session = ctx.session = _check_session(request, ctx)
     if target.implied:
         gate.charge(loaded, None, None, trace)  # the rate limit counts every message
         trace.outcome, trace.reason = "allowed", "implied"
@@ -354,7 +384,7 @@ async def _plumbing(request: web.Request, ctx: Context) -> web.StreamResponse:
     """The GET stream and DELETE of a session: implied by the upstream, still token-checked."""
     creds = ctx.gate.credentials(ctx.loaded, facts.narrowed_token(request), ctx.trace, ctx.now)
     ctx.trace.mcp = {"kind": "stream" if request.method == "GET" else "session_end"}
-    session = _check_session(request, ctx)
+    session = ctx.session = _check_session(request, ctx)
     ctx.trace.outcome, ctx.trace.reason = "allowed", "implied"
     if request.body_exists:
         raise errors.bad_request("mcp_body", f"an MCP {request.method} carries no body")
@@ -415,13 +445,18 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
     try:
         async for chunk in upstream.content.iter_any():
             for event in events.feed(chunk):
-                replaced = None
-                if stream is not None:
+                out = event.raw
+                session = stream.session if stream is not None else ctx.session
+                if event.data is not None and not _server_asks(ctx, exchange.creds, event.data, session, stream):
+                    out = b": capgate refused a server request (no rule allows it)\n\n"
+                elif stream is not None:
                     replaced = stream.event(event)
+                    out = event.raw if replaced is None else event.with_data(replaced)
                 elif event.data is not None:
                     replaced = _observe(ctx, exchange, event.data.encode("utf-8", "surrogatepass"))
+                    out = event.raw if replaced is None else event.with_data(replaced)
                 async with lock:
-                    await response.write(event.raw if replaced is None else event.with_data(replaced))
+                    await response.write(out)
             if stream is not None and stream.outbox is not None and pump is None:
                 pump = asyncio.create_task(_pump(stream.outbox, response, lock))
         await response.write(events.rest())
@@ -442,6 +477,65 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
             ctx.pending.close_outbox(ctx.route.upstream.name, stream.session)
     await response.write_eof()
     return response
+
+
+SERVER_IMPLIED = frozenset({"ping", "elicitation/create"})
+"""Server-to-client requests that need no rule; sampling, roots and anything else need ``mcp.rpc``."""
+
+
+def _server_asks(ctx: Context, creds: list[tokens.Credential], data: str, session: str | None,
+                 stream: OldStream | None) -> bool:
+    """False when ``data`` is a server-to-client request no rule allows (it is then answered with
+    an error on the client's behalf and never shown to the agent); True otherwise.
+
+    An allowed request's id is remembered for the session, so only answers to real ids pass.
+    """
+    try:
+        message = core_mcp.parse(data.encode("utf-8", "surrogatepass"))
+    except core_mcp.McpError:
+        return True
+    if message.kind != "request" or message.method is None:
+        return True
+    upstream = ctx.route.upstream.name
+    allowed = message.method in SERVER_IMPLIED
+    if not allowed:
+        try:
+            resource = core_mcp.resource(upstream, message.method, what="method")
+        except core_mcp.McpError:
+            resource = None
+        allowed = resource is not None and decision.decide(creds, decision.Request(
+            principal=ctx.loaded.principal, correlation=ctx.correlation, action=core_mcp.RPC, resource=resource,
+            now=datetime.now(UTC)), revoked=ctx.gate.revocations.revoked_ids).allowed
+    if allowed:
+        if session is not None:
+            ctx.pending.ask(upstream, session, message.id)
+        return True
+    log.info("refused server request %s on %s", message.method, upstream)
+    ctx.pending.spawn(_refuse_for_client(ctx, message, session, stream))
+    return False
+
+
+async def _refuse_for_client(ctx: Context, message: core_mcp.Message, session: str | None,
+                             stream: OldStream | None) -> None:
+    """Tell the server the client declined, so a tool waiting for sampling fails instead of hanging."""
+    body = json_bytes(core_mcp.error_message(message.id, core_mcp.DENIED,
+                                             f"capgate: no rule allows the server request {message.method}"))
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    if stream is not None and stream.endpoint is not None:
+        origin = urlsplit(ctx.route.base_url)
+        url = f"{origin.scheme}://{origin.netloc}{stream.endpoint}"
+    else:
+        url = ctx.route.base_url + ctx.route.raw_path
+        if session is not None:
+            headers[SESSION_HEADER] = session
+    injection = ctx.injection()
+    if injection is not None:
+        headers[injection.header] = injection.value
+    try:
+        async with ctx.client.post(URL(url, encoded=True), data=body, headers=headers, allow_redirects=False) as reply:
+            await reply.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("could not refuse a server request on %s (%s)", ctx.route.upstream.name, type(exc).__name__)
 
 
 GUARD_SECONDS = 0.25
@@ -536,6 +630,8 @@ class OldStream:
         self.base = urlsplit(route.base_url).path.rstrip("/")
         self.session: str | None = None
         self.outbox: asyncio.Queue[bytes] | None = None
+        self.endpoint: str | None = None
+        """The message endpoint as the upstream named it (where the sidecar itself posts replies)."""
 
     def event(self, event: Event) -> bytes | None:
         if event.data is None:
@@ -557,6 +653,7 @@ class OldStream:
     def _endpoint(self, data: str) -> bytes:
         if not data.startswith("/") or data.startswith("//") or "://" in data:
             raise ValueError("the MCP endpoint event is not a path on the upstream's origin")
+        self.endpoint = data
         path = data[len(self.base):] if self.base and data.startswith(self.base + "/") else data
         sessions = parse_qs(urlsplit(path).query).get("session_id", [])
         if len(sessions) == 1:

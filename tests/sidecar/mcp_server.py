@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import mcp_types as types
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import BaseModel
+
+
+class Confirm(BaseModel):
+    ok: bool
 
 
 @dataclass
@@ -51,6 +58,22 @@ def server(booking: Booking) -> MCPServer:
     def add_note(trip: str, text: str) -> str:
         booking.calls.append(("add_note", {"trip": trip, "text": text}))
         return "noted"
+
+    @srv.tool()
+    async def confirm_booking(booking_id: str, ctx: Context) -> str:
+        answer = await ctx.elicit(f"Book {booking_id}?", Confirm)
+        booking.calls.append(("confirm_booking", {"booking_id": booking_id, "answer": answer.action}))
+        return "confirmed" if answer.action == "accept" and answer.data and answer.data.ok else "not confirmed"
+
+    @srv.tool()
+    async def summarize(text: str, ctx: Context) -> str:
+        with warnings.catch_warnings():  # sampling is deprecated at 2026-07-28; this test speaks 2025-11-25
+            warnings.simplefilter("ignore")
+            reply = await ctx.session.create_message(
+                [types.SamplingMessage(role="user", content=types.TextContent(type="text", text=text))],
+                max_tokens=16)
+        booking.calls.append(("summarize", {"text": text}))
+        return str(reply.content)
 
     @srv.tool()
     def transfer_funds(to: str) -> str:

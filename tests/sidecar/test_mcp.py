@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import httpx2
+import mcp_types
 import pytest
 import yaml
 from mcp import Client, ClientSession
@@ -399,3 +400,66 @@ async def test_a_lockdown_closes_open_streams(sidecar: MakeSidecar, booking: Boo
         assert source.read(side.gate.revocations)
         await read_to_end(stream)
     assert next(r for r in mcp_records(side) if r["mcp"]["kind"] == "stream")["mcp"]["closed"] == "lockdown"
+
+
+def spec_with(*rules: dict[str, Any]) -> dict[str, Any]:
+    spec = example_spec()
+    spec["rules"] = [*rules, *spec["rules"]]
+    return spec
+
+
+INTERACTIVE = {"name": "interactive", "effect": "allow", "actions": ["mcp.call"],
+               "resources": ["mcp://booking/confirm_booking", "mcp://booking/summarize"]}
+
+
+async def test_an_elicitation_round_trip_passes(sidecar: MakeSidecar, booking: Booking) -> None:
+    # ctx.elicit() is a server-to-client request: the 2025-11-25 era (2026-07-28 uses InputRequiredResult)
+    asked: list[str] = []
+
+    async def elicit(context: Any, params: Any) -> Any:
+        asked.append(params.message)
+        return mcp_types.ElicitResult(action="accept", content={"ok": True})
+
+    async with running(booking) as url:
+        side = await sidecar(spec_with(INTERACTIVE), upstream_urls={"booking": url}, read_timeout=5.0,
+                             total_timeout=10.0)
+        with anyio.fail_after(20):
+            async with Client(url_of(side), mode="legacy", elicitation_callback=elicit) as client:
+                result = await client.call_tool("confirm_booking", {"booking_id": "b1"})
+    assert asked == ["Book b1?"]
+    assert not result.is_error and booking.calls == [("confirm_booking", {"booking_id": "b1", "answer": "accept"})]
+
+
+async def test_sampling_needs_a_rule_and_the_agent_never_sees_an_unallowed_request(
+        sidecar: MakeSidecar, booking: Booking) -> None:
+    sampled: list[object] = []
+
+    async def sample(context: Any, params: Any) -> Any:
+        sampled.append(params)
+        return mcp_types.CreateMessageResult(role="assistant", model="m",
+                                             content=mcp_types.TextContent(type="text", text="short"))
+
+    async with running(booking) as url:
+        side = await sidecar(spec_with(INTERACTIVE), upstream_urls={"booking": url}, read_timeout=5.0,
+                             total_timeout=10.0)
+        with anyio.fail_after(20):
+            async with Client(url_of(side), mode="legacy", sampling_callback=sample) as client:
+                with pytest.raises(MCPError, match="no rule allows the server request sampling/createMessage"):
+                    await client.call_tool("summarize", {"text": "a long text"})
+        assert sampled == [] and booking.calls == []
+        allowed = await sidecar(spec_with(INTERACTIVE, {"name": "sampling", "effect": "allow", "actions": ["mcp.rpc"],
+                                                        "resources": ["mcp://booking/sampling/createMessage"]}),
+                                upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        with anyio.fail_after(20):
+            async with Client(url_of(allowed), mode="legacy", sampling_callback=sample) as client:
+                result = await client.call_tool("summarize", {"text": "a long text"})
+    assert not result.is_error and len(sampled) == 1
+
+
+async def test_an_answer_to_a_request_the_server_never_sent_is_refused(mcp_sidecar: Sidecar) -> None:
+    session = await initialize(mcp_sidecar)
+    forged = {"jsonrpc": "2.0", "id": 77, "result": {"action": "accept", "content": {"ok": True}}}
+    response = await mcp_sidecar.client.post("/booking/mcp", json=forged,
+                                             headers={**HEADERS, "Mcp-Session-Id": session})
+    body = await response.json()
+    assert response.status == 403 and body["error"]["data"]["reason"] == "unknown_request_id"
