@@ -92,6 +92,7 @@ class RuleSpec(TypedDict):
     requires: NotRequired[list[str]]
     limits: NotRequired[list[LimitSpec]]
     args: NotRequired[list[ArgSpec]]
+    readOnly: NotRequired[bool]
 
 
 class RateLimitSpec(TypedDict):

@@ -128,6 +128,8 @@ class Rule:
     requires: tuple[str, ...] = ()
     limits: tuple[Limit, ...] = ()
     args: tuple[Arg, ...] = ()
+    read_only: bool = False
+    """``readOnly``: what this action rule allows only reads, so it goes on during a lockdown."""
 
     @property
     def is_http(self) -> bool:
@@ -441,7 +443,7 @@ def _parse_limits(reader: _Reader) -> tuple[Limit, ...]:
 
 def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rule:
     reader = _Reader(item, path, ("name", "effect", "upstream", "methods", "paths", "actions", "resources",
-                                  "requires", "limits", "args"))
+                                  "requires", "limits", "args", "readOnly"))
     name = reader.string("name", RULE_NAME, max_len=63, what="a rule name (lowercase, digits, '-', '_', '.')")
     effect = reader.string("effect")
     if effect not in ("allow", "deny"):
@@ -476,7 +478,8 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
     args = _parse_args(reader)
     rule = Rule(name=name, effect=cast(Effect, effect), upstream=upstream, methods=tuple(dict.fromkeys(methods)),
                 paths=tuple(dict.fromkeys(globs)), actions=tuple(names["actions"]),
-                resources=tuple(names["resources"]), requires=tuple(dict.fromkeys(requires)), limits=limits, args=args)
+                resources=tuple(names["resources"]), requires=tuple(dict.fromkeys(requires)), limits=limits, args=args,
+                read_only=reader.boolean("readOnly", False))
     if not (rule.upstream or rule.methods or rule.paths or rule.actions or rule.resources):
         raise SpecError(path, "a rule must name at least one of upstream, methods, paths, actions, resources")
     if not rule.is_http and (rule.methods or rule.paths):
@@ -484,6 +487,8 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
     if not rule.is_http and rule.upstream:
         raise SpecError(f"{path}.upstream", "action rules name their upstream in the resource "
                                             "(mcp://<upstream>/<tool>), not in 'upstream'")
+    if rule.read_only and (rule.is_http or rule.effect != "allow"):
+        raise SpecError(f"{path}.readOnly", "only action allow rules are marked readOnly (HTTP reads are GET/HEAD)")
     if rule.args and rule.is_http:
         raise SpecError(f"{path}.args", "args constrain action arguments (MCP params.arguments); "
                                         "use actions/resources")
@@ -632,6 +637,8 @@ def to_spec(cap: Capability) -> dict[str, Any]:
                 out[key] = value
         if rule.limits:
             out["limits"] = [{"field": lim.field, "max": lim.max} for lim in rule.limits]
+        if rule.read_only:
+            out["readOnly"] = True
         if rule.args:
             out["args"] = [{"field": a.field, "in": list(a.one_of)} if a.one_of else {"field": a.field, "glob": a.glob}
                            for a in rule.args]

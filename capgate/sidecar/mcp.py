@@ -313,13 +313,21 @@ def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
         gate.charge(loaded, None, None, trace)  # the rate limit counts every message
         trace.outcome, trace.reason = "allowed", "implied"
         return creds, None, session
-    gate.check_lockdown(loaded, request.method)
+    locked: errors.SidecarError | None = None
+    try:
+        gate.check_lockdown(loaded, request.method)
+    except errors.SidecarError as exc:
+        locked = exc  # decided first: a readOnly rule's tools go on during a lockdown
     carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
     receipts = gate.receipt_rules(loaded, carried, ctx.correlation, trace, ctx.now)
     verdict = gate.decide(creds, decision.Request(
         principal=loaded.principal, correlation=ctx.correlation, action=target.action, resource=target.resource,
         body=dict(target.arguments) if target.arguments is not None else None, receipts=receipts, now=ctx.now),
         trace)
+    if locked is not None:
+        rule = loaded.capability.rule(verdict.rule) if verdict.allowed and verdict.rule else None
+        if rule is None or not rule.read_only:
+            raise locked
     gate.enforce(loaded, verdict, trace)
     gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace)
     return creds, verdict, session

@@ -170,3 +170,12 @@ def test_a_deny_rule_with_in_compares_folded_values(env: str, denied: bool) -> N
 def test_an_allow_rule_reads_argument_values_exactly(cred: tokens.Credential) -> None:
     outcome = call(cred, "charge", {"amount": 100, "currency": "eur"}, frozenset({"search"}))
     assert (outcome.allowed, outcome.reason) == (False, "limit_exceeded")
+
+
+def test_read_only_marks_action_allow_rules_only() -> None:
+    marked = _with_rule({"name": "x", "effect": "allow", "actions": ["mcp.call"], "readOnly": True}).rule("x")
+    assert marked is not None and marked.read_only
+    for rule in ({"name": "x", "effect": "deny", "actions": ["mcp.call"], "readOnly": True},
+                 {"name": "x", "effect": "allow", "methods": ["GET"], "readOnly": True}):
+        with pytest.raises(SpecError, match="readOnly"):
+            _with_rule(rule)

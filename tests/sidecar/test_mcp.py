@@ -261,7 +261,7 @@ async def test_a_narrowed_token_lowers_a_tools_argument_limit(mcp_sidecar: Sidec
     assert booking.calls[-1] == ("charge", {"amount": 50, "currency": "EUR"})
 
 
-async def test_lockdown_stops_tool_calls_but_not_the_protocol(sidecar: MakeSidecar, booking: Booking,
+async def test_lockdown_stops_tool_calls_but_not_the_protocol_or_read_only_tools(sidecar: MakeSidecar, booking: Booking,
                                                               tmp_path: Path) -> None:
     revocations = tmp_path / "revocations.json"
     revocations.write_text(json.dumps({"lockdown": {"all": True}}))
@@ -271,10 +271,11 @@ async def test_lockdown_stops_tool_calls_but_not_the_protocol(sidecar: MakeSidec
         assert FileSource(revocations).read(side.gate.revocations)
         async with Client(url_of(side)) as client:
             assert (await client.list_tools()).tools
+            await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})  # readOnly
             with pytest.raises(MCPError) as caught:
-                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+                await client.call_tool("add_note", {"trip": "t-1", "text": "x"})
     assert caught.value.data["error"] == "lockdown"
-    assert booking.calls == []
+    assert booking.tools() == ["search_flights"]
 
 
 async def initialize(side: Sidecar, headers: dict[str, str] | None = None) -> str:
