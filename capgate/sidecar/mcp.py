@@ -449,7 +449,7 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
     stream = OldStream(request, ctx) if exchange.message is None and ctx.old_transport is not None else None
     lock = asyncio.Lock()  # whole events only: the sidecar's own never land inside the upstream's
     pump: asyncio.Task[None] | None = None
-    guard = asyncio.create_task(_guard(ctx, exchange.creds, upstream))
+    guard = asyncio.create_task(_guard(ctx, exchange.creds, upstream, request))
     try:
         async for chunk in upstream.content.iter_any():
             for event in events.feed(chunk):
@@ -550,8 +550,10 @@ GUARD_SECONDS = 0.25
 """How often an open stream re-checks lockdown by silence and expiry; revocations wake it at once."""
 
 
-async def _guard(ctx: Context, creds: list[tokens.Credential], upstream: aiohttp.ClientResponse) -> None:
-    """Close a stream when its tokens are revoked or expire, or the sidecar locks down.
+async def _guard(ctx: Context, creds: list[tokens.Credential], upstream: aiohttp.ClientResponse,
+                 request: web.Request) -> None:
+    """Close a stream when its tokens are revoked or expire, the sidecar locks down, or the agent
+    hangs up (a quiet stream would otherwise hold the upstream request open forever).
 
     A stream outlives the decision that opened it; what it carries afterwards (server requests,
     notifications, a long tool call's progress) must stop when the credential stops.
@@ -560,7 +562,8 @@ async def _guard(ctx: Context, creds: list[tokens.Credential], upstream: aiohttp
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.changed.wait(), GUARD_SECONDS)
-        why = _stream_end(ctx, creds)
+        transport = request.transport
+        why = "client_disconnected" if transport is None or transport.is_closing() else _stream_end(ctx, creds)
         if why is not None:
             log.info("closing an MCP stream of %s: %s", ctx.trace.decision_id, why)
             if ctx.trace.mcp is not None:

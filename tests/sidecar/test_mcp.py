@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import httpx2
 import mcp_types
 import pytest
 import yaml
+from aiohttp import web
 from mcp import Client, ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -19,6 +22,7 @@ from mcp.shared.exceptions import MCPError
 
 from capgate import cli
 from capgate.capabilities.spec import load_capability_file
+from capgate.sidecar import app as sidecar_app
 from capgate.sidecar.watch import FileSource
 from tests.sidecar.conftest import MakeSidecar, Sidecar
 from tests.sidecar.mcp_server import Booking, running, running_sse
@@ -278,11 +282,13 @@ async def test_lockdown_stops_tool_calls_but_not_the_protocol_or_read_only_tools
     assert booking.tools() == ["search_flights"]
 
 
+INITIALIZE = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+              "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                         "clientInfo": {"name": "raw", "version": "0"}}}
+
+
 async def initialize(side: Sidecar, headers: dict[str, str] | None = None) -> str:
-    message = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
-               "params": {"protocolVersion": "2025-11-25", "capabilities": {},
-                          "clientInfo": {"name": "raw", "version": "0"}}}
-    response = await side.client.post("/booking/mcp", json=message, headers={**HEADERS, **(headers or {})})
+    response = await side.client.post("/booking/mcp", json=INITIALIZE, headers={**HEADERS, **(headers or {})})
     assert response.status == 200, await response.text()
     await response.read()
     return response.headers["Mcp-Session-Id"]
@@ -464,3 +470,29 @@ async def test_an_answer_to_a_request_the_server_never_sent_is_refused(mcp_sidec
                                              headers={**HEADERS, "Mcp-Session-Id": session})
     body = await response.json()
     assert response.status == 403 and body["error"]["data"]["reason"] == "unknown_request_id"
+
+
+async def test_an_agent_hanging_up_ends_its_upstream_stream(mcp_sidecar: Sidecar) -> None:
+    # As capgate-sidecar runs it: aiohttp does not cancel a handler when its client goes away
+    # (the test server would, which is not what production does).
+    agent, _ = sidecar_app.create_apps(mcp_sidecar.settings, env={"PAYMENTS_API_KEY": "unused"})
+    runner = web.AppRunner(agent, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            response = await http.post("/booking/mcp", json=INITIALIZE, headers=HEADERS)
+            session = response.headers["Mcp-Session-Id"]
+            await response.read()
+            stream = await http.get("/booking/mcp", headers={"Accept": "text/event-stream", "Mcp-Session-Id": session,
+                                                              "Mcp-Protocol-Version": "2025-11-25"})
+            assert stream.status == 200
+            stream.close()
+        audit = mcp_sidecar.settings.audit_log
+        with anyio.fail_after(5):  # a hang guard: the stream's record is written once the sidecar lets go
+            while '"closed":"client_disconnected"' not in Path(audit).read_text().replace(" ", ""):
+                await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
