@@ -254,6 +254,33 @@ def _mcp_args(text: str | None) -> object:
         raise UsageError(f"--args: {exc.message}") from None
 
 
+def cmd_mcp_pin(args: argparse.Namespace) -> int:
+    """Pins for every tool of a ``tools/list`` answer: printed, or written into the capability file."""
+    try:
+        document = core_mcp.parse_json(Path(args.tools).read_bytes() if args.tools != "-" else sys.stdin.buffer.read())
+    except (OSError, core_mcp.McpError) as exc:
+        raise UsageError(f"--tools: {exc}") from None
+    if isinstance(document, dict) and isinstance(document.get("result"), dict):
+        document = document["result"]
+    tools = document.get("tools") if isinstance(document, dict) else document
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
+        raise UsageError("--tools: expected a tools/list result ({\"tools\": [...]}) or its JSON-RPC answer")
+    pins = {tool["name"]: core_mcp.definition_pin(tool) for tool in tools}
+    if not args.write:
+        print(yaml.safe_dump({"pins": pins}, sort_keys=True), end="")
+        return EXIT_OK
+    path = Path(args.capability)
+    manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
+    upstream = next((u for u in manifest.get("spec", {}).get("upstreams", []) if u.get("name") == args.upstream), None)
+    if upstream is None or not isinstance(upstream.get("mcp"), dict):
+        raise UsageError(f"{path}: no upstream {args.upstream!r} with mcp")
+    upstream["mcp"]["pins"] = pins
+    spec.parse_capability(manifest)  # never write a capability that would not load
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+    print(f"pinned {len(pins)} tools of {args.upstream!r} in {path} (comments are not kept)")
+    return EXIT_OK
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     cap = spec.load_capability_file(args.capability)
     if (args.request is None) == (args.mcp is None):
@@ -428,6 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--at", help="evaluate at this RFC 3339 time (default: now)")
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(func=cmd_explain)
+
+    mcp = sub.add_parser("mcp", help="MCP helpers")
+    mcp_sub = mcp.add_subparsers(dest="mcp_command", required=True)
+    pin = mcp_sub.add_parser("pin", help="sha256 pins of tool definitions (from a saved tools/list answer)")
+    pin.add_argument("capability")
+    pin.add_argument("--upstream", required=True, help="the MCP upstream the tools belong to")
+    pin.add_argument("--tools", required=True, help="a tools/list result or JSON-RPC answer (file, or - for stdin)")
+    pin.add_argument("--write", action="store_true", help="write the pins into the capability file")
+    pin.set_defaults(func=cmd_mcp_pin)
 
     test = sub.add_parser("test", help="run a table of requests and expected decisions")
     test.add_argument("cases", nargs="+")

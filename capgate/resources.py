@@ -63,6 +63,8 @@ class McpSpec(TypedDict, total=False):
     path: str
     sse: str
     messages: str
+    pins: dict[str, str]
+    """Tool name -> ``sha256:<hex>`` of its canonical definition (``capgate mcp pin``)."""
 
 
 class UpstreamSpec(TypedDict):

@@ -339,6 +339,16 @@ def error_message(ident: JsonRpcId | None, code: int, message: str,
     return {"jsonrpc": "2.0", "id": ident, "error": error}
 
 
+PIN = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def definition_pin(tool: Mapping[str, object]) -> str:
+    """``sha256:<hex>`` of a tool definition as ``tools/list`` returns it, canonically (sorted keys,
+    no insignificant white space), without ``_meta`` (servers put volatile data there). A changed
+    name, description, schema or annotation — what a rug pull changes — changes the pin."""
+    return "sha256:" + digest({key: value for key, value in tool.items() if key != "_meta"})
+
+
 def digest(value: object) -> str:
     """sha256 of canonical JSON: the audit names what was sent without recording it."""
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -68,6 +68,11 @@ class Mcp:
     path: str | None = None
     sse: str | None = None
     messages: str | None = None
+    pins: tuple[tuple[str, str], ...] = ()
+    """``mcp.pins``: tool name -> ``sha256:<hex>`` of its definition (``capgate mcp pin``)."""
+
+    def pin(self, tool: str) -> str | None:
+        return next((value for name, value in self.pins if name == tool), None)
 
     def covers(self, path: str) -> bool:
         """Is ``path`` (normalized) an MCP endpoint of this upstream?
@@ -396,9 +401,31 @@ def _mcp_path(reader: _Reader, key: str) -> str | None:
     return value
 
 
+PIN = re.compile(r"^sha256:[0-9a-f]{64}$")
+MAX_PINS = 256
+
+
+def _parse_pins(reader: _Reader) -> tuple[tuple[str, str], ...]:
+    if not reader.has("pins"):
+        return ()
+    pins = reader.data["pins"]
+    where = reader.sub("pins")
+    if not isinstance(pins, Mapping) or len(pins) > MAX_PINS:
+        raise SpecError(where, f"must be a map of at most {MAX_PINS} tool names to sha256:<hex> pins")
+    out = []
+    for tool, pin in pins.items():
+        if not isinstance(tool, str) or not tool or len(tool) > 1024 or any(c in tool for c in "%?#/"):
+            raise SpecError(where, f"{tool!r} is not a tool name")
+        if not isinstance(pin, str) or not PIN.fullmatch(pin):
+            raise SpecError(f"{where}.{tool}", "must be sha256:<64 lowercase hex digits> (capgate mcp pin)")
+        out.append((tool, pin))
+    return tuple(sorted(out))
+
+
 def _parse_mcp(data: object, path: str) -> Mcp:
-    reader = _Reader(data, path, ("path", "sse", "messages"))
-    mcp = Mcp(path=_mcp_path(reader, "path"), sse=_mcp_path(reader, "sse"), messages=_mcp_path(reader, "messages"))
+    reader = _Reader(data, path, ("path", "sse", "messages", "pins"))
+    mcp = Mcp(path=_mcp_path(reader, "path"), sse=_mcp_path(reader, "sse"), messages=_mcp_path(reader, "messages"),
+              pins=_parse_pins(reader))
     if (mcp.path is None) == (mcp.sse is None and mcp.messages is None):
         raise SpecError(path, "needs either path (streamable HTTP) or sse and messages (HTTP+SSE)")
     if (mcp.sse is None) != (mcp.messages is None):
@@ -654,6 +681,8 @@ def to_spec(cap: Capability) -> dict[str, Any]:
         if up.mcp:
             out["mcp"] = {k: v for k, v in (("path", up.mcp.path), ("sse", up.mcp.sse), ("messages", up.mcp.messages))
                           if v is not None}
+            if up.mcp.pins:
+                out["mcp"]["pins"] = dict(up.mcp.pins)
         return out
 
     spec: dict[str, Any] = {

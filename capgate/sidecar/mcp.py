@@ -103,6 +103,7 @@ class Pending:
         self._outboxes: dict[tuple[str, str], asyncio.Queue[bytes]] = {}
         self._asked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._definitions: dict[tuple[str, str], bool] = {}
 
     def open_outbox(self, upstream: str, session: str) -> asyncio.Queue[bytes]:
         """Events the sidecar itself must deliver on a session's stream (its refusals)."""
@@ -129,6 +130,13 @@ class Pending:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def verified(self, upstream: str, tool: str, matches: bool) -> None:
+        """The last listed definition of a pinned tool matched its pin (or not)."""
+        self._definitions[(upstream, tool)] = matches
+
+    def is_verified(self, upstream: str, tool: str) -> bool | None:
+        return self._definitions.get((upstream, tool))
 
     def ask(self, upstream: str, session: str, ident: object) -> None:
         """The server asked the client something on this session (its answer may pass, once)."""
@@ -318,6 +326,7 @@ def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
         gate.check_lockdown(loaded, request.method)
     except errors.SidecarError as exc:
         locked = exc  # decided first: a readOnly rule's tools go on during a lockdown
+    _check_pinned_call(ctx, target)
     carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
     receipts = gate.receipt_rules(loaded, carried, ctx.correlation, trace, ctx.now)
     verdict = gate.decide(creds, decision.Request(
@@ -620,8 +629,53 @@ def _filtered(ctx: Context, exchange: Exchange, answer: core_mcp.Message) -> byt
     def may(action: str, resource: str) -> bool:
         return could_call(ctx, exchange.creds, action, resource)
 
-    document = core_mcp.filter_list(answer.document, method, ctx.route.upstream.name, may)
+    source = _check_pins(ctx, answer.document) if method == "tools/list" else answer.document
+    document = core_mcp.filter_list(source, method, ctx.route.upstream.name, may)
     return None if document is None else json_bytes(document)
+
+
+def _check_pins(ctx: Context, document: Mapping[str, object]) -> Mapping[str, object]:
+    """Compare each listed tool that has a pin with it: a changed one is hidden, remembered (its
+    calls are refused) and counted; a matching one is remembered as verified."""
+    mcp = ctx.route.upstream.mcp
+    result = document.get("result")
+    if mcp is None or not mcp.pins or not isinstance(result, Mapping) or not isinstance(result.get("tools"), list):
+        return document
+    upstream = ctx.route.upstream.name
+    kept: list[object] = []
+    changed: list[str] = []
+    for tool in result["tools"]:
+        name = tool.get("name") if isinstance(tool, Mapping) else None
+        pin = mcp.pin(name) if isinstance(name, str) else None
+        if pin is None or not isinstance(name, str) or not isinstance(tool, Mapping):
+            kept.append(tool)
+            continue
+        matches = core_mcp.definition_pin(tool) == pin
+        ctx.pending.verified(upstream, name, matches)
+        if matches:
+            kept.append(tool)
+        else:
+            changed.append(name)
+            ctx.gate.metrics.mcp_definition_changed.labels(upstream).inc()
+    if changed:
+        log.warning("MCP tools on %s differ from their pins and are hidden: %s", upstream, ", ".join(changed))
+        if ctx.trace.mcp is not None:
+            ctx.trace.mcp["definition_changed"] = changed
+    return {**document, "result": {**result, "tools": kept}}
+
+
+def _check_pinned_call(ctx: Context, target: core_mcp.Target) -> None:
+    """A pinned tool is called only after a list showed its definition matching the pin."""
+    mcp = ctx.route.upstream.mcp
+    if mcp is None or target.action != core_mcp.CALL or target.name is None or mcp.pin(target.name) is None:
+        return
+    if ctx.loaded.capability.mode == "audit":
+        return  # lists are not rewritten in audit mode, so nothing was checked
+    state = ctx.pending.is_verified(ctx.route.upstream.name, target.name)
+    if state is not True:
+        why = ("its definition differs from its pin" if state is False
+               else "its definition has not been checked against its pin yet (list the tools first)")
+        raise errors.SidecarError(403, "denied", "definition_changed", f"tool {target.name!r} is refused: {why}")
 
 
 class OldStream:

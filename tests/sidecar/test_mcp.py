@@ -496,3 +496,48 @@ async def test_an_agent_hanging_up_ends_its_upstream_stream(mcp_sidecar: Sidecar
                 await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()
+
+
+async def wire_tools(url: str) -> bytes:
+    """The tools/list answer exactly as the server sends it (a 2026-07-28 single request)."""
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list",
+                                                       "params": {"_meta": meta}},
+                                   headers={**HEADERS, "Mcp-Method": "tools/list",
+                                            "MCP-Protocol-Version": "2026-07-28"})
+        assert response.status == 200, await response.text()
+        return await response.read()
+
+
+async def test_pinned_tools_are_hidden_and_refused_when_their_definition_changes(
+        sidecar: MakeSidecar, booking: Booking, tmp_path: Path, mode: str) -> None:
+    capability = tmp_path / "capability.yaml"
+    capability.write_text(EXAMPLE.read_text())
+    async with running(booking, json_response=True) as url:
+        tools = tmp_path / "tools.json"
+        tools.write_bytes(await wire_tools(url))
+        assert cli.main(["mcp", "pin", str(capability), "--upstream", "booking", "--tools", str(tools), "--write"]) == 0
+        spec = yaml.safe_load(capability.read_text())["spec"]
+        pins = spec["upstreams"][0]["mcp"]["pins"]
+        assert set(pins) >= {"search_flights", "charge"}
+        side = await sidecar(spec, upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        async with Client(url_of(side), mode=mode) as client:
+            with pytest.raises(MCPError) as caught:  # not yet checked against its pin
+                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+            assert caught.value.data["reason"] == "definition_changed"
+            assert "search_flights" in [t.name for t in (await client.list_tools()).tools]
+            assert not (await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})).is_error
+
+        pins["search_flights"] = "sha256:" + "0" * 64  # what a changed (rug-pulled) definition looks like
+        changed = await sidecar(spec, upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        async with Client(url_of(changed)) as client:
+            assert "search_flights" not in [t.name for t in (await client.list_tools()).tools]
+            with pytest.raises(MCPError) as caught:
+                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+    assert caught.value.data["reason"] == "definition_changed"
+    assert booking.tools() == ["search_flights"]
+    listed = next(r for r in mcp_records(changed) if r["mcp"].get("method") == "tools/list")
+    assert listed["mcp"]["definition_changed"] == ["search_flights"]
+    metrics = await (await changed.admin.get("/metrics")).text()
+    assert 'capgate_mcp_definition_changed_total{upstream="booking"} 1.0' in metrics
