@@ -16,6 +16,8 @@ bench:  ## benchmark tables quoted in the README (each operator benchmark starts
 	.venv/bin/python bench/admission.py
 	.venv/bin/python bench/minting.py
 	.venv/bin/python bench/adversarial.py
+	.venv/bin/python bench/availability.py
+	.venv/bin/python bench/usage.py
 
 lint:
 	.venv/bin/ruff check capgate tests e2e bench examples && .venv/bin/mypy capgate && .venv/bin/lint-imports

@@ -165,7 +165,52 @@ def cmd_keys_rotate_cluster(args: argparse.Namespace) -> int:
     raise ClusterError("the root key Secret kept changing under us; try again")
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    """The fleet-wide spending of one AgentCapability: each rate limit and budget in its current window."""
+    import json
+
+    from kubernetes.client.exceptions import ApiException
+
+    from capgate import timestamps, usage
+    from capgate.capabilities import compiler
+
+    custom = _custom(_api(args.kubeconfig))
+    try:
+        cap_obj = custom.get_namespaced_custom_object(resources.GROUP, resources.VERSION, args.namespace,
+                                                      resources.CAPABILITY_PLURAL, args.name)
+        usage_obj = custom.get_namespaced_custom_object(resources.GROUP, resources.VERSION, args.namespace,
+                                                        resources.USAGE_PLURAL, args.name)
+    except ApiException as exc:
+        raise ClusterError(f"cannot read {args.namespace}/{args.name}: {exc.status} {exc.reason}") from exc
+    try:
+        rows = usage.table(compiler.validate_object(cap_obj), usage_obj.get("status"), time.time())
+    except usage.UsageError as exc:
+        raise ClusterError(f"the stored usage of {args.namespace}/{args.name} is malformed: {exc}") from exc
+    if args.json:
+        print(json.dumps([{"meter": r.meter.key, "windowStart": r.start, "spent": r.spent, "max": r.meter.max,
+                           "remaining": r.remaining, "ahead": r.ahead} for r in rows], indent=2))
+        return 0
+    lines = [("METER", "WINDOW START", "SPENT", "MAX", "REMAINING")]
+    for row in rows:
+        start = timestamps.iso(datetime.fromtimestamp(row.start, UTC))
+        lines.append((row.meter.label, start + (" (ahead of now)" if row.ahead else ""), str(row.spent),
+                      str(row.meter.max), str(row.remaining)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    if not rows:
+        print("(no rate limit or budget)")
+    return 0
+
+
 def register(sub: Any) -> None:
+    use = sub.add_parser("usage", help="fleet-wide spending of an AgentCapability's rate limit and budgets")
+    use.add_argument("name", help="AgentCapability name")
+    use.add_argument("-n", "--namespace", default="default")
+    use.add_argument("--json", action="store_true")
+    use.add_argument("--kubeconfig")
+    use.set_defaults(func=cmd_usage)
+
     revoke = sub.add_parser("revoke", help="revoke an AgentCapability's credentials, or token ids, now")
     revoke.add_argument("name", nargs="?", help="AgentCapability name")
     revoke.add_argument("-n", "--namespace", default="default")

@@ -20,6 +20,10 @@ CAPABILITY_SHORT_NAME = "acap"
 REVOCATION_KIND = "RevocationList"
 REVOCATION_PLURAL = "revocationlists"
 REVOCATION_LIST_NAME = "capgate"
+USAGE_KIND = "AgentCapabilityUsage"
+USAGE_PLURAL = "agentcapabilityusages"
+"""One per AgentCapability, same name and namespace, owned by it: the fleet-wide windows (DESIGN.md,
+"Fleet-wide state"). Its status is monotonic, enforced by the API server's transition rules."""
 
 CAPABILITY_LABEL = f"{GROUP}/capability"
 """Pods opt in to injection with this label; its value names the AgentCapability."""
@@ -178,3 +182,22 @@ class LockdownSpec(TypedDict, total=False):
 class RevocationListSpec(TypedDict, total=False):
     revokedIds: list[RevokedEntry]
     lockdown: LockdownSpec
+
+
+class UsageWindow(TypedDict):
+    start: int
+    """Unix seconds the window began, a multiple of its length."""
+    spent: int
+    """Leased out to sidecars in this window; only grows within a window."""
+
+
+class AgentCapabilityUsageSpec(TypedDict, total=False):
+    capability: str
+
+
+class AgentCapabilityUsageStatus(TypedDict, total=False):
+    windows: dict[str, UsageWindow]
+    """Keyed by :func:`capgate.usage.window_key`; never removed."""
+    horizon: int
+    consumed: dict[str, int]
+    """Consumed single-use receipt id -> its expiry (Unix seconds); pruned only once at or before horizon."""

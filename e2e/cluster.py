@@ -116,7 +116,8 @@ class Operator:
 def install_crds(plane: ControlPlane) -> None:
     plane.kubectl("apply", "-f", str(ROOT / "crds"))
     plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                  "crd/agentcapabilities.capgate.dev", "crd/revocationlists.capgate.dev")
+                  "crd/agentcapabilities.capgate.dev", "crd/revocationlists.capgate.dev",
+                  "crd/agentcapabilityusages.capgate.dev")
 
 
 class SecretSync:

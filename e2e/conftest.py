@@ -1,8 +1,12 @@
 """Fixtures for tests against capgate's real local control plane (see e2e/controlplane.py).
 
-These tests never skip silently: if the binaries cannot be built or the control plane does not become
+These tests never skip silently: if the binaries cannot be built or the cluster does not become
 ready, every test using it errors with the reason and the tail of the logs. The first run builds the
 binaries (10-20 minutes on 2 cores); later runs find them in the cache.
+
+The session's control plane has a real node (e2e/node.py): pods are scheduled and run. Tests that
+play the kubelet themselves (e2e/cluster.py) name images the node does not hold and cannot pull, so
+kubelet never starts those pods: their sidecar runs once, as the harness's local process.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import pytest
 from kubernetes import client as k8s
 
 from e2e.controlplane import ControlPlane, ControlPlaneError, Progress
+from e2e.node import Node
 
 
 def _terminal_progress(config: pytest.Config) -> Progress:
@@ -33,8 +38,8 @@ def _terminal_progress(config: pytest.Config) -> Progress:
 
 @pytest.fixture(scope="session")
 def control_plane(pytestconfig: pytest.Config) -> Iterator[ControlPlane]:
-    """A running etcd + kube-apiserver shared by the whole session; stopped and deleted at the end."""
-    plane = ControlPlane(progress=_terminal_progress(pytestconfig))
+    """etcd, kube-apiserver and a real node, shared by the whole session; stopped and deleted at the end."""
+    plane = ControlPlane(progress=_terminal_progress(pytestconfig), node=True)
     try:
         plane.start()
     except ControlPlaneError as error:
@@ -43,6 +48,12 @@ def control_plane(pytestconfig: pytest.Config) -> Iterator[ControlPlane]:
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="session")
+def node(control_plane: ControlPlane) -> Node:
+    """The session cluster's node (kubelet, containerd, kube-proxy, controllers, CoreDNS)."""
+    return control_plane.node
 
 
 @pytest.fixture(scope="session")

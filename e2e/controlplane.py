@@ -31,30 +31,28 @@ import argparse
 import atexit
 import collections
 import contextlib
-import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
 from kubernetes import client as k8s
 
-from e2e import pki
+from e2e import node_host, pki
+from e2e.node import NODE_ADDRESS, NODE_NAME, Node, NodeError
 from e2e.pki import ServingCert
+from e2e.processes import Child, free_ports, spawn, tail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-controlplane.sh"
@@ -62,12 +60,12 @@ BINARIES = ("kube-apiserver", "kubectl", "etcd", "helm")
 # Set to a directory holding prebuilt BINARIES to skip the build script entirely.
 BIN_DIR_ENV = "CAPGATE_CONTROLPLANE_BIN"
 
-SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"  # any private range: no kube-proxy ever programs it
+SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"  # the node's kube-proxy programs it; unused elsewhere on the host
+KUBERNETES_SERVICE_IP = "10.0.0.1"  # the first address of the range: the `kubernetes` Service
 LOG_TAIL_LINES = 40
 START_ATTEMPTS = 3  # free ports are picked, then bound by the children: another process may win a race
-STOP_GRACE_SECONDS = 10.0
 
-CLI_DESCRIPTION = "A local Kubernetes control plane (etcd + kube-apiserver) for capgate's e2e tests."
+CLI_DESCRIPTION = "A local Kubernetes cluster (etcd, kube-apiserver and a real node) for capgate's e2e tests."
 
 Progress = Callable[[str], None]
 
@@ -87,72 +85,12 @@ def _stderr_progress(line: str) -> None:
 # ----------------------------------------------------------------------------------------- processes
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports the kernel just had free; held open together so that they differ from each other."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with path.open(errors="replace") as file:
-            return "".join(collections.deque(file, maxlen=lines))
-    except OSError as error:
-        return f"<cannot read {path}: {error}>"
-
-
 def _direct_opener(context: ssl.SSLContext | None = None) -> urllib.request.OpenerDirector:
     """An opener that ignores HTTP(S)_PROXY: urllib would send even 127.0.0.1 through a proxy."""
     handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
     if context is not None:
         handlers.append(urllib.request.HTTPSHandler(context=context))
     return urllib.request.build_opener(*handlers)
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A preexec_fn asking the kernel to SIGKILL the child when the starting thread dies (Linux)."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    prctl = libc.prctl
-    parent = os.getpid()
-    pr_set_pdeathsig = 1  # from <linux/prctl.h>
-
-    def arm() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return arm
-
-
-@dataclass
-class _Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def describe_exit(self) -> str:
-        code = self.process.returncode
-        return f"{self.name} exited with code {code}; log {self.log_path}:\n{_tail(self.log_path)}"
-
-    def stop(self) -> None:
-        """SIGTERM the child's process group, then SIGKILL it after a grace period."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(STOP_GRACE_SECONDS)
-        # Even after the leader exited, kill stragglers left in its group.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
 
 
 # -------------------------------------------------------------------------------------- control plane
@@ -170,6 +108,8 @@ class ControlPlane:
         startup_timeout: float = 90.0,
         progress: Progress | None = None,
         extra_apiserver_flags: Sequence[str] = (),
+        node: bool = False,
+        kubelet_config: Mapping[str, object] | None = None,
     ) -> None:
         self.startup_timeout = startup_timeout
         self.extra_apiserver_flags = tuple(extra_apiserver_flags)
@@ -177,9 +117,10 @@ class ControlPlane:
         self._bin_dir: Path | None = None
         self._workdir: Path | None = None
         self._ca: pki.CertificateAuthority | None = None
-        self._children: list[_Child] = []
+        self._children: list[Child] = []
         self._port = 0
         self._atexit_registered = False
+        self._node: Node | None = Node(self, self._progress, kubelet_config=kubelet_config) if node else None
 
     # ---- binaries
 
@@ -194,6 +135,11 @@ class ControlPlane:
             self._run_build_script()
             bin_dir = Path(self._build_script_output("--print-dir").strip())
         missing = [name for name in BINARIES if not os.access(bin_dir / name, os.X_OK)]
+        if self._node is not None:
+            try:
+                self._node.check_prerequisites(bin_dir)
+            except NodeError as error:
+                raise ControlPlaneError(str(error)) from error
         if missing:
             raise ControlPlaneError(f"control plane binaries missing from {bin_dir}: {', '.join(missing)}")
         self._bin_dir = bin_dir
@@ -202,7 +148,7 @@ class ControlPlane:
     def _run_build_script(self) -> None:
         if shutil.which("bash") is None:
             raise ControlPlaneError("bash is needed to run hack/build-controlplane.sh")
-        tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        last_lines: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         with subprocess.Popen(
             ["bash", str(BUILD_SCRIPT)],
             stdout=subprocess.PIPE,
@@ -213,14 +159,14 @@ class ControlPlane:
             assert build.stdout is not None  # guaranteed by stdout=PIPE
             for line in build.stdout:
                 line = line.rstrip("\n")
-                tail.append(line)
+                last_lines.append(line)
                 # go prints one "downloading" line per module; they are noise, except in the tail.
                 if not line.startswith("go: downloading "):
                     self._progress(line)
         if build.returncode != 0:
             raise ControlPlaneError(
                 f"building the control plane binaries failed ({BUILD_SCRIPT} exited with "
-                f"{build.returncode}):\n" + "\n".join(tail)
+                f"{build.returncode}):\n" + "\n".join(last_lines)
             )
 
     def _build_script_output(self, *args: str) -> str:
@@ -247,7 +193,22 @@ class ControlPlane:
 
     @property
     def running(self) -> bool:
-        return bool(self._children) and all(child.process.poll() is None for child in self._children)
+        children = self._all_children()
+        return bool(children) and all(child.process.poll() is None for child in children)
+
+    def _all_children(self) -> list[Child]:
+        return self._children + (self._node.children if self._node is not None else [])
+
+    @property
+    def has_node(self) -> bool:
+        return self._node is not None
+
+    @property
+    def node(self) -> Node:
+        """The real node (``ControlPlane(node=True)``): kubelet, containerd, kube-proxy, controllers, DNS."""
+        if self._node is None:
+            raise ControlPlaneError("this control plane has no node (ControlPlane(node=True))")
+        return self._node
 
     def start(self) -> None:
         """Start etcd and kube-apiserver and return once ``/readyz`` answers ok."""
@@ -259,6 +220,8 @@ class ControlPlane:
             self._atexit_registered = True
         self._workdir = Path(tempfile.mkdtemp(prefix="capgate-controlplane-"))
         try:
+            if self._node is not None:
+                self._node.prepare_host(bin_dir)  # the API server binds the node's address
             self._write_pki()
             for attempt in range(1, START_ATTEMPTS + 1):
                 try:
@@ -270,6 +233,11 @@ class ControlPlane:
                         raise ControlPlaneError(f"no free ports after {attempt} attempts: {error}") from error
                     self._progress(f"controlplane: port taken, retrying ({error.args[0].splitlines()[0]})")
             self.create_namespace("default")
+            if self._node is not None:
+                self._node.start(bin_dir)
+        except NodeError as error:
+            self.stop()
+            raise ControlPlaneError(str(error)) from error
         except BaseException:
             self.stop()
             raise
@@ -277,9 +245,14 @@ class ControlPlane:
     def stop(self) -> None:
         """Stop the processes (TERM, then KILL, by process group) and remove the temporary directory.
 
-        Idempotent, and registered with ``atexit`` by ``start()``.
+        Idempotent, and registered with ``atexit`` by ``start()``. The node goes first, and with it every
+        change it made to the host (see e2e/node_host.py).
         """
+        if self._node is not None:
+            self._node.stop_daemons()
         self._stop_children()
+        if self._node is not None:
+            self._node.release_host()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -291,15 +264,13 @@ class ControlPlane:
         while self._children:
             self._children.pop().stop()
 
-    def wait(self) -> _Child:
+    def wait(self) -> Child:
         """Block until a child exits (for the ``up`` command) and return it."""
         while True:
-            for child in self._children:
-                try:
-                    child.process.wait(timeout=1.0)
-                except subprocess.TimeoutExpired:
-                    continue
-                return child
+            for child in self._all_children():
+                if child.process.poll() is not None:
+                    return child
+            time.sleep(1.0)
             if not self._children:
                 raise ControlPlaneError("control plane not started")
 
@@ -316,7 +287,7 @@ class ControlPlane:
         restarted = self._spawn(child.name, [str(arg) for arg in child.process.args])  # type: ignore[union-attr]
         self._wait_until(time.monotonic() + self.startup_timeout, restarted, self._apiserver_ready)
 
-    def _child(self, name: str) -> _Child:
+    def _child(self, name: str) -> Child:
         for child in self._children:
             if child.name == name:
                 return child
@@ -326,36 +297,32 @@ class ControlPlane:
         work = self._require_workdir()
         self._ca = ca = pki.CertificateAuthority("capgate-e2e-ca")
         pki.write(work / "pki" / "ca.crt", ca.cert_pem)
-        key, cert = ca.issue("kube-apiserver", hosts=("127.0.0.1", "localhost"), server=True)
+        # Pods reach the API server as the `kubernetes` Service (its IP and names), kube-proxy DNATs
+        # that to the node address; the host uses the node address too when there is a node.
+        hosts = ("127.0.0.1", "localhost", NODE_ADDRESS, KUBERNETES_SERVICE_IP, *_KUBERNETES_NAMES)
+        key, cert = ca.issue("kube-apiserver", hosts=hosts, server=True)
         pki.write(work / "pki" / "apiserver.key", key, private=True)
         pki.write(work / "pki" / "apiserver.crt", cert)
         key, cert = ca.issue("admin", organizations=("system:masters",), client=True)
         pki.write(work / "pki" / "admin.key", key, private=True)
         pki.write(work / "pki" / "admin.crt", cert)
+        # For kubectl logs/exec/port-forward: the API server's client certificate towards kubelet.
+        key, cert = ca.issue("kube-apiserver-kubelet-client", organizations=("system:masters",), client=True)
+        pki.write(work / "pki" / "apiserver-kubelet-client.key", key, private=True)
+        pki.write(work / "pki" / "apiserver-kubelet-client.crt", cert)
         key, public = pki.service_account_key_pair()
         pki.write(work / "pki" / "sa.key", key, private=True)
         pki.write(work / "pki" / "sa.pub", public)
 
-    def _spawn(self, name: str, argv: list[str]) -> _Child:
-        log_path = self._require_workdir() / "logs" / f"{name}.log"
-        log_path.parent.mkdir(exist_ok=True)
-        with log_path.open("ab") as log:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: killable as a whole, deaf to the tty's ^C
-                preexec_fn=_parent_death_signal(),  # only prctl, see _parent_death_signal
-            )
-        child = _Child(name, process, log_path)
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        child = spawn(name, argv, self._require_workdir() / "logs")
         self._children.append(child)
         return child
 
     def _launch(self, bin_dir: Path) -> None:
         work = self._require_workdir()
         certs = work / "pki"
-        etcd_client, etcd_peer, self._port = _free_ports(3)
+        etcd_client, etcd_peer, self._port = free_ports(3)
         etcd_url = f"http://127.0.0.1:{etcd_client}"
         data_dir = work / "etcd"
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -381,14 +348,14 @@ class ControlPlane:
             [
                 str(bin_dir / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self._host}",
+                f"--advertise-address={self._host}",
                 f"--secure-port={self._port}",
                 f"--cert-dir={work / 'apiserver'}",
                 f"--tls-cert-file={certs / 'apiserver.crt'}",
                 f"--tls-private-key-file={certs / 'apiserver.key'}",
                 f"--client-ca-file={certs / 'ca.crt'}",
-                "--authorization-mode=RBAC",
+                *self._authorization_flags(),
                 f"--service-account-issuer={self.service_account_issuer}",
                 f"--service-account-key-file={certs / 'sa.pub'}",
                 f"--service-account-signing-key-file={certs / 'sa.key'}",
@@ -401,7 +368,25 @@ class ControlPlane:
         self._write_admin_kubeconfig()
         self._wait_until(deadline, apiserver, self._apiserver_ready)
 
-    def _wait_until(self, deadline: float, child: _Child, ready: Callable[[], bool]) -> None:
+    def _authorization_flags(self) -> list[str]:
+        if self._node is None:
+            return ["--authorization-mode=RBAC"]
+        certs = self._require_workdir() / "pki"
+        return [
+            # Replaced, not appended: a mode given twice is an error.
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--kubelet-client-certificate={certs / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={certs / 'apiserver-kubelet-client.key'}",
+            f"--kubelet-certificate-authority={certs / 'ca.crt'}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+
+    @property
+    def _host(self) -> str:
+        return NODE_ADDRESS if self._node is not None else "127.0.0.1"
+
+    def _wait_until(self, deadline: float, child: Child, ready: Callable[[], bool]) -> None:
         while True:
             if child.process.poll() is not None:
                 message = child.describe_exit()
@@ -413,7 +398,7 @@ class ControlPlane:
             if time.monotonic() > deadline:
                 raise ControlPlaneError(
                     f"{child.name} not ready after {self.startup_timeout:.0f}s; logs:\n"
-                    + "\n".join(f"--- {c.log_path}\n{_tail(c.log_path)}" for c in self._children)
+                    + "\n".join(f"--- {c.log_path}\n{tail(c.log_path)}" for c in self._children)
                 )
             time.sleep(0.1)  # polling a local port; nothing to wait on instead
 
@@ -474,9 +459,9 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        """The API server URL, ``https://127.0.0.1:<port>``."""
+        """The API server URL: ``https://127.0.0.1:<port>``, or the node address when there is a node."""
         self._require_workdir()
-        return f"https://127.0.0.1:{self._port}"
+        return f"https://{self._host}:{self._port}"
 
     @property
     def service_account_issuer(self) -> str:
@@ -496,7 +481,11 @@ class ControlPlane:
     @property
     def logs(self) -> dict[str, Path]:
         """Log file per process name."""
-        return {child.name: child.log_path for child in self._children}
+        return {child.name: child.log_path for child in self._all_children()}
+
+    def log_tails(self) -> str:
+        """The last lines of every process's log, for failure messages."""
+        return "\n".join(f"--- {name}: {path}\n{tail(path)}" for name, path in self.logs.items())
 
     # ---- clients and helpers
 
@@ -559,6 +548,22 @@ class ControlPlane:
         token = self.service_account_token(namespace, name)
         return self.kubeconfig_for_token(token, f"{namespace}.{name}")
 
+    def issue_pem(
+        self, name: str, *, hosts: Sequence[str] = (), organizations: Sequence[str] = (), server: bool = False
+    ) -> tuple[bytes, bytes]:
+        """(key PEM, certificate PEM) signed by this control plane's CA; a client certificate unless ``server``."""
+        if self._ca is None:
+            raise ControlPlaneError("control plane not started")
+        return self._ca.issue(name, hosts=hosts, organizations=organizations, server=server, client=not server)
+
+    def write_client_kubeconfig(self, path: Path, user: str, groups: Sequence[str] = ()) -> Path:
+        """A kubeconfig at ``path`` with a client certificate for ``user`` in ``groups`` (beside it)."""
+        key, cert = self.issue_pem(user, organizations=groups)
+        stem = path.with_suffix("")
+        key_path = pki.write(stem.with_suffix(".key"), key, private=True)
+        cert_path = pki.write(stem.with_suffix(".crt"), cert)
+        return self._write_kubeconfig(path, user, {"client-certificate": str(cert_path), "client-key": str(key_path)})
+
     def issue_serving_cert(
         self, name: str = "webhook", hosts: Sequence[str] = ("127.0.0.1", "localhost")
     ) -> ServingCert:
@@ -607,6 +612,14 @@ class ControlPlane:
         return result
 
 
+_KUBERNETES_NAMES = (
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+)
+
+
 def _create_or_keep(create: Callable[[], object]) -> None:
     try:
         create()
@@ -622,7 +635,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def _up(control_plane: ControlPlane) -> int:
+def _up(control_plane: ControlPlane, images: Sequence[str] = ()) -> int:
     # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then leaves it so.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -630,13 +643,19 @@ def _up(control_plane: ControlPlane) -> int:
     started = time.monotonic()
     try:
         control_plane.start()
+        for image in images:
+            control_plane.node.import_docker_image(image)
+        what = "cluster (with node " + NODE_NAME + ")" if control_plane.has_node else "control plane"
+        if control_plane.has_node:
+            steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in control_plane.node.timings.items())
+            print(f"node: {steps} (after the API server)", flush=True)
         print(
-            f"control plane ready in {time.monotonic() - started:.1f}s: {control_plane.server}\n"
+            f"{what} ready in {time.monotonic() - started:.1f}s: {control_plane.server}\n"
             f"  kubeconfig: {control_plane.kubeconfig}\n"
             f"  logs:       {control_plane.workdir / 'logs'}\n"
             f"\nexport KUBECONFIG={control_plane.kubeconfig}\n"
             f"export PATH={control_plane.bin_dir}:$PATH\n"
-            "\nCtrl-C stops it and deletes the directory.",
+            "\nCtrl-C (or `python -m e2e.controlplane down`) stops it and deletes the directory.",
             flush=True,
         )
         child = control_plane.wait()
@@ -649,19 +668,49 @@ def _up(control_plane: ControlPlane) -> int:
         control_plane.stop()
 
 
+def _down() -> int:
+    """Stop the node that `up` (or a test session) runs on this machine, or clean what a dead one left."""
+    holder = node_host.lock_holder()
+    if holder is not None and holder > 0:
+        print(f"stopping the cluster of pid {holder}", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder, signal.SIGTERM)
+        deadline = time.monotonic() + 60.0
+        while node_host.alive(holder) and time.monotonic() < deadline:
+            time.sleep(0.2)  # its stop() removes the node, then the control plane
+    try:
+        lock = node_host.acquire_lock(timeout=60.0)
+    except node_host.NodeBusyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        node_host.clean(_stderr_progress)
+    finally:
+        os.close(lock)
+    print("no node running; host clean", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.controlplane", description=CLI_DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("build", help="build the missing binaries into the cache")
-    up = commands.add_parser("up", help="start a control plane and keep it running until Ctrl-C")
-    up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for readiness")
+    up = commands.add_parser("up", help="start a cluster and keep it running until Ctrl-C")
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    up.add_argument("--no-node", action="store_true", help="etcd + kube-apiserver only: pods stay Pending")
+    up.add_argument(
+        "--image", action="append", default=[], metavar="REF", help="import a docker image into the node (repeatable)"
+    )
+    commands.add_parser("down", help="stop the node running on this machine and undo its host changes")
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
             print(ControlPlane().ensure_binaries())
             return 0
-        return _up(ControlPlane(startup_timeout=args.timeout))
-    except ControlPlaneError as error:
+        if args.command == "down":
+            return _down()
+        return _up(ControlPlane(startup_timeout=args.timeout, node=not args.no_node), images=args.image)
+    except (ControlPlaneError, NodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

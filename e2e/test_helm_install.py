@@ -35,7 +35,8 @@ from e2e.controlplane import ControlPlane
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "capgate"
 RELEASE = "capgate"
-CRDS = (f"{resources.CAPABILITY_PLURAL}.{resources.GROUP}", f"{resources.REVOCATION_PLURAL}.{resources.GROUP}")
+CRDS = (f"{resources.CAPABILITY_PLURAL}.{resources.GROUP}", f"{resources.REVOCATION_PLURAL}.{resources.GROUP}",
+        f"{resources.USAGE_PLURAL}.{resources.GROUP}")
 # Cluster-scoped objects of the chart that an e2e operator process (or an earlier run) may have made.
 SHARED = (("mutatingwebhookconfiguration", manifests.MUTATING_CONFIG),
           ("validatingwebhookconfiguration", manifests.VALIDATING_CONFIG),
@@ -245,6 +246,33 @@ def test_operator_can_bind_sidecars_to_the_revocation_reader_and_nothing_else(in
                       "-p", json.dumps(patch), kubeconfig=kubeconfig)
     finally:
         plane.kubectl("delete", "clusterrolebinding", name, "capgate-e2e-escalation", "--ignore-not-found")
+
+
+def test_operator_can_give_sidecars_their_usage_object_and_nothing_more(installed: Release) -> None:
+    """The escalation check again: the operator may grant a capability's sidecars get on their usage
+    object and update on its status, because it holds both itself; never more (no delete)."""
+    plane = installed.plane
+    kubeconfig = plane.kubeconfig_for_service_account(installed.namespace, RELEASE)
+    name = f"usage-{uuid.uuid4().hex[:8]}"
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": name, "uid": str(uuid.uuid4())}
+    bodies = [manifests.usage_object(name, installed.namespace, owner),
+              manifests.usage_role(name, installed.namespace, owner),
+              manifests.usage_role_binding(name, installed.namespace, "agent", owner)]
+    for body in bodies:
+        body["metadata"].pop("ownerReferences")  # no owner to collect them: removed below
+    try:
+        for body in bodies:
+            plane.kubectl("create", "-f", "-", kubeconfig=kubeconfig, input=json.dumps(body))
+        greedy = manifests.usage_role(f"{name}-greedy", installed.namespace, owner)
+        greedy["metadata"].pop("ownerReferences")
+        greedy["rules"][0]["verbs"] = ["get", "delete"]
+        refused = plane.kubectl("create", "-f", "-", kubeconfig=kubeconfig, input=json.dumps(greedy), check=False)
+        assert refused.returncode != 0
+        assert "forbidden" in refused.stderr.lower()
+    finally:
+        plane.kubectl("delete", "-n", installed.namespace, "--ignore-not-found",
+                      f"{resources.USAGE_PLURAL}.{resources.GROUP}/{name}",
+                      f"role/{manifests.usage_role_name(name)}", f"rolebinding/{manifests.usage_role_name(name)}")
 
 
 @pytest.mark.parametrize(("role", "may", "may_not"), [

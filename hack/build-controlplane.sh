@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the binaries of capgate's local test cluster (kube-apiserver, kubectl, etcd, helm, and the
-# node: kubelet, kube-proxy, kube-scheduler, kube-controller-manager)
+# node: kubelet, kube-proxy, kube-scheduler, kube-controller-manager, and CoreDNS for its cluster DNS)
 # from the Go module proxy, into ${CAPGATE_CACHE:-$HOME/.cache/capgate}/bin/<kube version>/.
 #
 # Why build instead of download: CI and dev machines reach package registries only, and the Go
@@ -31,6 +31,7 @@ ETCD_VERSION=v3.6.16
 HELM_VERSION=v3.22.0
 HELM_COMMIT=144ca65f8501953fa8b41cd1d37c7223051c85b7
 HELM_K8S_MINOR=37 # helm v3.22.0 is built against k8s.io/client-go v0.37 (helm's Makefile stamps it)
+COREDNS_VERSION=v1.15.0
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 modules=$here/controlplane
@@ -47,6 +48,7 @@ stamp_of() {
 	kube) prefix='KUBE_|STAGING_' ;;
 	etcd) prefix='ETCD_' ;;
 	helm) prefix='HELM_' ;;
+	coredns) prefix='COREDNS_' ;;
 	esac
 	{
 		cat "$modules/$module/go.mod" "$modules/$module/go.sum"
@@ -59,6 +61,7 @@ module_of() {
 	kube-apiserver | kubectl | kubelet | kube-proxy | kube-scheduler | kube-controller-manager) echo kube ;;
 	etcd) echo etcd ;;
 	helm) echo helm ;;
+	coredns) echo coredns ;;
 	esac
 }
 
@@ -121,6 +124,8 @@ EOF
 	(cd "$modules/kube" && go mod tidy)
 	(cd "$modules/etcd" && go get -tool "go.etcd.io/etcd/server/v3@$ETCD_VERSION" && go mod tidy)
 	(cd "$modules/helm" && go get -tool "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" && go mod tidy)
+	# CoreDNS: main.go imports the plugins; only the version is pinned here.
+	(cd "$modules/coredns" && go get "github.com/coredns/coredns@$COREDNS_VERSION" && go mod tidy)
 	log "done; commit hack/controlplane/*/go.mod and go.sum"
 }
 
@@ -156,6 +161,10 @@ build_one() {
 			ldflags+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$HELM_K8S_MINOR"
 		done
 		;;
+	coredns)
+		pkg=. # the wrapper's own main.go
+		ldflags=" -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
+		;;
 	esac
 	log "building $name ($pkg) ..."
 	start=$SECONDS
@@ -184,7 +193,7 @@ main() {
 		;;
 	esac
 
-	local names=(kube-apiserver kubectl etcd helm kube-controller-manager kube-scheduler kube-proxy kubelet) missing=() name
+	local names=(kube-apiserver kubectl etcd helm kube-controller-manager kube-scheduler kube-proxy kubelet coredns) missing=() name
 	for name in "${names[@]}"; do
 		is_fresh "$name" || missing+=("$name")
 	done

@@ -4,13 +4,13 @@
 #
 # Debian's own builds on purpose: docker.io (20.10, BuildKit built into its client), containerd 1.6
 # and runc, which kubelet 1.35 accepts, the CNI plugins in /usr/lib/cni, debootstrap for the base
-# image, gcc + libc6-dev for the static pause binary, iptables (nft backend) and conntrack for the
-# node's pod network and kube-proxy.
+# image, gcc + libc6-dev for the static pause binary, iptables (nft backend), conntrack and iproute2
+# for the node's pod network and kube-proxy, busybox-static for the node's test image.
 set -euo pipefail
 
 packages=(
   docker.io debootstrap containerd runc containernetworking-plugins iptables conntrack
-  gcc libc6-dev
+  gcc libc6-dev iproute2 busybox-static
 )
 
 missing=()

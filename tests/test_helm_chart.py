@@ -121,7 +121,8 @@ def test_chart_renders_with_each_ci_values_file(helm: Helm, values: Path) -> Non
 
 def test_defaults_render_exactly_the_expected_objects(rendered: list[dict[str, Any]]) -> None:
     assert kinds(rendered) == sorted([
-        "CustomResourceDefinition", "CustomResourceDefinition", "Deployment", "ServiceAccount", "Service", "Service",
+        "CustomResourceDefinition", "CustomResourceDefinition", "CustomResourceDefinition",
+        "Deployment", "ServiceAccount", "Service", "Service",
         "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
         "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"])
     # Off by default: they need CRDs (cert-manager, Prometheus Operator) a plain cluster lacks.

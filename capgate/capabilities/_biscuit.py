@@ -7,13 +7,18 @@ fail-closed rules live in one place:
 * a token is parsed unverified only to learn its root key id, then verified against exactly that
   key; an unknown id fails before any signature work;
 * every authorization runs under explicit limits (:data:`LIMITS_*`), and *any* exception from the
-  library is a failure, never an allow.
+  library is a failure, never an allow;
+* the blocks a holder appended are vetted by the caller's ``check_blocks`` and counted against
+  ``max_blocks`` inside :func:`verify`, before any of their Datalog is loaded into an authorizer.
+  The library's limits are checked only between fixpoint iterations (not within one rule's join)
+  and not at all for checks, and evaluation holds the GIL, so they cannot bound a hostile block:
+  only refusing its shape beforehand can (see :mod:`capgate.capabilities.narrowing`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeAlias
@@ -31,7 +36,9 @@ LIMITS_MAX_FACTS = 1000
 LIMITS_MAX_ITERATIONS = 100
 LIMITS_MAX_TIME = timedelta(milliseconds=20)
 """The library's default is 1 ms, which a GC pause on a loaded 2-core node exceeds and turns into a
-spurious deny; 20 ms still bounds a hostile token while leaving our sub-millisecond policies room."""
+spurious deny; 20 ms leaves our sub-millisecond policies room. Like the other two limits it is only
+looked at between fixpoint iterations: it bounds the trusted authority code, while agent-supplied
+blocks are bounded by their shape before they are evaluated (:func:`verify`)."""
 
 POLICIES = "deny if deny_match($rule); allow if allow_match($rule);"
 """Deny rules win; with no matching allow, no policy matches and the library denies."""
@@ -255,9 +262,21 @@ def _parse_unverified(token: str) -> Any:
         raise TokenError("malformed", "not a Biscuit token") from exc
 
 
-def verify(token: str, public_keys: Mapping[int, bytes]) -> Token:
-    """Verify ``token`` against the root key its id names; unknown ids and bad signatures fail."""
+def verify(token: str, public_keys: Mapping[int, bytes], *, max_blocks: int,
+           check_blocks: Callable[[Sequence[str]], None]) -> Token:
+    """Verify ``token`` against the root key its id names; unknown ids and bad signatures fail.
+
+    More than ``max_blocks`` blocks is ``too_deep`` before any signature work; the printed sources
+    of the blocks after the authority block go to ``check_blocks``, which raises
+    :class:`TokenError` to refuse them, before the token can reach an authorizer.
+    """
     unverified = _parse_unverified(token)
+    try:
+        count = int(unverified.block_count())
+    except Exception as exc:
+        raise TokenError("malformed", "not a Biscuit token") from exc
+    if count > max_blocks:
+        raise TokenError("too_deep", f"{count} blocks; at most {max_blocks} are accepted")
     key_id = unverified.root_key_id()
     if key_id is None or key_id not in public_keys:
         raise TokenError("unknown_root", f"root key id {key_id} is not trusted")
@@ -266,6 +285,7 @@ def verify(token: str, public_keys: Mapping[int, bytes]) -> Token:
         biscuit = unverified.verify(public)
     except Exception as exc:
         raise TokenError("bad_signature", f"signature does not verify under root key id {key_id}") from exc
+    check_blocks([str(biscuit.block_source(index)) for index in range(1, count)])
     return Token(biscuit, key_id)
 
 

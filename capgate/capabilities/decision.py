@@ -337,10 +337,16 @@ def _arg_problem(arg: Arg, arguments: object) -> tuple[Reason, str] | None:
 class Verifier:
     """Verifies tokens against a trust bundle, caching parsed credentials (parse+verify is the slow part)."""
 
-    def __init__(self, trust: TrustBundle, *, cache_size: int = 1024) -> None:
+    CACHE_BYTES = 8 * 1024 * 1024
+    """Token text the cache may hold. Entry count alone is no bound: an agent can append blocks to make
+    1,024 distinct 64 KiB tokens, and each entry also holds the parsed token and its capability."""
+
+    def __init__(self, trust: TrustBundle, *, cache_size: int = 1024, cache_bytes: int = CACHE_BYTES) -> None:
         self.trust = trust
         self._cache: OrderedDict[str, tokens.Credential] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_bytes = cache_bytes
+        self._held = 0
 
     def load(self, token: str, now: datetime | None = None) -> tokens.Credential:
         key = token.strip()
@@ -350,12 +356,17 @@ class Verifier:
             self._cache.move_to_end(key)
             return cached
         credential = tokens.load(key, self.trust, now=moment)
+        if self._cache.pop(key, None) is not None:
+            self._held -= len(key)
         self._cache[key] = credential
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._held += len(key)
+        while len(self._cache) > self._cache_size or self._held > self._cache_bytes:
+            evicted, _ = self._cache.popitem(last=False)
+            self._held -= len(evicted)
         return credential
 
     def replace_trust(self, trust: TrustBundle) -> None:
         """A new trust bundle (root rotation): forget what was verified under the old one."""
         self.trust = trust
         self._cache.clear()
+        self._held = 0

@@ -27,6 +27,9 @@ from capgate.capabilities.errors import RequestError, SpecError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_DEPTH = 8
+"""The most narrowing blocks any capability allows (``delegation.maxDepth``); a token with more is refused
+before its signatures are checked."""
 RULE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
 FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -554,7 +557,8 @@ def _parse_delegation(spec: _Reader, namespace: str) -> Delegation:
         if not DNS_LABEL.fullmatch(ns) or not DNS_SUBDOMAIN.fullmatch(sa):
             raise SpecError(path, f"{value!r} is not 'serviceaccount' or 'namespace/serviceaccount'")
         principals.append(f"{ns}/{sa}")
-    return Delegation(principals=tuple(principals), max_depth=reader.integer("maxDepth", maximum=8, default=3))
+    return Delegation(principals=tuple(principals),
+                      max_depth=reader.integer("maxDepth", maximum=MAX_DEPTH, default=3))
 
 
 def _parse_budgets(spec: _Reader, upstreams: tuple[Upstream, ...]) -> tuple[Budget, ...]:

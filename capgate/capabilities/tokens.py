@@ -19,10 +19,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from capgate import timestamps
-from capgate.capabilities import _biscuit, compiler
+from capgate.capabilities import _biscuit, compiler, narrowing
 from capgate.capabilities.errors import AttenuationError, SpecError, TokenError
 from capgate.capabilities.keys import KeySet, TrustBundle, parse_time
-from capgate.capabilities.spec import MAX_INT64, Capability, parse_spec
+from capgate.capabilities.spec import MAX_DEPTH, MAX_INT64, Capability, parse_spec
 
 
 class DecisionIndex:
@@ -134,7 +134,9 @@ def mint(cap: Capability, keyset: KeySet, *, now: datetime | None = None, ttl: t
 def load(token: str, trust: TrustBundle, *, now: datetime | None = None) -> Credential:
     """Verify ``token`` and read its capability; raises :class:`TokenError` (never a partial result)."""
     moment = now or datetime.now(UTC)
-    parsed = _biscuit.verify(token, trust.public_keys(moment))
+    narrowing.check_encoded(token)
+    parsed = _biscuit.verify(token, trust.public_keys(moment), max_blocks=1 + MAX_DEPTH,
+                             check_blocks=narrowing.check_blocks)
     try:
         rows = parsed.query_authority("q($j) <- spec($j)")
         versions = parsed.query_authority("q($v) <- capgate_version($v)")
@@ -254,7 +256,16 @@ def attenuate(
     if not code:
         raise AttenuationError("nothing to narrow: give rules, limits, ttl or principal")
     code.insert(0, ("attenuation({json});", {"json": json.dumps(description, sort_keys=True)}))
+    _check_room(parent, len(code))
     return parent.parsed.append(code).to_base64()
+
+
+def _check_room(parent: Credential, adding: int) -> None:
+    """Never hand out a token that loading would refuse (:data:`narrowing.MAX_STATEMENTS`)."""
+    held = sum(narrowing.statements(parent.parsed.block_source(i)) for i in range(1, parent.parsed.block_count))
+    if held + adding > narrowing.MAX_STATEMENTS:
+        raise AttenuationError(f"a narrowed token holds at most {narrowing.MAX_STATEMENTS} checks; "
+                               f"this one would hold {held + adding}")
 
 
 def inspect(token: str) -> dict[str, Any]:

@@ -301,10 +301,26 @@ async def _reconcile_valid(ctx: Context, cap: Capability, body: kopf.Body, statu
     if not memo.get("rbac"):
         await kube.apply_cluster_role_binding(manifests.revocation_reader_binding(cap.namespace, cap.service_account))
         memo["rbac"] = True
+    await _ensure_usage(kube, cap, body, memo)
     _set_ready(cap, stored, status, patch, generation, name, plan.mint or "Current")
     _report_insecure_injection(cap, body, status, patch, generation)
     memo["next_check"] = _next_check(cap, stored, now)
     memo["root_key_id"] = keyset.active_id
+
+
+async def _ensure_usage(kube: Kube, cap: Capability, body: kopf.Body, memo: kopf.Memo) -> None:
+    """The fleet-wide usage object and its sidecars' access to it (DESIGN.md, "Fleet-wide state").
+
+    Created before the capability reports Ready, so no sidecar of it starts without a place to lease from.
+    Redone when the ServiceAccount changes; the object itself is never rewritten (it keeps the spending).
+    """
+    owner = owner_reference(body)
+    await kube.create_usage_if_absent(manifests.usage_object(cap.name, cap.namespace, owner))  # a reset recreates it
+    if memo.get("usage") == cap.service_account:
+        return
+    await kube.apply_role(manifests.usage_role(cap.name, cap.namespace, owner))
+    await kube.apply_role_binding(manifests.usage_role_binding(cap.name, cap.namespace, cap.service_account, owner))
+    memo["usage"] = cap.service_account
 
 
 def _set_ready(cap: Capability, stored: minting.Stored, status: kopf.Status, patch: kopf.Patch, generation: int,

@@ -200,6 +200,38 @@ class Kube:
         await self.apply(lambda: self.rbac.read_cluster_role(name), lambda: self.rbac.create_cluster_role(body),
                          replace)
 
+    async def apply_role(self, body: Any) -> None:
+        name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+
+        async def replace(version: str) -> Any:
+            body["metadata"]["resourceVersion"] = version
+            return await self.rbac.replace_namespaced_role(name, namespace, body)
+
+        await self.apply(lambda: self.rbac.read_namespaced_role(name, namespace),
+                         lambda: self.rbac.create_namespaced_role(namespace, body), replace,
+                         desired={"rules": body["rules"]})
+
+    async def apply_role_binding(self, body: Any) -> None:
+        name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+
+        async def replace(version: str) -> Any:
+            body["metadata"]["resourceVersion"] = version
+            return await self.rbac.replace_namespaced_role_binding(name, namespace, body)
+
+        await self.apply(lambda: self.rbac.read_namespaced_role_binding(name, namespace),
+                         lambda: self.rbac.create_namespaced_role_binding(namespace, body), replace,
+                         desired={"roleRef": body["roleRef"], "subjects": body["subjects"]})
+
+    async def create_usage_if_absent(self, body: Any) -> None:
+        """Create the AgentCapabilityUsage unless it exists; an existing one keeps its spending."""
+        namespace = body["metadata"]["namespace"]
+        try:
+            await self.custom.create_namespaced_custom_object(resources.GROUP, resources.VERSION, namespace,
+                                                              resources.USAGE_PLURAL, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
     async def delete_cluster_role_binding(self, name: str) -> None:
         try:
             await self.rbac.delete_cluster_role_binding(name)

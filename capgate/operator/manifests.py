@@ -112,3 +112,40 @@ def revocation_reader_binding(namespace: str, service_account: str) -> dict[str,
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": REVOCATION_READER_ROLE},
         "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
     }
+
+
+def usage_role_name(capability: str) -> str:
+    return f"capgate-usage-{capability}"
+
+
+def usage_object(capability: str, namespace: str, owner: dict[str, Any]) -> dict[str, Any]:
+    """The capability's fleet-wide usage state, empty; owned by it, so deleting the capability deletes it."""
+    return {"apiVersion": resources.API_VERSION, "kind": resources.USAGE_KIND,
+            "metadata": {"name": capability, "namespace": namespace, "labels": _labels(),
+                         "ownerReferences": [owner]},
+            "spec": {"capability": capability}}
+
+
+def usage_role(capability: str, namespace: str, owner: dict[str, Any]) -> dict[str, Any]:
+    """What a sidecar of the capability needs: read its own usage object and write its status, nothing else.
+
+    The agent shares the sidecar's ServiceAccount and so holds this too; the CRD's transition rules are
+    what keep it from resetting the state (spend more, never less). No create or delete: only the
+    operator makes the object, and deleting it (a reset) is for people with capgate-admin.
+    """
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": usage_role_name(capability), "namespace": namespace, "labels": _labels(),
+                         "ownerReferences": [owner]},
+            "rules": [{"apiGroups": [resources.GROUP], "resources": [resources.USAGE_PLURAL],
+                       "resourceNames": [capability], "verbs": ["get"]},
+                      {"apiGroups": [resources.GROUP], "resources": [f"{resources.USAGE_PLURAL}/status"],
+                       "resourceNames": [capability], "verbs": ["get", "update"]}]}
+
+
+def usage_role_binding(capability: str, namespace: str, service_account: str,
+                       owner: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": usage_role_name(capability), "namespace": namespace, "labels": _labels(),
+                         "ownerReferences": [owner]},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": usage_role_name(capability)},
+            "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}]}

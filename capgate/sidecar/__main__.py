@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from capgate.sidecar import config
+from capgate.sidecar import config, server
 from capgate.sidecar.app import EGRESS, create_apps
 
 log = logging.getLogger("capgate.sidecar")
@@ -38,9 +38,9 @@ async def serve(settings: config.Settings, agent: web.Application, admin: web.Ap
     # itself accepts X-Capgate-Token up to 64 KiB, so the agent port parses headers that long.
     # auto_decompress=False: aiohttp's server inflates gzip/deflate/br request bodies by default, so
     # a gzip bomb would stall the loop and the upstream would get inflated bytes labelled gzip.
-    agent_runner = web.AppRunner(agent, access_log=None, max_field_size=MAX_HEADER_BYTES,
-                                 max_line_size=MAX_HEADER_BYTES, auto_decompress=False)
-    runners = [agent_runner, web.AppRunner(admin, access_log=None)]
+    agent_runner = server.GuardedRunner(agent, agent[server.GUARD], access_log=None, max_field_size=MAX_HEADER_BYTES,
+                                        max_line_size=MAX_HEADER_BYTES, auto_decompress=False)
+    runners = [agent_runner, server.GuardedRunner(admin, admin[server.GUARD], access_log=None)]
     outbound = agent[EGRESS]
     try:
         for runner, address in zip(runners, (settings.listen, settings.admin_listen), strict=True):

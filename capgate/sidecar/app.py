@@ -28,12 +28,12 @@ import aiohttp
 from aiohttp import web
 
 from capgate.capabilities import decision, spec
-from capgate.sidecar import control, egress, errors, facts, mcp, proxy, routing
+from capgate.sidecar import buffers, control, egress, errors, facts, mcp, proxy, routing, server
 from capgate.sidecar.audit import AuditLog
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded, UpstreamSecrets
 from capgate.sidecar.gate import Gate, Trace, new_decision_id
-from capgate.sidecar.limits import Limits
+from capgate.sidecar.limits import Charger, Limits
 from capgate.sidecar.metrics import Metrics
 from capgate.sidecar.receipts import ReceiptBook, split_header
 from capgate.sidecar.watch import FileSource, RevocationSource, RevocationState
@@ -54,7 +54,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
-                revocation_source: RevocationSource | None = None) -> tuple[web.Application, web.Application]:
+                revocation_source: RevocationSource | None = None,
+                limits: Charger | None = None) -> tuple[web.Application, web.Application]:
     """Build the agent and admin apps; raises :class:`~capgate.sidecar.config.ConfigError` on bad material."""
     store = CredentialStore(settings)
     store.load_initial()
@@ -63,8 +64,9 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     _warn_missing_secrets(store, secrets)
     audit = AuditLog(settings.audit_log, checkpoint_every=settings.checkpoint_every,
                      session=lambda: store.current.session if store.current else None)
-    gate = Gate(settings, store, RevocationState(), Limits(), ReceiptBook(settings.max_correlations), Metrics(),
-                audit)
+    metrics = Metrics()
+    charger = limits if limits is not None else _limits(settings, store, metrics, env)
+    gate = Gate(settings, store, RevocationState(), charger, ReceiptBook(settings.max_correlations), metrics, audit)
     source = revocation_source
     if source is None and settings.revocations is not None:
         source = FileSource(settings.revocations, settings.poll_seconds)
@@ -75,8 +77,13 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
 
         source = KubeSource((env or os.environ).get("KUBECONFIG"), store.current.capability.lockdown_after)
 
-    agent = web.Application(middlewares=[outcome_middleware], client_max_size=settings.max_body_bytes)
+    agent = web.Application(middlewares=[server.track, outcome_middleware], client_max_size=settings.max_body_bytes)
     agent[SETTINGS] = settings
+    agent[buffers.BUDGET] = budget = buffers.Budget(settings.max_inflight_bytes)
+    agent[buffers.BODY_TIMEOUT] = settings.body_timeout
+    refused = gate.metrics.connections_refused
+    agent[server.GUARD] = server.agent_guard(settings.header_timeout, settings.max_connections, budget,
+                                             lambda reason: refused.labels("agent", reason).inc())
     agent[GATE] = gate
     agent[SECRETS] = secrets
     agent[SOURCE] = source
@@ -84,6 +91,7 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent[MCP_PENDING] = mcp.Pending()
     agent[EGRESS] = egress.Egress(settings, gate) if settings.outbound_listen is not None else None
     agent.cleanup_ctx.append(runtime)
+    agent.cleanup_ctx.append(_closing(charger))
     agent.router.add_post("/_capgate/v1/authorize", _control(control.authorize))
     agent.router.add_post("/_capgate/v1/attenuate", _control(control.attenuate))
     agent.router.add_get("/_capgate/v1/whoami", _control(control.whoami))
@@ -91,12 +99,36 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent.router.add_route("*", r"/_capgate/{tail:[\s\S]*}", _control(unknown_control))
     agent.router.add_route("*", r"/{tail:[\s\S]*}", handle_proxy)
 
-    admin = web.Application()
+    admin = web.Application(middlewares=[server.track])
     admin[GATE] = gate
+    admin[server.GUARD] = server.admin_guard(settings.header_timeout,
+                                             lambda reason: refused.labels("admin", reason).inc())
     admin.router.add_get("/metrics", handle_metrics)
     admin.router.add_get("/healthz", handle_healthz)
     admin.router.add_get("/readyz", handle_readyz)
     return agent, admin
+
+
+def _limits(settings: Settings, store: CredentialStore, metrics: Metrics, env: Mapping[str, str] | None) -> Charger:
+    """In a pod, rate limits and budgets hold fleet-wide (the capability's AgentCapabilityUsage);
+    standalone, in this process's memory."""
+    if settings.credential_dir is None:
+        return Limits()
+    assert store.current is not None
+    from capgate.sidecar import usage  # the Kubernetes client only where it is used
+
+    cap = store.current.capability
+    kube = usage.KubeUsageStore((env or os.environ).get("KUBECONFIG"), cap.namespace, cap.name)
+    return usage.FleetLimits(kube, cap.qualified_name, metrics)
+
+
+def _closing(charger: Charger) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        close = getattr(charger, "close", None)  # the fleet-wide charger holds an API client
+        if close is not None:
+            await close()
+    return ctx
 
 
 def _warn_missing_secrets(store: CredentialStore, secrets: UpstreamSecrets) -> None:
@@ -139,6 +171,7 @@ async def outcome_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await _guarded(request, handler, trace)
     finally:
+        buffers.release(request)
         gate.finish(trace)
     if not response.prepared:
         response.headers[facts.DECISION_HEADER] = trace.decision_id
@@ -214,7 +247,7 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
         principal=loaded.principal, correlation=correlation, method=request.method, upstream=route.upstream.name,
         path=route.path, body=parsed, receipts=receipts, now=now), trace)
     gate.enforce(loaded, verdict, trace)
-    gate.charge(loaded, route.upstream.name, parsed, trace)
+    await gate.charge(loaded, route.upstream.name, parsed, trace)
     return await _forward(request, gate, loaded, route, verdict, correlation, body.raw if body else None)
 
 

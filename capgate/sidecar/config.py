@@ -83,6 +83,15 @@ class Settings:
     """Largest JSON body read for limits; 1 MiB covers any payment or tool-call payload we front."""
     max_correlations: int = 4096
     """Held receipts are kept for at most this many correlations (LRU): bounds memory per pod."""
+    header_timeout: float = 10.0
+    """Seconds a client has to send a complete request head (slowloris)."""
+    body_timeout: float = 10.0
+    """Seconds a body the sidecar must inspect has to arrive in whole."""
+    max_inflight_bytes: int = 16 * MiB
+    """Request heads and inspected bodies held at once across all agent connections; a 128 MiB pod
+    idles at ~55 MiB, and Python holds a read body about twice while parsing it."""
+    max_connections: int = 2048
+    """Open agent connections; beyond it the one waiting longest for a head is closed."""
     checkpoint_every: int = 1000
     checkpoint_seconds: float = 10.0
     poll_seconds: float = 1.0
@@ -252,6 +261,11 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("total-timeout", _positive(float), help="seconds for a whole upstream call (default 300)"),
     _Option("max-body-bytes", _positive(int), help="largest body read for limits (default 1 MiB)"),
     _Option("max-correlations", _positive(int), help="correlations whose receipts are held (default 4096)"),
+    _Option("header-timeout", _positive(float), help="seconds for a client to send a request head (default 10)"),
+    _Option("body-timeout", _positive(float), help="seconds for a body the sidecar inspects to arrive (default 10)"),
+    _Option("max-inflight-bytes", _positive(int),
+            help="request bytes held at once across agent connections (default 16 MiB)"),
+    _Option("max-connections", _positive(int), help="open agent connections (default 2048)"),
     _Option("checkpoint-every", _positive(int), help="audit records between signed checkpoints"),
     _Option("checkpoint-seconds", _positive(float), help="seconds between signed checkpoints"),
     _Option("poll-seconds", _positive(float), help="how often credential and revocation files are polled"),

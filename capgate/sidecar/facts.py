@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from capgate.capabilities import bodies, spec
-from capgate.sidecar import errors
+from capgate.sidecar import buffers, errors
 
 CORRELATION_HEADER = "X-Capgate-Correlation-Id"
 RECEIPT_HEADER = "X-Capgate-Receipt"
@@ -101,7 +101,12 @@ async def limited_body(request: web.Request, cap: spec.Capability, upstream: str
 
 
 async def read_bytes(request: web.Request, limit: int) -> bytes:
-    """At most ``limit`` bytes of the body, as sent (413 above it)."""
+    """At most ``limit`` bytes of the body, as sent (413 above it), within the sidecar's in-flight
+    buffer budget and the body timeout (503 / 408): every inspected body is read here, and only here."""
+    return await buffers.read(request, limit, _read_bytes(request, limit))
+
+
+async def _read_bytes(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []

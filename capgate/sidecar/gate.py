@@ -33,7 +33,7 @@ from capgate.sidecar import errors
 from capgate.sidecar.audit import AuditLog, Outcome
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded
-from capgate.sidecar.limits import Limits
+from capgate.sidecar.limits import Charger
 from capgate.sidecar.metrics import Metrics
 from capgate.sidecar.receipts import Held, ReceiptBook
 from capgate.sidecar.watch import RevocationState
@@ -109,7 +109,7 @@ def new_decision_id() -> str:
 
 
 class Gate:
-    def __init__(self, settings: Settings, store: CredentialStore, revocations: RevocationState, limits: Limits,
+    def __init__(self, settings: Settings, store: CredentialStore, revocations: RevocationState, limits: Charger,
                  book: ReceiptBook, metrics: Metrics, audit: AuditLog) -> None:
         self.settings = settings
         self.store = store
@@ -195,15 +195,15 @@ class Gate:
             return
         raise errors.from_decision(verdict)
 
-    def charge(self, loaded: Loaded, upstream: str | None, body: object, trace: Trace) -> None:
-        refusal = self.limits.check(loaded.capability, upstream, body)
+    async def charge(self, loaded: Loaded, upstream: str | None, body: object, trace: Trace) -> None:
+        refusal = await self.limits.charge(loaded.capability, upstream, body)
         if refusal is None:
             return
         if loaded.capability.mode == "audit":
             if trace.outcome != "would_deny":  # the first would-be refusal is the one to report
-                trace.outcome, trace.reason = "would_deny", refusal.reason
+                trace.outcome, trace.reason = "would_deny", refusal.detail or refusal.reason
             return
-        raise errors.SidecarError(429, refusal.reason, refusal.reason, refusal.message,
+        raise errors.SidecarError(429, refusal.reason, refusal.detail or refusal.reason, refusal.message,
                                   headers={"Retry-After": str(max(1, round(refusal.retry_after)))})
 
     def mint_receipt(self, loaded: Loaded, rule: str, correlation: str, trace: Trace) -> str | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from capgate.capabilities import spec
 
@@ -72,6 +73,25 @@ class Refusal:
     """``rate_limited`` or ``budget_exhausted``."""
     message: str
     retry_after: float
+    detail: str | None = None
+    """The reason when it is not the error itself (fleet-wide state: ``usage_unavailable``, ``usage_ahead``)."""
+
+
+def budget_amount(budget: spec.Budget, body: object) -> int | Refusal:
+    """What one request charges a budget (shared by these in-memory windows and the fleet-wide leases)."""
+    value = spec.numeric_field(body, budget.field)
+    if value is None and _present(body, budget.field):
+        # 1e300, 2**64, "500", NaN: not countable here, yet an upstream may read it as a big charge.
+        return Refusal("budget_exhausted", f"budget {budget.upstream}.{budget.field}: the body's "
+                                           f"{budget.field} is not a number the budget can count",
+                       budget.per.total_seconds())
+    return max(0, value or 0)
+
+
+class Charger(Protocol):
+    """What the gate needs: refuse, or charge one request that is about to be forwarded."""
+
+    async def charge(self, cap: spec.Capability, upstream: str | None, body: object) -> Refusal | None: ...
 
 
 class Limits:
@@ -80,6 +100,10 @@ class Limits:
     def __init__(self) -> None:
         self._buckets: dict[str, TokenBucket] = {}
         self._budgets: dict[tuple[str, int], BudgetWindow] = {}
+
+    async def charge(self, cap: spec.Capability, upstream: str | None, body: object) -> Refusal | None:
+        """The :class:`Charger` interface the gate awaits (fleet-wide leases may need the API server)."""
+        return self.check(cap, upstream, body)
 
     def check(self, cap: spec.Capability, upstream: str | None, body: object,
               now: float | None = None) -> Refusal | None:
@@ -94,13 +118,9 @@ class Limits:
         for index, budget in enumerate(cap.budgets):
             if budget.upstream != upstream:
                 continue
-            value = spec.numeric_field(body, budget.field)
-            if value is None and _present(body, budget.field):
-                # 1e300, 2**64, "500", NaN: not countable here, yet an upstream may read it as a big charge.
-                return Refusal("budget_exhausted", f"budget {budget.upstream}.{budget.field}: the body's "
-                                                   f"{budget.field} is not a number the budget can count",
-                               budget.per.total_seconds())
-            amount = max(0, value or 0)
+            amount = budget_amount(budget, body)
+            if isinstance(amount, Refusal):
+                return amount
             window = self._budgets.setdefault((cap.qualified_name, index), BudgetWindow(budget))
             window.expire(moment)
             if window.total + amount > budget.max:

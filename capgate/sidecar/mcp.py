@@ -233,7 +233,7 @@ async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
         raise _rpc(errors.bad_request(exc.reason, exc.message), ident, exc.rpc_code) from None
     _describe(ctx.trace, message, target)
     try:
-        creds, verdict, session = _decide(request, ctx, target)
+        creds, verdict, session = await _decide(request, ctx, target)
     except errors.SidecarError as exc:
         refused = _rpc(exc, ident, core_mcp.DENIED)
         outbox = _old_outbox(ctx) if message.kind == "request" else None
@@ -311,14 +311,14 @@ def _describe(trace: Trace, message: core_mcp.Message, target: core_mcp.Target) 
     trace.mcp = record
 
 
-def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
+async def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
             ) -> tuple[list[tokens.Credential], decision.Decision | None, str | None]:
     """The verified tokens, the verdict (None for implied plumbing) and the session; raises for a refusal."""
     gate, loaded, trace = ctx.gate, ctx.loaded, ctx.trace
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, ctx.now)
     session = ctx.session = _check_session(request, ctx)
     if target.implied:
-        gate.charge(loaded, None, None, trace)  # the rate limit counts every message
+        await gate.charge(loaded, None, None, trace)  # the rate limit counts every message
         trace.outcome, trace.reason = "allowed", "implied"
         return creds, None, session
     locked: errors.SidecarError | None = None
@@ -338,7 +338,7 @@ def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
         if rule is None or not rule.read_only:
             raise locked
     gate.enforce(loaded, verdict, trace)
-    gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace)
+    await gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace)
     return creds, verdict, session
 
 
@@ -386,8 +386,9 @@ async def _send(request: web.Request, ctx: Context, body: bytes | None) -> aioht
     headers = proxy.outgoing_headers(request.headers, ctx.injection(), body is not None)
     name = ctx.route.upstream.name
     try:
+        # trace_request_ctx: once the headers are sent the call may act upstream (proxy marks it forwarded)
         return await ctx.client.request(request.method, URL(ctx.route.target, encoded=True), headers=headers,
-                                        data=body, allow_redirects=False,
+                                        data=body, allow_redirects=False, trace_request_ctx=ctx.trace,
                                         timeout=_timeout(ctx, request.method == "GET" or body is not None))
     except TimeoutError as exc:
         raise errors.SidecarError(504, "upstream_timeout", "timeout", f"upstream {name!r} did not answer in time") \

@@ -34,6 +34,21 @@ class Metrics:
                                     registry=self.registry)
         self.credential_expiry = Gauge("capgate_credential_expiry_timestamp_seconds",
                                        "Unix time the base credential expires", registry=self.registry)
+        self.connections_refused = Counter("capgate_connections_refused",
+                                           "Connections closed outside a request (header_timeout, header_too_large, "
+                                           "buffer_full, connection_limit), by listener",
+                                           ("listener", "reason"), registry=self.registry)
+        # Fleet-wide usage (capgate.sidecar.usage); the meter label is a key built from the capability.
+        self.leases_taken = Counter("capgate_usage_leases", "Slices of a fleet-wide window leased by this sidecar",
+                                    ("meter",), registry=self.registry)
+        self.lease_remaining = Gauge("capgate_usage_lease_remaining", "Units left in this sidecar's current lease",
+                                     ("meter",), registry=self.registry)
+        self.usage_state_age = Gauge("capgate_usage_state_age_seconds",
+                                     "Seconds since the shared usage state was last read or written (-1: never)",
+                                     registry=self.registry)
+        self.usage_refusals = Counter("capgate_usage_refusals", "Calls refused by rate limits or budgets, by reason",
+                                      ("reason",), registry=self.registry)
+        self.usage_state_age.set(-1)  # standalone: no shared state
 
         self._children: dict[tuple[str, str, str], Counter] = {}
         self._upstream_children: dict[str, Histogram] = {}

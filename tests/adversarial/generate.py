@@ -349,6 +349,8 @@ def random_attempt(rng: random.Random, spec: dict[str, Any], tokens: Tokens,
         attempt.http_weird = True
     if any(len(name) + len(value) + 2 > 8190 for name, value in headers):
         attempt.http_weird = True  # over aiohttp's header field limit: refused by the parser
+    if sum(len(name) + len(value) + 4 for name, value in headers) > 120 * 1024:
+        attempt.http_weird = True  # near the sidecar's 128 KiB limit on a whole head (431)
     if rng.random() < 0.01:
         headers.append(("Host", "evil.example"))  # a second Host header: the parser refuses it
         attempt.http_weird = True

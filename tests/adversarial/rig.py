@@ -33,11 +33,17 @@ from aiohttp import web
 from capgate import ledger
 from capgate.capabilities import keys, receipts, tokens
 from capgate.sidecar import app as sidecar_app
+from capgate.sidecar import server
 from capgate.sidecar.config import SecretRef, Settings
 from tests.adversarial import generate, oracle
 
 CORRELATIONS = ("trip-1", "trip-2", "trip-3")
 RESPONSE_TIMEOUT = 15.0
+_HOSTILE_BLOCKS = (
+    " ".join(f"f({i});" for i in range(100)) + " g($a, $b, $c) <- f($a), f($b), f($c);",
+    'allow_match("r0");',
+    'check if method("GET");',
+)
 
 
 @dataclass
@@ -225,7 +231,8 @@ class Rig:
                             upstream_credentials={names[0]: SecretRef("env", "FUZZ_API_KEY")},
                             read_timeout=5, total_timeout=10, connect_timeout=2)
         agent, _admin = sidecar_app.create_apps(settings, env={"FUZZ_API_KEY": generate.API_KEY})
-        runner = web.AppRunner(agent, access_log=None, auto_decompress=False)  # as capgate-sidecar serves it
+        runner = server.GuardedRunner(agent, agent[server.GUARD], access_log=None,
+                                      auto_decompress=False)  # as capgate-sidecar serves it
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -253,6 +260,8 @@ class Rig:
             token[: len(token) // 2], token[:-3], token[:40] + ("A" if token[40] != "A" else "B") + token[41:],
             tokens.mint(loaded.capability, self.other_root),
             "", "not-a-token", "E" * 7000, token + "." + token,
+            # Blocks appended offline (they verify): a Datalog bomb, a fact granting a rule, a foreign check.
+            *(credential.parsed.append([(code, {})]).to_base64() for code in _HOSTILE_BLOCKS),
         ]
         other = tokens.mint(replace(loaded.capability, service_account="someone-else"), self.keyset)
         self.tokens.valid[other] = oracle.Narrowed(spec, holder="someone-else")

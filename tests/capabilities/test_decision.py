@@ -269,6 +269,18 @@ def test_the_verifier_forgets_credentials_when_the_trust_bundle_changes(cred: to
         verifier.load(cred.token, now=NOW)
 
 
+def test_the_verifier_bounds_the_token_bytes_it_keeps_not_only_the_entries(cred: tokens.Credential) -> None:
+    # An agent can append blocks to make many distinct large tokens; the cache must not keep them all.
+    first = tokens.attenuate(cred, rules=["search"], now=NOW)
+    second = tokens.attenuate(cred, rules=["charge"], now=NOW)
+    verifier = decision.Verifier(_support.trust(), cache_bytes=len(first) + len(second) - 1)
+    kept = verifier.load(first, now=NOW)
+    assert verifier.load(first, now=NOW) is kept
+
+    verifier.load(second, now=NOW)
+    assert verifier.load(first, now=NOW) is not kept  # evicted: verified again
+
+
 @cache
 def _cached_credential() -> tokens.Credential:
     return _support.credential(_support.parse())

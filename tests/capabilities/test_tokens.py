@@ -262,7 +262,8 @@ def test_narrowing_stops_at_the_capabilitys_max_depth() -> None:
 
 def test_a_token_narrowed_past_max_depth_by_hand_is_refused_as_too_deep() -> None:
     parent = _support.credential(delegating(max_depth=1))
-    deep = parent.parsed.append([("check if true;", {})]).append([("check if true;", {})]).to_base64()
+    later = ("check if time($t), $t <= {exp};", {"exp": NOW + timedelta(hours=1)})  # a shape capgate writes
+    deep = parent.parsed.append([later]).append([later]).to_base64()
     loaded = tokens.load(deep, _support.trust(), now=NOW)
 
     outcome = decision.decide([loaded], _support.http("GET", "flights", "/search"))

@@ -50,7 +50,8 @@ PEER_SPEC: dict[str, Any] = {
 
 def _go_binary() -> Path:
     if not Path(GO).exists():
-        pytest.fail("the Go toolchain is not installed: the Go net/http peer needs it (so does hack/setup.sh, which builds the cluster)", pytrace=False)
+        pytest.fail("the Go toolchain is not installed: the Go net/http peer needs it "
+                    "(so does hack/setup.sh, which builds the cluster)", pytrace=False)
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(PEER_SOURCE.iterdir()))).hexdigest()[:16]
     binary = CACHE / "bin" / f"goupstream-{digest}"
     if binary.exists():

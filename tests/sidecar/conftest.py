@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from capgate.capabilities import keys
 from capgate.sidecar import app as sidecar_app
+from capgate.sidecar import server
 from capgate.sidecar.config import SecretRef, Settings
 from capgate.sidecar.gate import Gate
 
@@ -140,13 +141,20 @@ class Sidecar:
 MakeSidecar = Callable[..., Awaitable[Sidecar]]
 
 
+class GuardedTestServer(TestServer):
+    """Serves an app through the sidecar's own runner, connection watchdog included, as capgate-sidecar does."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return server.GuardedRunner(self.app, self.app[server.GUARD], **kwargs)
+
+
 @pytest.fixture
 async def sidecar(tmp_path: Path, root_key: Path, upstream: Upstream) -> AsyncIterator[MakeSidecar]:
     clients: list[TestClient] = []
     counter = iter(range(1000))
 
     async def make(spec: dict[str, Any] | None = None, *, env: dict[str, str] | None = None,
-                   revocation_source: Any = None, **changes: Any) -> Sidecar:
+                   revocation_source: Any = None, limits: Any = None, **changes: Any) -> Sidecar:
         index = next(counter)
         cap_path = tmp_path / f"capability-{index}.yaml"
         cap_path.write_text(yaml.safe_dump(capability_document(spec)))
@@ -157,11 +165,11 @@ async def sidecar(tmp_path: Path, root_key: Path, upstream: Upstream) -> AsyncIt
                             read_timeout=0.5, total_timeout=2.0, connect_timeout=0.5)
         settings = replace(settings, **changes)
         agent, admin = sidecar_app.create_apps(settings, env={"PAYMENTS_API_KEY": API_KEY, **(env or {})},
-                                               revocation_source=revocation_source)
-        server = TestServer(agent)
+                                               revocation_source=revocation_source, limits=limits)
+        server = GuardedTestServer(agent)
         await server.start_server(auto_decompress=False)  # as capgate-sidecar serves it: never inflate
         client = TestClient(server)
-        admin_client = TestClient(TestServer(admin))
+        admin_client = TestClient(GuardedTestServer(admin))
         await client.start_server()
         await admin_client.start_server()
         clients.extend([client, admin_client])

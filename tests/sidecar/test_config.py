@@ -101,3 +101,16 @@ def test_main_exits_2_when_an_upstream_credential_variable_is_missing(standalone
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*standalone, "--upstream-credential", "payments=env:CAPGATE_TEST_SURELY_UNSET"]) == 2
     assert "--upstream-credential: payments" in capsys.readouterr().err
+
+
+def test_stalled_client_bounds_have_defaults_flags_and_env_variables(standalone: list[str]) -> None:
+    defaults = config.load(standalone, {})
+    assert (defaults.header_timeout, defaults.body_timeout) == (10.0, 10.0)
+    assert (defaults.max_inflight_bytes, defaults.max_connections) == (16 * 1024 * 1024, 2048)
+
+    settings = config.load([*standalone, "--header-timeout", "3", "--max-connections", "64"],
+                           {"CAPGATE_BODY_TIMEOUT": "2.5", "CAPGATE_MAX_INFLIGHT_BYTES": "1048576"})
+    assert (settings.header_timeout, settings.body_timeout) == (3.0, 2.5)
+    assert (settings.max_inflight_bytes, settings.max_connections) == (1048576, 64)
+    with pytest.raises(config.ConfigError, match="CAPGATE_HEADER_TIMEOUT"):
+        config.load(standalone, {"CAPGATE_HEADER_TIMEOUT": "0"})

@@ -12,6 +12,7 @@ import pytest
 from capgate.capabilities import keys, receipts, spec, tokens
 from capgate.sidecar.config import ConfigError, SecretRef, Settings
 from capgate.sidecar.credentials import CredentialStore, UpstreamSecrets
+from capgate.sidecar.limits import Limits
 from capgate.sidecar.watch import RevocationState
 from tests.sidecar.conftest import API_KEY, BASE_SPEC, MakeSidecar, capability_document
 
@@ -44,7 +45,8 @@ async def test_pod_mode_serves_from_the_credential_dir(sidecar: MakeSidecar, key
                                                        tmp_path: Path) -> None:
     folder = tmp_path / "credential"
     write_credential_dir(folder, keyset)
-    sc = await sidecar(capability=None, root_key=None, credential_dir=folder, revocation_source=HeardOnce())
+    sc = await sidecar(capability=None, root_key=None, credential_dir=folder, revocation_source=HeardOnce(),
+                       limits=Limits())
     assert (await sc.client.get("/flights/search")).status == 200
     await sc.client.post("/payments/v1/charges", json={"amount": 100})
     assert sc.upstream.seen[-1].headers["Authorization"] == f"Bearer {API_KEY}"
@@ -55,7 +57,7 @@ async def test_a_rotated_credential_is_picked_up_without_restart(sidecar: MakeSi
     folder = tmp_path / "credential"
     first = write_credential_dir(folder, keyset)
     sc = await sidecar(capability=None, root_key=None, credential_dir=folder, poll_seconds=0.02,
-                       revocation_source=HeardOnce())
+                       revocation_source=HeardOnce(), limits=Limits())
     assert (await sc.client.delete("/flights/search")).status == 403
     audit_spec = copy.deepcopy(BASE_SPEC)
     audit_spec["mode"] = "audit"
@@ -72,7 +74,8 @@ async def test_a_broken_update_keeps_the_last_good_credential(sidecar: MakeSidec
                                                               tmp_path: Path) -> None:
     folder = tmp_path / "credential"
     write_credential_dir(folder, keyset)
-    sc = await sidecar(capability=None, root_key=None, credential_dir=folder, revocation_source=HeardOnce())
+    sc = await sidecar(capability=None, root_key=None, credential_dir=folder, revocation_source=HeardOnce(),
+                       limits=Limits())
     (folder / "token").write_text("garbage")
     sc.gate.store.refresh()
     assert sc.gate.store.error is not None
@@ -115,7 +118,7 @@ async def test_a_pod_mode_sidecar_that_never_heard_from_the_control_plane_refuse
     folder = tmp_path / "credential"
     write_credential_dir(folder, keyset)
     sc = await sidecar(capability=None, root_key=None, credential_dir=folder,
-                       env={"KUBECONFIG": str(tmp_path / "none")})
+                       env={"KUBECONFIG": str(tmp_path / "none")}, limits=Limits())  # reads: not rate limited here
     assert (await sc.client.get("/flights/search")).status == 200
     response = await sc.client.post("/payments/v1/charges", json={"amount": 100})
     assert response.status == 503
@@ -132,5 +135,6 @@ async def test_a_pod_mode_sidecar_is_not_ready_until_it_has_read_the_revocation_
     response = await silent.admin.get("/readyz")
     assert response.status == 503
     assert "RevocationList" in (await response.json())["reason"]
-    heard = await sidecar(capability=None, root_key=None, credential_dir=folder, revocation_source=HeardOnce())
+    heard = await sidecar(capability=None, root_key=None, credential_dir=folder, revocation_source=HeardOnce(),
+                       limits=Limits())
     assert (await heard.admin.get("/readyz")).status == 200

@@ -1,0 +1,267 @@
+"""Fleet-wide leases on rate limits and budgets: the pure algorithm, no Kubernetes, no I/O.
+
+Every sidecar of a capability shares one ``AgentCapabilityUsage`` object (DESIGN.md, "Fleet-wide
+state"). Asking the API server on every call would put a write on every request path, so a sidecar
+*leases* a slice of each window in advance and spends it locally:
+
+* **Meters.** The rate limit counts requests (1 each) and every budget counts its body field, each in
+  a *fixed* window of its ``per`` aligned to the Unix epoch (so ``24h`` rolls over at 00:00 UTC and
+  every sidecar, whatever its start time, agrees on which window it is in). A fixed window is what the
+  fleet can agree on without per-call timestamps in the object; across a boundary an agent can spend
+  up to ``max`` on each side. Standalone (no cluster) keeps the in-memory sliding window and token
+  bucket of :mod:`capgate.sidecar.limits`.
+* **Slices.** The stored ``spent`` is what was *leased out*, not what was used. A lease takes
+  ``max(need, remaining // SHARE)``: an eighth of what is left when far from the limit (few writes),
+  down to exactly the amount of the call near it (nothing stranded). The write is a compare-and-swap
+  on the object's resourceVersion, so two sidecars never both take the same units; a sidecar's unused
+  slice is never returned (a crashed pod's slice is simply lost), hence ``sum(used) <= spent <= max``.
+* **Monotonic.** Every write this module plans only grows ``spent`` within a window or moves a window
+  forward, which is exactly what the CRD's transition rules allow: the agent, which shares the
+  sidecar's ServiceAccount and so can write the same object, can spend more but never reset. A window
+  stored *ahead* of this sidecar's clock (an agent moved it, or another sidecar's clock runs fast) is
+  a window whose spending in *our* window is unknown: refused until our clock reaches it.
+
+Meters are keyed by what they count and their length (``requests/3600s``,
+``budget/payments/amount/86400s``), so raising ``max`` keeps the spending, while changing ``per``
+starts a new meter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from capgate.capabilities import spec
+
+SHARE = 8
+"""A lease takes this fraction of what is left: a crash loses at most 1/8 of the remainder, and a
+budget of N takes about ln(N)/ln(8/7) + 8 writes to exhaust (~90 for 60,000) however many calls spend it."""
+
+
+LOW_WATER = 4
+"""A lease with a quarter of its last slice left is renewed in the background, so the call that would
+have run it dry does not wait for the API server (the adapter does the renewing)."""
+
+
+class UsageError(ValueError):
+    """The stored usage state is not what the CRD schema allows: callers refuse (fail closed)."""
+
+
+@dataclass(frozen=True)
+class Meter:
+    """One fleet-wide counter: its key in ``status.windows``, its limit per window and the window length."""
+
+    key: str
+    max: int
+    per: int
+    """Seconds."""
+    label: str
+    """For messages: ``rate limit`` or ``budget payments.amount``."""
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int
+    spent: int
+
+
+@dataclass
+class Lease:
+    """What this sidecar may still spend of one meter's window without asking the API server."""
+
+    start: int
+    balance: int
+    granted: int = 0
+    """The size of the last slice taken (what "running low" is measured against)."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    meter: Meter
+    reason: str
+    """``exhausted`` (the window has no room) or ``ahead`` (the stored window is later than our clock's)."""
+    message: str
+    retry_after: float
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A planned write: the new windows (only those that change) and the slice each adds to our leases."""
+
+    windows: dict[str, Window]
+    grants: dict[str, int]
+
+
+Demand = tuple[Meter, int]
+
+
+def meters(cap: spec.Capability) -> tuple[Meter, ...]:
+    """The rate limit and the budgets of a capability, as fleet-wide meters."""
+    out: list[Meter] = []
+    if cap.rate_limit is not None:
+        per = _seconds(cap.rate_limit.per.total_seconds())
+        out.append(Meter(f"requests/{per}s", cap.rate_limit.requests, per, "rate limit"))
+    for budget in cap.budgets:
+        per = _seconds(budget.per.total_seconds())
+        out.append(Meter(f"budget/{budget.upstream}/{budget.field}/{per}s", budget.max, per,
+                         f"budget {budget.upstream}.{budget.field}"))
+    return tuple(out)
+
+
+def _seconds(value: float) -> int:
+    return max(1, int(value))
+
+
+def window_start(now: float, per: int) -> int:
+    """The epoch-aligned start of the window ``now`` falls in."""
+    return int(now // per) * per
+
+
+def parse_windows(status: object) -> dict[str, Window]:
+    """``status.windows`` as stored; raises :class:`UsageError` for anything the schema would not allow."""
+    if status is None:
+        return {}
+    if not isinstance(status, Mapping):
+        raise UsageError("status is not an object")
+    raw = status.get("windows")
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise UsageError("status.windows is not an object")
+    windows: dict[str, Window] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not isinstance(value, Mapping):
+            raise UsageError("status.windows holds a malformed entry")
+        start, spent = _count(value.get("start")), _count(value.get("spent"))
+        if start is None or spent is None:
+            raise UsageError(f"status.windows[{key!r}] needs non-negative integers start and spent")
+        windows[key] = Window(start, spent)
+    return windows
+
+
+def _count(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def grant_size(remaining: int, need: int) -> int:
+    """Large when far from the limit, exactly ``need`` near it (see :data:`SHARE`); callers ensure
+    ``need <= remaining``, so a grant never takes the window past ``max``."""
+    return max(need, remaining // SHARE)
+
+
+@dataclass
+class LeaseBook:
+    """One sidecar's leases, one per meter, valid only in the window they were taken in."""
+
+    leases: dict[str, Lease] = field(default_factory=dict)
+
+    def balance(self, meter: Meter, now: float) -> int:
+        lease = self.leases.get(meter.key)
+        if lease is None or lease.start != window_start(now, meter.per):
+            return 0
+        return lease.balance
+
+    def covers(self, demands: Sequence[Demand], now: float) -> bool:
+        return all(amount <= self.balance(meter, now) for meter, amount in _merged(demands))
+
+    def spend_local(self, demands: Sequence[Demand], now: float) -> bool:
+        """Spend every demand from the leases, or nothing at all when one does not fit."""
+        merged = _merged(demands)
+        if not self.covers(merged, now):
+            return False
+        for meter, amount in merged:
+            if amount:
+                self.leases[meter.key].balance -= amount
+        return True
+
+    def claim(self, demands: Sequence[Demand], stored: Mapping[str, Window], now: float) -> Claim | Refusal:
+        """The write that gives this sidecar enough for every demand, or why none can."""
+        windows: dict[str, Window] = {}
+        grants: dict[str, int] = {}
+        for meter, amount in _merged(demands):
+            need = amount - self.balance(meter, now)
+            if need <= 0:
+                continue
+            current = window_start(now, meter.per)
+            window = stored.get(meter.key)
+            if window is not None and window.start > current:
+                return Refusal(meter, "ahead", f"{meter.label}: the shared usage window starts after this "
+                                               "sidecar's clock; refused until it is reached",
+                               max(1.0, window.start - now))
+            spent = window.spent if window is not None and window.start == current else 0
+            remaining = meter.max - spent
+            if need > remaining:
+                return Refusal(meter, "exhausted", f"{meter.label}: {spent} of {meter.max} taken in this "
+                                                   f"{meter.per}s window across the fleet; {amount} more does not fit",
+                               max(1.0, current + meter.per - now))
+            grant = grant_size(remaining, need)
+            windows[meter.key] = Window(current, spent + grant)
+            grants[meter.key] = grant
+        return Claim(windows, grants)
+
+    def running_low(self, meter: Meter, now: float) -> bool:
+        """Worth renewing ahead of need: a quarter of the last slice or less is left in this window."""
+        lease = self.leases.get(meter.key)
+        if lease is None or lease.start != window_start(now, meter.per):
+            return False
+        return lease.balance <= lease.granted // LOW_WATER
+
+    def granted(self, claim: Claim) -> None:
+        """Record the slices of a claim whose write the API server accepted."""
+        for key, grant in claim.grants.items():
+            start = claim.windows[key].start
+            lease = self.leases.get(key)
+            if lease is None or lease.start != start:
+                self.leases[key] = Lease(start, grant, grant)
+            else:
+                lease.balance += grant
+                lease.granted = grant
+
+
+def _merged(demands: Iterable[Demand]) -> list[Demand]:
+    """Two demands on one meter (never today, but cheap to get right) are one demand of their sum."""
+    totals: dict[str, Demand] = {}
+    for meter, amount in demands:
+        previous = totals.get(meter.key)
+        totals[meter.key] = (meter, amount + (previous[1] if previous else 0))
+    return list(totals.values())
+
+
+def apply(status: object, claim: Claim) -> dict[str, object]:
+    """The status to write: the stored one with the claim's windows replaced (everything else kept)."""
+    base = dict(status) if isinstance(status, Mapping) else {}
+    windows = dict(base.get("windows") or {})
+    for key, window in claim.windows.items():
+        windows[key] = {"start": window.start, "spent": window.spent}
+    base["windows"] = windows
+    return base
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of ``capgate usage``: a meter's current window across the fleet."""
+
+    meter: Meter
+    start: int
+    spent: int
+    """Leased out in the current window (an upper bound of what the agent spent)."""
+    remaining: int
+    ahead: bool = False
+    """The stored window is later than ``now``: nothing can be spent until then."""
+
+
+def table(cap: spec.Capability, status: object, now: float) -> list[Row]:
+    """What each meter of ``cap`` has left now, from a stored status (a window that ended counts as empty)."""
+    stored = parse_windows(status)
+    rows: list[Row] = []
+    for meter in meters(cap):
+        current = window_start(now, meter.per)
+        window = stored.get(meter.key)
+        if window is not None and window.start > current:
+            rows.append(Row(meter, window.start, window.spent, 0, ahead=True))
+            continue
+        spent = window.spent if window is not None and window.start == current else 0
+        rows.append(Row(meter, current, spent, max(0, meter.max - spent)))
+    return rows

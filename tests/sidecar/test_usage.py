@@ -1,0 +1,160 @@
+"""The fleet-wide charger: leases from one shared state, no I/O while a lease lasts, fail closed.
+
+The store here is an in-memory compare-and-swap with the API server's answer to a stale write (409);
+e2e/test_usage.py runs the same charger against the real API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from capgate.capabilities import keys, spec
+from capgate.sidecar import usage
+from capgate.sidecar.metrics import Metrics
+from tests.sidecar.conftest import MakeSidecar
+from tests.sidecar.test_credentials import HeardOnce, write_credential_dir
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.version = 1
+        self.status: dict[str, Any] = {}
+        self.down = False
+        self.reads = self.writes = 0
+
+    async def read(self) -> tuple[str, dict[str, Any]]:
+        self._check()
+        self.reads += 1
+        return str(self.version), dict(self.status)
+
+    async def write(self, version: str, status: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        self._check()
+        await asyncio.sleep(0)  # let another charger interleave between read and write
+        if version != str(self.version):
+            raise usage.Conflict
+        self.writes += 1
+        self.version += 1
+        self.status = status
+        return str(self.version), dict(status)
+
+    def _check(self) -> None:
+        if self.down:
+            raise usage.StateUnavailable("the API server is unreachable (test)")
+
+    async def close(self) -> None:
+        pass
+
+
+def _cap(rate: int | None = None, budget: int = 1000) -> spec.Capability:
+    return spec.Capability(
+        name="booking-agent", namespace="travel", service_account="booking-agent", upstreams=(), rules=(),
+        rate_limit=spec.RateLimit(rate, timedelta(hours=1)) if rate else None,
+        budgets=(spec.Budget("payments", "amount", budget, timedelta(hours=24)),))
+
+
+def _charger(store: MemoryStore, metrics: Metrics | None = None) -> usage.FleetLimits:
+    return usage.FleetLimits(store, "travel/booking-agent", metrics or Metrics(), clock=lambda: 1_000_000.0)
+
+
+async def test_three_sidecars_sharing_one_budget_never_spend_more_than_max() -> None:
+    store, cap = MemoryStore(), _cap(budget=1000)
+    chargers = [_charger(store) for _ in range(3)]
+    results = await asyncio.gather(*[c.charge(cap, "payments", {"amount": 7}) for _ in range(100) for c in chargers])
+    allowed = sum(1 for r in results if r is None)
+    assert allowed * 7 <= 1000
+    assert allowed >= 1000 // 7 - 3 * 7, "slices near the limit shrink to single calls, stranding little"
+    assert all(r.reason == "budget_exhausted" for r in results if r is not None)
+
+
+async def test_calls_within_a_lease_cost_no_api_request() -> None:
+    store, cap = MemoryStore(), _cap(budget=80000)
+    charger = _charger(store)
+    for _ in range(100):
+        assert await charger.charge(cap, "payments", {"amount": 10}) is None
+    assert store.writes == 1
+    assert store.status["windows"]["budget/payments/amount/86400s"]["spent"] == 10000
+
+
+async def test_a_lease_running_low_is_renewed_in_the_background_before_a_call_needs_it() -> None:
+    store, cap = MemoryStore(), _cap(budget=800)
+    charger = _charger(store)
+    for _ in range(75):  # the first call leases 100; 25 left is a quarter of it
+        assert await charger.charge(cap, "payments", {"amount": 1}) is None
+    await charger.idle()
+    assert store.writes == 2
+    key = "budget/payments/amount/86400s"
+    assert store.status["windows"][key]["spent"] == 100 + 700 // 8
+    writes = store.writes
+
+    class Down(MemoryStore):
+        async def write(self, version: str, status: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+            raise AssertionError("no call should wait for a write: the renewal happened ahead of need")
+
+    charger.store = Down()
+    for _ in range(25 + 700 // 8 - 30):
+        assert await charger.charge(cap, "payments", {"amount": 1}) is None
+    assert store.writes == writes
+
+
+async def test_an_unreachable_state_refuses_budgeted_calls_with_a_reason_and_leaves_others_alone() -> None:
+    store, cap, metrics = MemoryStore(), _cap(), Metrics()
+    store.down = True
+    charger = _charger(store, metrics)
+    refused = await charger.charge(cap, "payments", {"amount": 1})
+    assert refused is not None
+    assert (refused.reason, refused.detail) == ("budget_exhausted", "usage_unavailable")
+    assert "cannot be reached" in refused.message
+    assert await charger.charge(cap, "flights", None) is None
+    assert metrics.usage_refusals.labels("usage_unavailable")._value.get() == 1
+
+
+async def test_a_rate_limit_is_counted_fleet_wide_per_request() -> None:
+    store, cap = MemoryStore(), _cap(rate=5)
+    a, b = _charger(store), _charger(store)
+    results = [await (a if i % 2 else b).charge(cap, "flights", None) for i in range(8)]
+    assert [r is None for r in results].count(True) == 5
+    assert {r.reason for r in results if r is not None} == {"rate_limited"}
+
+
+async def test_a_slice_in_hand_is_still_spent_while_the_state_is_unreachable() -> None:
+    store, cap = MemoryStore(), _cap(budget=800)
+    charger = _charger(store)
+    assert await charger.charge(cap, "payments", {"amount": 1}) is None  # leases 100
+    store.down = True
+    for _ in range(99):
+        assert await charger.charge(cap, "payments", {"amount": 1}) is None
+    assert await charger.charge(cap, "payments", {"amount": 1}) is not None
+
+
+async def test_an_uncountable_amount_is_refused_without_touching_the_state() -> None:
+    store = MemoryStore()
+    refused = await _charger(store).charge(_cap(), "payments", {"amount": "500"})
+    assert refused is not None and refused.reason == "budget_exhausted"
+    assert store.reads == store.writes == 0
+
+
+async def test_leases_and_remaining_are_exported_as_metrics() -> None:
+    store, metrics = MemoryStore(), Metrics()
+    charger = _charger(store, metrics)
+    assert await charger.charge(_cap(budget=800), "payments", {"amount": 40}) is None
+    key = "budget/payments/amount/86400s"
+    assert metrics.leases_taken.labels(key)._value.get() == 1
+    assert metrics.lease_remaining.labels(key)._value.get() == 60
+    body, _ = metrics.render()
+    assert b"capgate_usage_state_age_seconds" in body
+
+
+async def test_in_a_pod_without_api_access_rate_limited_calls_are_refused_not_unmetered(
+        sidecar: MakeSidecar, keyset: keys.KeySet, tmp_path: Path) -> None:
+    folder = tmp_path / "credential"
+    write_credential_dir(folder, keyset)
+    sc = await sidecar(capability=None, root_key=None, credential_dir=folder, revocation_source=HeardOnce(),
+                       env={"KUBECONFIG": str(tmp_path / "missing.kubeconfig")})
+    response = await sc.client.get("/flights/search")
+    assert response.status == 429
+    body = await response.json()
+    assert (body["error"], body["reason"]) == ("rate_limited", "usage_unavailable")
+    assert sc.upstream.seen == []

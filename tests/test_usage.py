@@ -1,0 +1,213 @@
+"""The lease algorithm never lets a fleet spend more than ``max`` in a window, whatever interleaves.
+
+The model: one stored object with a resourceVersion (compare-and-swap like the API server), several
+sidecars that each read it at some moment and write later from what they read (so writes race and
+go stale), crashes that lose a sidecar's leases, a clock that jumps across 1h and 24h windows, and
+an agent that writes whatever the CRD's transition rules allow. Every write the sidecars plan must
+itself pass those transition rules.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from capgate import usage
+from capgate.capabilities import spec
+
+RATE = usage.Meter("requests/3600s", 13, 3600, "rate limit")
+BUDGET = usage.Meter("budget/payments/amount/86400s", 300, 86400, "budget payments.amount")
+SIDECARS = 3
+
+
+def transition_allowed(old: dict[str, usage.Window], new: dict[str, usage.Window]) -> bool:
+    """The CRD's rules for status.windows, in Python (e2e/test_usage.py checks the real ones)."""
+    if any(key not in new for key in old):
+        return False
+    return all(new[k].start > old[k].start or (new[k].start == old[k].start and new[k].spent >= old[k].spent)
+               for k in old)
+
+
+class Store:
+    def __init__(self) -> None:
+        self.version = 0
+        self.status: dict[str, Any] = {}
+
+    def windows(self) -> dict[str, usage.Window]:
+        return usage.parse_windows(self.status)
+
+    def write(self, version: int, status: dict[str, Any]) -> bool:
+        if version != self.version:
+            return False  # 409 Conflict
+        new = usage.parse_windows(status)
+        assert transition_allowed(self.windows(), new), "a sidecar planned a write the API server refuses"
+        self.status, self.version = status, self.version + 1
+        return True
+
+
+class Fleet(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1_000_000.0
+        self.store = Store()
+        self.books = [usage.LeaseBook() for _ in range(SIDECARS)]
+        self.snapshots: list[tuple[int, dict[str, Any]] | None] = [None] * SIDECARS
+        self.used: dict[tuple[str, int], int] = defaultdict(int)
+        """What sidecars let through, per meter and window: the agent's real spending."""
+
+    @rule(sidecar=st.integers(0, SIDECARS - 1))
+    def read(self, sidecar: int) -> None:
+        self.snapshots[sidecar] = (self.store.version, dict(self.store.status))
+
+    @precondition(lambda self: any(s is not None for s in self.snapshots))
+    @rule(sidecar=st.integers(0, SIDECARS - 1), amount=st.integers(0, 3) | st.integers(0, 60))
+    def call(self, sidecar: int, amount: int) -> None:
+        """One budgeted call: spend locally, or claim from the (maybe stale) snapshot and CAS."""
+        book, snapshot = self.books[sidecar], self.snapshots[sidecar]
+        demands = [(RATE, 1), (BUDGET, amount)]
+        if book.spend_local(demands, self.now):
+            self._used(demands)
+            return
+        if snapshot is None:
+            return
+        version, status = snapshot
+        claim = book.claim(demands, usage.parse_windows(status), self.now)
+        if isinstance(claim, usage.Refusal):
+            return
+        new_status = usage.apply(status, claim)
+        if not self.store.write(version, new_status):
+            self.snapshots[sidecar] = None  # stale: must read again
+            return
+        self.snapshots[sidecar] = (self.store.version, new_status)
+        book.granted(claim)
+        assert book.spend_local(demands, self.now), "a granted claim must cover the call it was taken for"
+        self._used(demands)
+
+    def _used(self, demands: list[usage.Demand]) -> None:
+        for meter, amount in demands:
+            self.used[(meter.key, usage.window_start(self.now, meter.per))] += amount
+
+    @rule(sidecar=st.integers(0, SIDECARS - 1))
+    def crash(self, sidecar: int) -> None:
+        self.books[sidecar] = usage.LeaseBook()
+        self.snapshots[sidecar] = None
+
+    @rule(seconds=st.sampled_from([1.0, 1.0, 59.0, 59.0, 1800.0, 3600.0, 86400.0]))
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule(meter=st.sampled_from([RATE, BUDGET]), forward=st.sampled_from([0, 0, 0, 1]), more=st.integers(0, 5))
+    def agent_writes(self, meter: usage.Meter, forward: int, more: int) -> None:
+        """The agent shares the ServiceAccount: it may write anything the transition rules allow."""
+        windows = self.store.windows()
+        old = windows.get(meter.key)
+        start = usage.window_start(self.now, meter.per) + forward * meter.per
+        if old is not None and start < old.start:
+            start = old.start
+        spent = (old.spent if old is not None and old.start == start else 0) + more
+        status = dict(self.store.status)
+        status["windows"] = {**(status.get("windows") or {}), meter.key: {"start": start, "spent": spent}}
+        assert self.store.write(self.store.version, status)
+
+    @invariant()
+    def never_more_than_max_in_any_window(self) -> None:
+        for (key, _start), used in self.used.items():
+            limit = RATE.max if key == RATE.key else BUDGET.max
+            assert used <= limit, f"{key}: {used} used of {limit}"
+
+    @invariant()
+    def what_was_used_and_what_is_still_leased_fit_in_max(self) -> None:
+        for meter in (RATE, BUDGET):
+            start = usage.window_start(self.now, meter.per)
+            leased = sum(book.balance(meter, self.now) for book in self.books)
+            assert self.used.get((meter.key, start), 0) + leased <= meter.max
+
+    @invariant()
+    def what_was_used_was_leased(self) -> None:
+        for key, window in self.store.windows().items():
+            assert self.used.get((key, window.start), 0) <= window.spent
+
+
+Fleet.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None,
+                                   suppress_health_check=[HealthCheck.too_slow])
+test_no_interleaving_of_sidecars_crashes_and_rollovers_overspends = Fleet.TestCase
+
+
+# ------------------------------------------------------------------------------ plain behaviour
+
+def _cap(**changes: Any) -> spec.Capability:
+    base = dict(name="booking-agent", namespace="travel", service_account="booking-agent", upstreams=(), rules=(),
+                rate_limit=spec.RateLimit(600, timedelta(hours=1)),
+                budgets=(spec.Budget("payments", "amount", 60000, timedelta(hours=24)),))
+    base.update(changes)
+    return spec.Capability(**base)  # type: ignore[arg-type]
+
+
+def test_meters_are_keyed_by_what_they_count_and_their_window() -> None:
+    rate, budget = usage.meters(_cap())
+    assert (rate.key, rate.max, rate.per) == ("requests/3600s", 600, 3600)
+    assert (budget.key, budget.max, budget.per) == ("budget/payments/amount/86400s", 60000, 86400)
+
+
+def test_a_lease_is_large_far_from_the_limit_and_single_units_near_it() -> None:
+    book = usage.LeaseBook()
+    claim = book.claim([(BUDGET, 1)], {}, 0.0)
+    assert isinstance(claim, usage.Claim) and claim.grants[BUDGET.key] == BUDGET.max // usage.SHARE
+    near = book.claim([(BUDGET, 1)], {BUDGET.key: usage.Window(0, BUDGET.max - 5)}, 0.0)
+    assert isinstance(near, usage.Claim) and near.grants[BUDGET.key] == 1
+
+
+def test_a_call_that_does_not_fit_the_fleet_window_is_refused_until_the_window_ends() -> None:
+    book = usage.LeaseBook()
+    refused = book.claim([(BUDGET, 31)], {BUDGET.key: usage.Window(86400, 270)}, 86400.0 + 600)
+    assert isinstance(refused, usage.Refusal) and refused.reason == "exhausted"
+    assert refused.retry_after == 86400 - 600
+    assert "270 of 300" in refused.message
+
+
+def test_a_new_window_starts_from_nothing_and_an_old_lease_is_worthless_in_it() -> None:
+    book = usage.LeaseBook()
+    first = book.claim([(RATE, 1)], {}, 10.0)
+    assert isinstance(first, usage.Claim)
+    book.granted(first)
+    assert book.spend_local([(RATE, 1)], 10.0)
+    assert not book.spend_local([(RATE, 1)], 3600.0)
+    second = book.claim([(RATE, 1)], {RATE.key: usage.Window(0, RATE.max)}, 3600.0)
+    assert isinstance(second, usage.Claim) and second.windows[RATE.key].start == 3600
+
+
+def test_a_window_ahead_of_the_clock_refuses_instead_of_resetting() -> None:
+    refused = usage.LeaseBook().claim([(RATE, 1)], {RATE.key: usage.Window(7200, 0)}, 100.0)
+    assert isinstance(refused, usage.Refusal) and refused.reason == "ahead"
+
+
+def test_spending_is_all_or_nothing_across_meters() -> None:
+    book = usage.LeaseBook({RATE.key: usage.Lease(0, 5), BUDGET.key: usage.Lease(0, 10)})
+    assert not book.spend_local([(RATE, 1), (BUDGET, 11)], 5.0)
+    assert book.balance(RATE, 5.0) == 5
+
+
+@pytest.mark.parametrize("status", [
+    {"windows": []}, {"windows": {"k": {"start": -1, "spent": 0}}}, {"windows": {"k": {"start": 0}}},
+    {"windows": {"k": {"start": True, "spent": 0}}}, {"windows": {"k": {"start": 0, "spent": 1.5}}}, [],
+])
+def test_a_malformed_stored_state_is_refused_never_read_as_zero(status: Any) -> None:
+    with pytest.raises(usage.UsageError):
+        usage.parse_windows(status)
+
+
+def test_the_usage_table_counts_an_ended_window_as_empty_and_marks_one_ahead() -> None:
+    cap = _cap()
+    status = {"windows": {"requests/3600s": {"start": 0, "spent": 600},
+                          "budget/payments/amount/86400s": {"start": 86400, "spent": 10}}}
+    rate, budget = usage.table(cap, status, 4000.0)
+    assert (rate.start, rate.spent, rate.remaining) == (3600, 0, 600)
+    assert budget.ahead and budget.remaining == 0
+    rate, budget = usage.table(cap, status, 86400.0 + 5)
+    assert (budget.spent, budget.remaining) == (10, 59990)
