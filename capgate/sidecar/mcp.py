@@ -135,6 +135,10 @@ class Pending:
         """The last listed definition of a pinned tool matched its pin (or not)."""
         self._definitions[(upstream, tool)] = matches
 
+    def forget_definitions(self, upstream: str) -> None:
+        for key in [key for key in self._definitions if key[0] == upstream]:
+            del self._definitions[key]
+
     def is_verified(self, upstream: str, tool: str) -> bool | None:
         return self._definitions.get((upstream, tool))
 
@@ -512,9 +516,11 @@ def _server_asks(ctx: Context, creds: list[tokens.Credential], data: str, sessio
         message = core_mcp.parse(data.encode("utf-8", "surrogatepass"))
     except core_mcp.McpError:
         return True
+    upstream = ctx.route.upstream.name
+    if message.kind == "notification" and message.method == "notifications/tools/list_changed":
+        ctx.pending.forget_definitions(upstream)  # pinned tools wait for the next list to be checked again
     if message.kind != "request" or message.method is None:
         return True
-    upstream = ctx.route.upstream.name
     allowed = message.method in SERVER_IMPLIED
     if not allowed:
         try:

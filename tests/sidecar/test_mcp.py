@@ -541,3 +541,35 @@ async def test_pinned_tools_are_hidden_and_refused_when_their_definition_changes
     assert listed["mcp"]["definition_changed"] == ["search_flights"]
     metrics = await (await changed.admin.get("/metrics")).text()
     assert 'capgate_mcp_definition_changed_total{upstream="booking"} 1.0' in metrics
+
+
+async def test_a_live_list_changed_makes_a_changed_pinned_tool_disappear(sidecar: MakeSidecar, booking: Booking,
+                                                                         tmp_path: Path) -> None:
+    capability = tmp_path / "capability.yaml"
+    capability.write_text(EXAMPLE.read_text())
+    changes: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        method = getattr(getattr(message, "root", message), "method", None)
+        if method == "notifications/tools/list_changed":
+            changes.append(method)
+
+    async with running(booking, json_response=True) as url:
+        tools = tmp_path / "tools.json"
+        tools.write_bytes(await wire_tools(url))
+        assert cli.main(["mcp", "pin", str(capability), "--upstream", "booking", "--tools", str(tools), "--write"]) == 0
+        spec = yaml.safe_load(capability.read_text())["spec"]
+        spec["rules"].insert(0, {"name": "offers", "effect": "allow", "actions": ["mcp.call"],
+                                 "resources": ["mcp://booking/change_offer"]})
+        side = await sidecar(spec, upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        with anyio.fail_after(20):
+            async with Client(url_of(side), mode="legacy", message_handler=on_message) as client:
+                assert "search_flights" in [t.name for t in (await client.list_tools()).tools]
+                await client.call_tool("change_offer", {})
+                while not changes:
+                    await asyncio.sleep(0.02)
+                with pytest.raises(MCPError) as caught:
+                    await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+                assert caught.value.data["reason"] == "definition_changed"
+                assert "search_flights" not in [t.name for t in (await client.list_tools()).tools]
+    assert "search_flights" not in booking.tools()
