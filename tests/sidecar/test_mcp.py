@@ -573,3 +573,31 @@ async def test_a_live_list_changed_makes_a_changed_pinned_tool_disappear(sidecar
                 assert caught.value.data["reason"] == "definition_changed"
                 assert "search_flights" not in [t.name for t in (await client.list_tools()).tools]
     assert "search_flights" not in booking.tools()
+
+
+MODERN_META = ('"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",'
+               '"io.modelcontextprotocol/clientCapabilities":{}}')
+
+
+@pytest.mark.parametrize("arguments", [
+    '{"amount":"5000","currency":"EUR"}', '{"amount":5000.0,"currency":"EUR"}', '{"amount":4e3,"currency":"EUR"}',
+    '{"amount":400.5,"currency":"EUR"}', '{"amount":true,"currency":"EUR"}', '{"amount":[5000],"currency":"EUR"}',
+    '{"amount":" 5000","currency":"EUR"}', '{"amount":300,"amount":5000,"currency":"EUR"}',
+    '{"AMOUNT":5000,"currency":"EUR"}', '{"amount":300,"Amount":5000,"currency":"EUR"}',
+    '{"amount":5000,"currency":"EUR","currency":"EUR"}', '{"amount":9223372036854775808,"currency":"EUR"}',
+    '{"amount":-1,"currency":"EUR"}', '{"amount":1e400,"currency":"EUR"}', '{"amount":5000,"currency":"eur"}',
+])
+async def test_argument_tricks_never_charge_more_than_the_limit(mcp_sidecar: Sidecar, booking: Booking,
+                                                                arguments: str) -> None:
+    search = (f'{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"search_flights",'
+              f'"arguments":{{"origin":"a","destination":"b"}},{MODERN_META}}}}}')
+    charge = (f'{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"charge",'
+              f'"arguments":{arguments},{MODERN_META}}}}}')
+    for body, name in ((search, "search_flights"), (charge, "charge")):
+        response = await mcp_sidecar.client.post("/booking/mcp", data=body.encode(), headers={
+            **HEADERS, "Mcp-Method": "tools/call", "Mcp-Name": name, "MCP-Protocol-Version": "2026-07-28"})
+        await response.read()
+    assert booking.tools()[:1] == ["search_flights"], "the search ran: a refusal is not for a missing receipt"
+    charged = [call[1]["amount"] for call in booking.calls if call[0] == "charge"]
+    assert all(isinstance(amount, int) and 0 <= amount <= 400 for amount in charged), charged
+    assert response.status in (400, 403), "each of these is refused by the sidecar itself"
