@@ -27,12 +27,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -47,114 +44,19 @@ from capgate.sidecar import errors, facts, proxy
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import Loaded
 from capgate.sidecar.gate import Gate, Trace
+from capgate.sidecar.mcp.sse import Event, SseEvents
+from capgate.sidecar.mcp.state import SESSION_HEADER, Pending, Sessions
 from capgate.sidecar.receipts import split_header
 from capgate.sidecar.routing import Route
+
+__all__ = ["Context", "Pending", "Sessions", "handle", "is_mcp"]
 
 log = logging.getLogger("capgate.sidecar.mcp")
 
 MAX_JSON_ANSWER = 16 * 1024 * 1024
 """A JSON answer is read whole (to find its result); larger ones are refused (502), never cut."""
 MAX_SSE_EVENT = 16 * 1024 * 1024
-_EOL = re.compile(rb"\r\n|\n|\r")
 _STREAM_METHODS = frozenset({"GET", "DELETE"})
-
-
-SESSION_HEADER = "Mcp-Session-Id"
-MAX_SESSIONS = 10_000
-"""Bound sessions kept per sidecar; the oldest is forgotten first (its next message gets 404)."""
-
-
-class Sessions:
-    """Which token opened each MCP session (2025-11-25 ``Mcp-Session-Id``) on this sidecar.
-
-    A session belongs to the token that opened it: the pod's own credential, or one narrowed
-    token. Another token presenting its id — or any token presenting an id this sidecar never saw
-    open — gets 404, which the protocol answers by opening a new session, so one sub-agent can
-    never ride (or end) another's session and its server-side state.
-    """
-
-    def __init__(self, limit: int = MAX_SESSIONS) -> None:
-        self._owners: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._limit = limit
-
-    def bind(self, upstream: str, session: str, owner: str) -> None:
-        self._owners[(upstream, session)] = owner
-        self._owners.move_to_end((upstream, session))
-        while len(self._owners) > self._limit:
-            self._owners.popitem(last=False)
-
-    def owned(self, upstream: str, session: str, owner: str) -> bool:
-        return self._owners.get((upstream, session)) == owner
-
-    def forget(self, upstream: str, session: str) -> None:
-        self._owners.pop((upstream, session), None)
-
-
-class Pending:
-    """Requests posted on the old HTTP+SSE transport, waiting for their answer on the session's stream.
-
-    That transport answers a POST with 202 and the result arrives on the GET stream, so the stream
-    looks the request up here by (upstream, session, id) to filter a list or mint a receipt.
-    """
-
-    def __init__(self, limit: int = MAX_SESSIONS) -> None:
-        self._waiting: OrderedDict[tuple[str, str, str], tuple[Context, Exchange]] = OrderedDict()
-        self._limit = limit
-        self._outboxes: dict[tuple[str, str], asyncio.Queue[bytes]] = {}
-        self._asked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._definitions: dict[tuple[str, str], bool] = {}
-
-    def open_outbox(self, upstream: str, session: str) -> asyncio.Queue[bytes]:
-        """Events the sidecar itself must deliver on a session's stream (its refusals)."""
-        box: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
-        self._outboxes[(upstream, session)] = box
-        return box
-
-    def outbox(self, upstream: str, session: str) -> asyncio.Queue[bytes] | None:
-        return self._outboxes.get((upstream, session))
-
-    def close_outbox(self, upstream: str, session: str) -> None:
-        self._outboxes.pop((upstream, session), None)
-
-    def add(self, key: tuple[str, str, str], ctx: Context, exchange: Exchange) -> None:
-        self._waiting[key] = (ctx, exchange)
-        while len(self._waiting) > self._limit:
-            self._waiting.popitem(last=False)
-
-    def pop(self, key: tuple[str, str, str]) -> tuple[Context, Exchange] | None:
-        return self._waiting.pop(key, None)
-
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run a reply the sidecar sends on its own (kept referenced: asyncio holds tasks weakly)."""
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def verified(self, upstream: str, tool: str, matches: bool) -> None:
-        """The last listed definition of a pinned tool matched its pin (or not)."""
-        self._definitions[(upstream, tool)] = matches
-
-    def forget_definitions(self, upstream: str) -> None:
-        for key in [key for key in self._definitions if key[0] == upstream]:
-            del self._definitions[key]
-
-    def is_verified(self, upstream: str, tool: str) -> bool | None:
-        return self._definitions.get((upstream, tool))
-
-    def ask(self, upstream: str, session: str, ident: object) -> None:
-        """The server asked the client something on this session (its answer may pass, once)."""
-        self._asked[(upstream, session, json.dumps(ident))] = None
-        while len(self._asked) > self._limit:
-            self._asked.popitem(last=False)
-
-    def answer(self, upstream: str, session: str, ident: object) -> bool:
-        """Is this a first answer to a request the server really sent on this session?"""
-        key = (upstream, session, json.dumps(ident))
-        if key not in self._asked:
-            return False
-        del self._asked[key]
-        return True
 
 
 def _owner(trace: Trace) -> str:
@@ -467,20 +369,13 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
     try:
         async for chunk in upstream.content.iter_any():
             for event in events.feed(chunk):
-                out = event.raw
-                session = stream.session if stream is not None else ctx.session
-                if event.data is not None and not _server_asks(ctx, exchange.creds, event.data, session, stream):
-                    out = b": capgate refused a server request (no rule allows it)\n\n"
-                elif stream is not None:
-                    replaced = stream.event(event)
-                    out = event.raw if replaced is None else event.with_data(replaced)
-                elif event.data is not None:
-                    replaced = _observe(ctx, exchange, event.data.encode("utf-8", "surrogatepass"))
-                    out = event.raw if replaced is None else event.with_data(replaced)
                 async with lock:
-                    await response.write(out)
+                    await response.write(_relay(ctx, exchange, stream, event))
             if stream is not None and stream.outbox is not None and pump is None:
                 pump = asyncio.create_task(_pump(stream.outbox, response, lock))
+        for event in events.feed(b"", final=True):
+            async with lock:
+                await response.write(_relay(ctx, exchange, stream, event))
         await response.write(events.rest())
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         if guard.done() and not guard.cancelled():
@@ -499,6 +394,19 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
             ctx.pending.close_outbox(ctx.route.upstream.name, stream.session)
     await response.write_eof()
     return response
+
+
+def _relay(ctx: Context, exchange: Exchange, stream: OldStream | None, event: Event) -> bytes:
+    """What the agent gets for one upstream event: as sent, filtered, or a comment in its place."""
+    session = stream.session if stream is not None else ctx.session
+    if event.data is not None and not _server_asks(ctx, exchange.creds, event.data, session, stream):
+        return b": capgate refused a server request (no rule allows it)\n\n"
+    replaced = None
+    if stream is not None:
+        replaced = stream.event(event)
+    elif event.data is not None:
+        replaced = _observe(ctx, exchange, event.data.encode("utf-8", "surrogatepass"))
+    return event.raw if replaced is None else event.with_data(replaced)
 
 
 SERVER_IMPLIED = frozenset({"ping", "elicitation/create"})
@@ -741,68 +649,6 @@ def succeeded(document: Mapping[str, object]) -> bool:
     if not isinstance(result, Mapping) or result.get("isError", False) is not False:
         return False
     return bool(result.get("resultType", "complete") == "complete")
-
-
-# -- server-sent events ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Event:
-    raw: bytes
-    """The event exactly as the upstream sent it, blank line included."""
-    data: str | None
-    name: str | None
-
-    def with_data(self, data: bytes) -> bytes:
-        """This event with its data replaced by one ``data:`` line (``id:``, ``event:`` kept)."""
-        kept = [line for line in _EOL.split(self.raw) if line and not line.startswith(b"data")]
-        return b"".join(line + b"\n" for line in kept) + b"data: " + data + b"\n\n"
-
-
-class SseEvents:
-    """Split an SSE byte stream into whole events without changing a byte (WHATWG's line rules)."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._buffer = b""
-        self._raw: list[bytes] = []
-        self._lines: list[bytes] = []
-        self._size = 0
-
-    def feed(self, chunk: bytes) -> list[Event]:
-        self._buffer += chunk
-        out: list[Event] = []
-        while True:
-            match = _EOL.search(self._buffer)
-            if match is None or (match.group() == b"\r" and match.end() == len(self._buffer)):
-                break  # a lone CR at the end may be half of CRLF
-            line, raw = self._buffer[:match.start()], self._buffer[:match.end()]
-            self._buffer = self._buffer[match.end():]
-            self._raw.append(raw)
-            self._size += len(raw)
-            if line:
-                self._lines.append(line)
-                continue
-            out.append(self._event())
-        if self._size + len(self._buffer) > self._limit:
-            raise ValueError(f"an SSE event is larger than {self._limit} bytes")
-        return out
-
-    def rest(self) -> bytes:
-        """Bytes of an unfinished event at the end of the stream (passed on, never decided on)."""
-        return b"".join(self._raw) + self._buffer
-
-    def _event(self) -> Event:
-        data: list[str] = []
-        name = None
-        for line in self._lines:
-            key, _, value = line.decode("utf-8", "replace").partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if key == "data":
-                data.append(value)
-            elif key == "event":
-                name = value
-        event = Event(b"".join(self._raw), "\n".join(data) if data else None, name)
-        self._raw, self._lines, self._size = [], [], 0
-        return event
 
 
 def json_bytes(document: object) -> bytes:
