@@ -83,6 +83,12 @@ def server(booking: Booking) -> MCPServer:
         return "changed"
 
     @srv.tool()
+    async def wait_long() -> str:
+        booking.calls.append(("wait_long", {}))
+        await asyncio.sleep(6)  # longer than the test waits for the sidecar to let go
+        return "done"
+
+    @srv.tool()
     def transfer_funds(to: str) -> str:
         booking.calls.append(("transfer_funds", {"to": to}))
         return "sent"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -472,30 +473,55 @@ async def test_an_answer_to_a_request_the_server_never_sent_is_refused(mcp_sidec
     assert response.status == 403 and body["error"]["data"]["reason"] == "unknown_request_id"
 
 
-async def test_an_agent_hanging_up_ends_its_upstream_stream(mcp_sidecar: Sidecar) -> None:
-    # As capgate-sidecar runs it: aiohttp does not cancel a handler when its client goes away
-    # (the test server would, which is not what production does).
-    agent, _ = sidecar_app.create_apps(mcp_sidecar.settings, env={"PAYMENTS_API_KEY": "unused"})
+@contextlib.asynccontextmanager
+async def production_port(side: Sidecar) -> AsyncIterator[int]:
+    """The same sidecar served as capgate-sidecar serves it: aiohttp does not cancel a handler when
+    its client goes away (the test server would, which is not what production does)."""
+    agent, _ = sidecar_app.create_apps(side.settings, env={"PAYMENTS_API_KEY": "unused"})
     runner = web.AppRunner(agent, handler_cancellation=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-            response = await http.post("/booking/mcp", json=INITIALIZE, headers=HEADERS)
-            session = response.headers["Mcp-Session-Id"]
-            await response.read()
-            stream = await http.get("/booking/mcp", headers={"Accept": "text/event-stream", "Mcp-Session-Id": session,
-                                                              "Mcp-Protocol-Version": "2025-11-25"})
-            assert stream.status == 200
-            stream.close()
-        audit = mcp_sidecar.settings.audit_log
-        with anyio.fail_after(5):  # a hang guard: the stream's record is written once the sidecar lets go
-            while '"closed":"client_disconnected"' not in Path(audit).read_text().replace(" ", ""):
-                await asyncio.sleep(0.05)
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     finally:
         await runner.cleanup()
+
+
+async def wait_for_record(side: Sidecar, text: str) -> None:
+    with anyio.fail_after(5):  # a hang guard: a record is written once the sidecar lets go of the request
+        while text not in Path(side.settings.audit_log).read_text().replace(" ", ""):
+            await asyncio.sleep(0.05)
+
+
+async def test_an_agent_hanging_up_ends_its_upstream_stream(mcp_sidecar: Sidecar) -> None:
+    async with production_port(mcp_sidecar) as port, aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        response = await http.post("/booking/mcp", json=INITIALIZE, headers=HEADERS)
+        session = response.headers["Mcp-Session-Id"]
+        await response.read()
+        stream = await http.get("/booking/mcp", headers={"Accept": "text/event-stream", "Mcp-Session-Id": session,
+                                                          "Mcp-Protocol-Version": "2025-11-25"})
+        assert stream.status == 200
+        stream.close()
+        await wait_for_record(mcp_sidecar, '"closed":"client_disconnected"')
+
+
+async def test_an_agent_hanging_up_cancels_a_quiet_tool_call(sidecar: MakeSidecar, booking: Booking) -> None:
+    rule = {"name": "slow", "effect": "allow", "actions": ["mcp.call"], "resources": ["mcp://booking/wait_long"]}
+    async with running(booking, json_response=True) as url:
+        side = await sidecar(spec_with(rule), upstream_urls={"booking": url}, read_timeout=60.0, total_timeout=60.0)
+        async with production_port(side) as port:
+            body = (f'{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"wait_long",'
+                    f'"arguments":{{}},{MODERN_META}}}}}')
+            http = aiohttp.ClientSession(f"http://127.0.0.1:{port}")
+            call = asyncio.create_task(http.post("/booking/mcp", data=body.encode(), headers={
+                **HEADERS, "Mcp-Method": "tools/call", "Mcp-Name": "wait_long", "MCP-Protocol-Version": "2026-07-28"}))
+            with anyio.fail_after(5):
+                while "wait_long" not in booking.tools():
+                    await asyncio.sleep(0.02)
+            call.cancel()
+            await http.close()
+            await wait_for_record(side, '"reason":"client_disconnected"')
 
 
 async def wire_tools(url: str) -> bytes:

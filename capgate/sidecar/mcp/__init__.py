@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlsplit
@@ -154,7 +154,30 @@ async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
     exchange = Exchange(message, target, verdict, creds)
     if session is not None and _is_messages(ctx) and message.kind == "request":
         ctx.pending.add((ctx.route.upstream.name, session, json.dumps(message.id)), ctx, exchange)
-    return await _forward(request, ctx, raw, exchange)
+    async with _cancel_on_hangup(request):
+        return await _forward(request, ctx, raw, exchange)
+
+
+@contextlib.asynccontextmanager
+async def _cancel_on_hangup(request: web.Request) -> AsyncIterator[None]:
+    """Cancel this handler (and so the upstream call) when the agent hangs up: capgate-sidecar's
+    aiohttp does not cancel handlers itself, and a quiet tool call would run on for nobody."""
+    handler = asyncio.current_task()
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(GUARD_SECONDS)
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                if handler is not None:
+                    handler.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
 
 
 def _old_outbox(ctx: Context) -> asyncio.Queue[bytes] | None:
