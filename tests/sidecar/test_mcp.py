@@ -69,6 +69,8 @@ async def test_an_allowed_tool_call_reaches_the_server(mcp_sidecar: Sidecar, boo
     assert record["resource"] == "mcp://booking/search_flights"
     assert record["outcome"] == "allowed" and record["rule"] == "search"
     assert record["mcp"]["method"] == "tools/call" and record["mcp"]["name"] == "search_flights"
+    if mode == "legacy":  # the 2025-11-25 era has sessions; their records carry its digest, not its id
+        assert len(record["mcp"]["session_digest"]) == 32
     assert len(record["mcp"]["arguments_digest"]) == 64 and "LHR" not in json.dumps(record)
 
 
@@ -563,6 +565,8 @@ async def test_pinned_tools_are_hidden_and_refused_when_their_definition_changes
                 await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
     assert caught.value.data["reason"] == "definition_changed"
     assert booking.tools() == ["search_flights"]
+    refused = [r for r in mcp_records(changed) if r["mcp"].get("name") == "search_flights"]
+    assert refused[-1]["mcp"]["pin"] == "sha256:" + "0" * 64
     listed = next(r for r in mcp_records(changed) if r["mcp"].get("method") == "tools/list")
     assert listed["mcp"]["definition_changed"] == ["search_flights"]
     metrics = await (await changed.admin.get("/metrics")).text()

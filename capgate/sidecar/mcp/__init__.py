@@ -240,12 +240,19 @@ def _describe(trace: Trace, message: core_mcp.Message, target: core_mcp.Target) 
     trace.mcp = record
 
 
+def _describe_session(trace: Trace, session: str | None) -> None:
+    """The session by digest: enough to group a session's records, never the id a caller could reuse."""
+    if session is not None and trace.mcp is not None:
+        trace.mcp["session_digest"] = core_mcp.digest(session)[:32]
+
+
 async def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
             ) -> tuple[list[tokens.Credential], decision.Decision | None, str | None]:
     """The verified tokens, the verdict (None for implied plumbing) and the session; raises for a refusal."""
     gate, loaded, trace = ctx.gate, ctx.loaded, ctx.trace
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, ctx.now)
     session = ctx.session = _check_session(request, ctx)
+    _describe_session(trace, session)
     if target.implied:
         await gate.charge(loaded, None, None, trace)  # the rate limit counts every message
         trace.outcome, trace.reason = "allowed", "implied"
@@ -332,6 +339,7 @@ async def _plumbing(request: web.Request, ctx: Context) -> web.StreamResponse:
     creds = ctx.gate.credentials(ctx.loaded, facts.narrowed_token(request), ctx.trace, ctx.now)
     ctx.trace.mcp = {"kind": "stream" if request.method == "GET" else "session_end"}
     session = ctx.session = _check_session(request, ctx)
+    _describe_session(ctx.trace, session)
     ctx.trace.outcome, ctx.trace.reason = "allowed", "implied"
     if request.body_exists:
         raise errors.bad_request("mcp_body", f"an MCP {request.method} carries no body")
@@ -609,6 +617,8 @@ def _check_pinned_call(ctx: Context, target: core_mcp.Target) -> None:
         return
     if ctx.loaded.capability.mode == "audit":
         return  # lists are not rewritten in audit mode, so nothing was checked
+    if ctx.trace.mcp is not None:
+        ctx.trace.mcp["pin"] = mcp.pin(target.name)
     state = ctx.pending.is_verified(ctx.route.upstream.name, target.name)
     if state is not True:
         why = ("its definition differs from its pin" if state is False
