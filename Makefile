@@ -1,6 +1,6 @@
 .PHONY: demo test bench lint image
 
-demo:  ## the end-to-end demo on a local control plane
+demo:  ## the end-to-end demo on real pods, on a local cluster with a real node
 	bash hack/demo.sh
 
 test:  ## set-up, static checks, unit and e2e tests
@@ -18,6 +18,7 @@ bench:  ## benchmark tables quoted in the README (each operator benchmark starts
 	.venv/bin/python bench/adversarial.py
 	.venv/bin/python bench/availability.py
 	.venv/bin/python bench/usage.py
+	.venv/bin/python bench/mcp_calls.py
 
 lint:
 	.venv/bin/ruff check capgate tests e2e bench examples && .venv/bin/mypy capgate && .venv/bin/lint-imports

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from capgate.capabilities import bodies, decision, keys, paths, spec, tokens
+from capgate.capabilities import mcp as core_mcp
 from capgate.capabilities.errors import CapabilityError, RequestError
 from capgate.cluster import ClusterError
 
@@ -151,6 +152,8 @@ class Case:
     principal: str | None = None
     at: datetime | None = None
     content_type: str = "application/json"
+    mcp: str | None = None
+    """``'METHOD UPSTREAM [NAME]'`` of an MCP message (then ``body`` is ``params.arguments``)."""
 
 
 def parse_request(cap: spec.Capability, case: Case, correlation: str = "explain") -> decision.Request:
@@ -190,6 +193,8 @@ def evaluate(cap: spec.Capability, case: Case) -> decision.Decision:
     keyset = keys.KeySet.generate(now)
     token = tokens.mint(cap, keyset, now=now)
     credential = tokens.load(token, keyset.trust_bundle(), now=now)
+    if case.mcp is not None:
+        return _evaluate_mcp(cap, case, credential)
     try:
         request = parse_request(cap, case)
     except bodies.BodyError as exc:
@@ -201,18 +206,102 @@ def evaluate(cap: spec.Capability, case: Case) -> decision.Decision:
     return decision.decide([credential], request)
 
 
+def mcp_message(case: Case) -> tuple[dict[str, object], str]:
+    """The JSON-RPC message an ``--mcp 'METHOD UPSTREAM [NAME]'`` case stands for, and its upstream."""
+    words = (case.mcp or "").split(maxsplit=2)
+    if len(words) < 2:
+        raise UsageError(f"mcp {case.mcp!r}: expected 'METHOD UPSTREAM [NAME]', e.g. 'tools/call payments charge'")
+    method, upstream = words[0], words[1]
+    params: dict[str, object] = {}
+    named = core_mcp.NAMED.get(method)
+    if named is not None:
+        if len(words) != 3:
+            raise UsageError(f"mcp {case.mcp!r}: {method} needs a name")
+        params[named[1]] = words[2]
+        if named[0] in (core_mcp.CALL, core_mcp.PROMPT):
+            params["arguments"] = case.body if case.body is not None else {}
+    elif len(words) == 3:
+        raise UsageError(f"mcp {case.mcp!r}: {method} takes no name")
+    return {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, upstream
+
+
+def _evaluate_mcp(cap: spec.Capability, case: Case, credential: tokens.Credential) -> decision.Decision:
+    """Decide an MCP message as the sidecar does: the same reader, the same Request, the same core."""
+    document, upstream_name = mcp_message(case)
+    upstream = cap.upstream(upstream_name)
+    if upstream is None or upstream.mcp is None:
+        return decision.Decision(False, "denied", "unknown_upstream", f"no MCP upstream {upstream_name!r}")
+    try:
+        target = core_mcp.target(core_mcp.message_of(document), upstream_name)
+        core_mcp.check_arguments(target.arguments, cap.limit_fields | cap.arg_fields)
+    except core_mcp.McpError as exc:
+        return decision.Decision(False, "denied", "bad_request", f"refused MCP message: {exc.message}")
+    if target.implied:
+        return decision.Decision(True, "allowed", "allowed", f"{target.method} is implied by the MCP upstream")
+    return decision.decide([credential], decision.Request(
+        principal=case.principal or cap.principal, correlation="explain", action=target.action,
+        resource=target.resource, body=dict(target.arguments) if target.arguments is not None else None,
+        receipts=frozenset(case.receipts), now=case.at or datetime.now(UTC)))
+
+
+def _mcp_args(text: str | None) -> object:
+    """``--args`` read by the same strict JSON reader as the sidecar's MCP messages."""
+    if text is None:
+        return None
+    try:
+        return core_mcp.parse_json(text.encode("utf-8", "surrogatepass"))
+    except core_mcp.McpError as exc:
+        raise UsageError(f"--args: {exc.message}") from None
+
+
+def cmd_mcp_pin(args: argparse.Namespace) -> int:
+    """Pins for every tool of a ``tools/list`` answer: printed, or written into the capability file."""
+    try:
+        document = core_mcp.parse_json(Path(args.tools).read_bytes() if args.tools != "-" else sys.stdin.buffer.read())
+    except (OSError, core_mcp.McpError) as exc:
+        raise UsageError(f"--tools: {exc}") from None
+    if isinstance(document, dict) and isinstance(document.get("result"), dict):
+        document = document["result"]
+    tools = document.get("tools") if isinstance(document, dict) else document
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools):
+        raise UsageError("--tools: expected a tools/list result ({\"tools\": [...]}) or its JSON-RPC answer")
+    pins = {tool["name"]: core_mcp.definition_pin(tool) for tool in tools}
+    if not args.write:
+        print(yaml.safe_dump({"pins": pins}, sort_keys=True), end="")
+        return EXIT_OK
+    path = Path(args.capability)
+    manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
+    upstream = next((u for u in manifest.get("spec", {}).get("upstreams", []) if u.get("name") == args.upstream), None)
+    if upstream is None or not isinstance(upstream.get("mcp"), dict):
+        raise UsageError(f"{path}: no upstream {args.upstream!r} with mcp")
+    upstream["mcp"]["pins"] = pins
+    spec.parse_capability(manifest)  # never write a capability that would not load
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+    print(f"pinned {len(pins)} tools of {args.upstream!r} in {path} (comments are not kept)")
+    return EXIT_OK
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     cap = spec.load_capability_file(args.capability)
+    if (args.request is None) == (args.mcp is None):
+        raise UsageError("give exactly one of --request and --mcp")
+    if args.mcp is not None and args.body is not None:
+        raise UsageError("--body is for --request; an MCP call takes --args")
     at = _time_arg(args.at)
     principal = args.identity
-    result = evaluate(cap, Case(request=args.request, body=args.body, receipts=tuple(args.receipt or ()),
-                                principal=principal, at=at, content_type=args.content_type))
+    if args.mcp is not None:
+        case = Case(request="", body=_mcp_args(args.args), receipts=tuple(args.receipt or ()), principal=principal,
+                    at=at, mcp=args.mcp)
+    else:
+        case = Case(request=args.request, body=args.body, receipts=tuple(args.receipt or ()), principal=principal,
+                    at=at, content_type=args.content_type)
+    result = evaluate(cap, case)
     if args.json:
         print(json.dumps({"allowed": result.allowed, "rule": result.rule, "reason": result.reason,
                           "message": result.message}))
     else:
         verdict = "ALLOWED" if result.allowed else "DENIED"
-        print(f"{verdict}  {args.request}")
+        print(f"{verdict}  {args.request or args.mcp}")
         print(f"  rule:   {result.rule or '-'}")
         print(f"  reason: {result.reason} — {result.message}")
     return EXIT_OK if result.allowed else EXIT_DENIED
@@ -251,13 +340,15 @@ def run_cases(path: Path) -> tuple[list[CaseResult], spec.Capability]:
 
 
 def _run_case(cap: spec.Capability, index: int, entry: object, default_at: datetime | None) -> CaseResult:
-    if not isinstance(entry, Mapping) or "request" not in entry or entry.get("expect") not in ("allow", "deny"):
-        raise UsageError(f"cases[{index}]: needs 'request' and 'expect: allow|deny'")
-    name = str(entry.get("name") or entry["request"])
+    if (not isinstance(entry, Mapping) or ("request" in entry) == ("mcp" in entry)
+            or entry.get("expect") not in ("allow", "deny")):
+        raise UsageError(f"cases[{index}]: needs one of 'request' and 'mcp', and 'expect: allow|deny'")
+    name = str(entry.get("name") or entry.get("request") or entry["mcp"])
     receipts = entry.get("receipts") or []
-    case = Case(request=str(entry["request"]), body=entry.get("body"),
+    mcp = entry.get("mcp")
+    case = Case(request=str(entry.get("request", "")), body=entry.get("args") if mcp is not None else entry.get("body"),
                 receipts=tuple(str(r) for r in receipts), principal=entry.get("identity"),
-                at=_time_arg(entry.get("at")) or default_at)
+                at=_time_arg(entry.get("at")) or default_at, mcp=str(mcp) if mcp is not None else None)
     result = evaluate(cap, case)
     expected = {"verdict": entry["expect"], "rule": entry.get("rule"), "reason": entry.get("reason")}
     got = {"verdict": "allow" if result.allowed else "deny", "rule": result.rule, "reason": result.reason}
@@ -354,14 +445,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser("explain", help="decide one request against a capability file")
     explain.add_argument("capability")
-    explain.add_argument("--request", required=True, help="'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
+    explain.add_argument("--request", help="'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
+    explain.add_argument("--mcp", help="an MCP message: 'METHOD UPSTREAM [NAME]', e.g. 'tools/call payments charge'")
     explain.add_argument("--body", help="the request body, as sent (read exactly as the sidecar reads it)")
     explain.add_argument("--content-type", default="application/json", help="the body's Content-Type")
+    explain.add_argument("--args", help="JSON arguments of an --mcp tool call or prompt (params.arguments)")
     explain.add_argument("--receipt", action="append", help="a rule with a receipt in this correlation")
     explain.add_argument("--identity", help="namespace/serviceaccount of the caller (default: the capability's)")
     explain.add_argument("--at", help="evaluate at this RFC 3339 time (default: now)")
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(func=cmd_explain)
+
+    mcp = sub.add_parser("mcp", help="MCP helpers")
+    mcp_sub = mcp.add_subparsers(dest="mcp_command", required=True)
+    pin = mcp_sub.add_parser("pin", help="sha256 pins of tool definitions (from a saved tools/list answer)")
+    pin.add_argument("capability")
+    pin.add_argument("--upstream", required=True, help="the MCP upstream the tools belong to")
+    pin.add_argument("--tools", required=True, help="a tools/list result or JSON-RPC answer (file, or - for stdin)")
+    pin.add_argument("--write", action="store_true", help="write the pins into the capability file")
+    pin.set_defaults(func=cmd_mcp_pin)
 
     test = sub.add_parser("test", help="run a table of requests and expected decisions")
     test.add_argument("cases", nargs="+")

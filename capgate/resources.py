@@ -61,15 +61,30 @@ class InjectSpec(TypedDict):
     """Required (true) to inject into an ``http://`` upstream; the status then warns (InsecureInjection)."""
 
 
+class McpSpec(TypedDict, total=False):
+    """``path`` (streamable HTTP) or ``sse`` + ``messages`` (the old HTTP+SSE transport)."""
+
+    path: str
+    sse: str
+    messages: str
+    pins: dict[str, str]
+    """Tool name -> ``sha256:<hex>`` of its canonical definition (``capgate mcp pin``)."""
+
+
 class UpstreamSpec(TypedDict):
     name: str
     url: str
     inject: NotRequired[InjectSpec]
+    mcp: NotRequired[McpSpec]
 
 
 class LimitSpec(TypedDict):
     field: str
     max: int
+
+
+ArgSpec = TypedDict("ArgSpec", {"field": str, "in": list[str], "glob": str}, total=False)
+"""A string constraint on an action argument: ``field`` with exactly one of ``in`` and ``glob``."""
 
 
 class RuleSpec(TypedDict):
@@ -82,6 +97,8 @@ class RuleSpec(TypedDict):
     resources: NotRequired[list[str]]
     requires: NotRequired[list[str]]
     limits: NotRequired[list[LimitSpec]]
+    args: NotRequired[list[ArgSpec]]
+    readOnly: NotRequired[bool]
 
 
 class RateLimitSpec(TypedDict):

@@ -24,7 +24,14 @@ decide exactly as they did: the verifier keeps supplying ``path_match`` for ever
 The request facts a verifier supplies are therefore: ``req(method, upstream)``,
 ``path_match(glob)``, ``action_match(glob)``, ``resource_match(glob)``, their lenient
 ``deny_path_match``/``deny_action_match``/``deny_resource_match``, ``principal(p)``,
-``correlation(c)``, ``receipt(rule, c)``, ``body_num(field, value)`` and ``time(t)``.
+``correlation(c)``, ``receipt(rule, c)``, ``body_num(field, value)``, ``arg_str(field, value)``,
+``arg_match(field, glob)`` and ``time(t)``.
+
+Action arguments (MCP's ``params.arguments``) are the body of an action request, so ``limits``
+read them through ``body_num`` exactly as for HTTP bodies. ``args`` string constraints compile to
+``arg_str({field}, $a), {values}.contains($a)`` (``in``) and ``arg_match({field}, {glob})``
+(``glob``; the verifier matches the glob, as it does for paths); deny rules read the lenient
+``deny_arg_str`` (folded value against folded values) and ``deny_arg_match``, like their globs.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ FORMAT_VERSION = 1
 RESERVED_PREDICATES = frozenset({
     "allow_match", "deny_match", "req", "path_match", "action_match", "resource_match", "deny_path_match",
     "deny_action_match", "deny_resource_match", "principal", "correlation", "receipt", "body_num", "time", "spec",
-    "capgate_version", "attenuation",
+    "capgate_version", "attenuation", "arg_str", "arg_match", "deny_arg_str", "deny_arg_match",
 })
 """Predicates whose meaning capgate defines; user Datalog may read them but never derive them."""
 
@@ -110,10 +117,27 @@ def compile_rule(rule: Rule) -> Iterator[Code]:
             body.append(f"body_num({{field{index}}}, $v{index}), $v{index} >= 0, $v{index} <= {{max{index}}}")
             params[f"field{index}"] = limit.field
             params[f"max{index}"] = limit.max
+        body.extend(_arg_clauses(rule, params, match))
         for index, required in enumerate(rule.requires):
             body.append(f"receipt({{requires{index}}}, $correlation), correlation($correlation)")
             params[f"requires{index}"] = required
         yield f"{head}({{rule}}) <- {', '.join(body)};", params
+
+
+def _arg_clauses(rule: Rule, params: dict[str, _biscuit.Term], match: str) -> list[str]:
+    """``args`` as Datalog; a deny rule (``match == "deny_"``) compares folded values, like its globs."""
+    clauses = []
+    for index, arg in enumerate(rule.args):
+        params[f"afield{index}"] = arg.field
+        if arg.one_of:
+            clauses.append(f"{match}arg_str({{afield{index}}}, $a{index}), {{avalues{index}}}.contains($a{index})")
+            values = {paths.fold_name(v) for v in arg.one_of} if match else set(arg.one_of)
+            params[f"avalues{index}"] = frozenset(values)
+        else:
+            assert arg.glob is not None
+            clauses.append(f"{match}arg_match({{afield{index}}}, {{aglob{index}}})")
+            params[f"aglob{index}"] = arg.glob
+    return clauses
 
 
 def _alternatives(rule: Rule) -> Iterator[dict[str, str]]:

@@ -29,7 +29,7 @@ from typing import Literal
 from capgate.capabilities import _biscuit, compiler, paths, tokens
 from capgate.capabilities.errors import RequestError, TokenError
 from capgate.capabilities.keys import TrustBundle
-from capgate.capabilities.spec import Capability, Rule, numeric_field
+from capgate.capabilities.spec import Arg, Capability, Rule, numeric_field, string_field
 
 SKEW = timedelta(seconds=30)
 # The exact shapes of capgate's own identity and expiry checks, as Biscuit prints them; a user check
@@ -223,6 +223,8 @@ def request_facts(cap: Capability, request: Request, globs: compiler.PathMatch |
             number = numeric_field(request.body, field_path)
             if number is not None:
                 facts.add("body_num", field_path, number)
+        if request.action is not None:
+            _arg_facts(facts, cap, request.body)
     return facts.code()
 
 
@@ -245,6 +247,25 @@ def _action_facts(facts: _biscuit.Facts, cap: Capability, request: Request) -> N
         for glob in compiler.deny_globs(cap, "resources"):
             if paths.lenient_resource_glob_matches(glob, resource):
                 facts.add("deny_resource_match", glob)
+
+
+def _arg_facts(facts: _biscuit.Facts, cap: Capability, arguments: object) -> None:
+    """``arg_str``/``arg_match`` for the string arguments ``args`` constraints read (actions only),
+    and their lenient ``deny_*`` forms for deny rules."""
+    for field_path in sorted(cap.arg_fields):
+        value = string_field(arguments, field_path)
+        if value is None:
+            continue
+        facts.add("arg_str", field_path, value)
+        facts.add("deny_arg_str", field_path, paths.fold_name(value))
+        for rule in cap.rules:
+            for arg in rule.args:
+                if arg.field != field_path or arg.glob is None:
+                    continue
+                if rule.effect == "allow" and paths.name_glob_matches(arg.glob, value):
+                    facts.add("arg_match", field_path, arg.glob)
+                if rule.effect == "deny" and paths.lenient_name_glob_matches(arg.glob, value):
+                    facts.add("deny_arg_match", field_path, arg.glob)
 
 
 def matching_globs(cap: Capability, path: str) -> list[str]:
@@ -291,9 +312,26 @@ def explain_denial(cap: Capability, request: Request) -> Decision:
             if value < 0:
                 return _deny("limit_exceeded", f"{limit.field} {value} is negative (rule {rule.name!r} allows "
                                                f"0 to {limit.max})", rule.name)
+    for rule in candidates:
+        for arg in rule.args:
+            problem = _arg_problem(arg, request.body if request.action is not None else None)
+            if problem:
+                return _deny(problem[0], f"rule {rule.name!r}: {problem[1]}", rule.name)
     if candidates:
         return _deny("check_failed", f"rule {candidates[0].name!r} did not allow the request", candidates[0].name)
     return _deny("no_matching_rule", f"no rule allows {request.describe()}")
+
+
+def _arg_problem(arg: Arg, arguments: object) -> tuple[Reason, str] | None:
+    """Why an ``args`` constraint fails (reported like a limit: missing, or out of bounds)."""
+    value = string_field(arguments, arg.field)
+    if value is None:
+        return "limit_missing", f"argument {arg.field!r} is missing or not a string"
+    if arg.one_of and value not in arg.one_of:
+        return "limit_exceeded", f"argument {arg.field!r} is not one of {', '.join(map(repr, arg.one_of))}"
+    if arg.glob is not None and not paths.name_glob_matches(arg.glob, value):
+        return "limit_exceeded", f"argument {arg.field!r} does not match {arg.glob!r}"
+    return None
 
 
 class Verifier:

@@ -23,7 +23,7 @@ import yaml
 
 from capgate import resources
 from capgate.capabilities import paths
-from capgate.capabilities.errors import SpecError
+from capgate.capabilities.errors import RequestError, SpecError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -76,11 +76,46 @@ class UpstreamTLS:
 
 
 @dataclass(frozen=True)
+class Mcp:
+    """``upstreams[].mcp``: where the upstream speaks MCP, so the sidecar decides each JSON-RPC message.
+
+    ``path`` for streamable HTTP; ``sse`` + ``messages`` for the old HTTP+SSE transport. All are
+    normalized paths on the upstream (as the agent sends them after ``/<upstream>``).
+    """
+
+    path: str | None = None
+    sse: str | None = None
+    messages: str | None = None
+    pins: tuple[tuple[str, str], ...] = ()
+    """``mcp.pins``: tool name -> ``sha256:<hex>`` of its definition (``capgate mcp pin``)."""
+
+    def pin(self, tool: str) -> str | None:
+        return next((value for name, value in self.pins if name == tool), None)
+
+    def covers(self, path: str) -> bool:
+        """Is ``path`` (normalized) an MCP endpoint of this upstream?
+
+        Read leniently, like deny globs (:func:`paths.lenient_forms`): ``/MCP/`` or ``/mcp.json``
+        may reach the MCP endpoint through a forgiving router, so they are decided as MCP
+        messages too, never by an HTTP rule that happens to allow the upstream.
+        """
+        forms = set(paths.lenient_forms(path))
+        for endpoint in (self.path, self.sse):
+            if endpoint is not None and forms & set(paths.lenient_forms(endpoint)):
+                return True
+        if self.messages is None:
+            return False
+        prefix = paths.lenient_forms(self.messages)[0].rstrip("/")
+        return any(form == prefix or form.startswith(prefix + "/") for form in forms)
+
+
+@dataclass(frozen=True)
 class Upstream:
     name: str
     url: str
     inject: Inject | None = None
     tls: UpstreamTLS | None = None
+    mcp: Mcp | None = None
 
     @property
     def injects_in_cleartext(self) -> bool:
@@ -96,6 +131,16 @@ class Limit:
 
 
 @dataclass(frozen=True)
+class Arg:
+    """``args: [{field, in: [...]}]`` or ``[{field, glob}]``: a string argument of an action (MCP's
+    ``params.arguments``). A missing or non-string field never satisfies it."""
+
+    field: str
+    one_of: tuple[str, ...] = ()
+    glob: str | None = None
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     effect: Effect
@@ -106,6 +151,9 @@ class Rule:
     resources: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     limits: tuple[Limit, ...] = ()
+    args: tuple[Arg, ...] = ()
+    read_only: bool = False
+    """``readOnly``: what this action rule allows only reads, so it goes on during a lockdown."""
 
     @property
     def is_http(self) -> bool:
@@ -179,6 +227,11 @@ class Capability:
         found = {lim.field for rule in self.rules for lim in rule.limits}
         found.update(budget.field for budget in self.budgets)
         return frozenset(found)
+
+    @cached_property
+    def arg_fields(self) -> frozenset[str]:
+        """String argument fields some ``args`` constraint reads."""
+        return frozenset(arg.field for rule in self.rules for arg in rule.args)
 
     @cached_property
     def required_rules(self) -> frozenset[str]:
@@ -348,18 +401,90 @@ def _parse_tls(data: object, path: str, url: str) -> UpstreamTLS:
 def _parse_upstreams(spec: _Reader) -> tuple[Upstream, ...]:
     out: list[Upstream] = []
     for path, item in spec.items("upstreams", required=True, max_items=MAX_UPSTREAMS):
-        reader = _Reader(item, path, ("name", "url", "inject", "tls"))
+        reader = _Reader(item, path, ("name", "url", "inject", "tls", "mcp"))
         name = reader.string("name", DNS_LABEL, max_len=63, what="a DNS label")
         if any(u.name == name for u in out):
             raise SpecError(reader.sub("name"), f"duplicate upstream name {name!r}")
         url = _parse_url(reader.sub("url"), reader.string("url", max_len=2048))
         inject = _parse_inject(reader.data["inject"], reader.sub("inject")) if reader.has("inject") else None
         tls = _parse_tls(reader.data["tls"], reader.sub("tls"), url) if reader.has("tls") else None
-        upstream = Upstream(name=name, url=url, inject=inject, tls=tls)
+        mcp = _parse_mcp(reader.data["mcp"], reader.sub("mcp")) if reader.has("mcp") else None
+        upstream = Upstream(name=name, url=url, inject=inject, tls=tls, mcp=mcp)
         if inject is not None and upstream.injects_in_cleartext and not inject.allow_insecure_transport:
             raise SpecError(reader.sub("url"), "injects a credential over cleartext http://; use an https:// URL, "
                                                "or opt in with inject.allowInsecureTransport: true")
         out.append(upstream)
+    return tuple(out)
+
+
+def _mcp_path(reader: _Reader, key: str) -> str | None:
+    if not reader.has(key):
+        return None
+    value = reader.string(key, max_len=paths.MAX_PATH_BYTES)
+    try:
+        normal = paths.normalize(value)
+    except RequestError as exc:
+        raise SpecError(reader.sub(key), str(exc)) from None
+    if normal != value or "*" in value:
+        raise SpecError(reader.sub(key), "must be a plain normalized path (no globs, no percent-encoding)")
+    return value
+
+
+PIN = re.compile(r"^sha256:[0-9a-f]{64}$")
+MAX_PINS = 256
+
+
+def _parse_pins(reader: _Reader) -> tuple[tuple[str, str], ...]:
+    if not reader.has("pins"):
+        return ()
+    pins = reader.data["pins"]
+    where = reader.sub("pins")
+    if not isinstance(pins, Mapping) or len(pins) > MAX_PINS:
+        raise SpecError(where, f"must be a map of at most {MAX_PINS} tool names to sha256:<hex> pins")
+    out = []
+    for tool, pin in pins.items():
+        if not isinstance(tool, str) or not tool or len(tool) > 1024 or any(c in tool for c in "%?#/"):
+            raise SpecError(where, f"{tool!r} is not a tool name")
+        if not isinstance(pin, str) or not PIN.fullmatch(pin):
+            raise SpecError(f"{where}.{tool}", "must be sha256:<64 lowercase hex digits> (capgate mcp pin)")
+        out.append((tool, pin))
+    return tuple(sorted(out))
+
+
+def _parse_mcp(data: object, path: str) -> Mcp:
+    reader = _Reader(data, path, ("path", "sse", "messages", "pins"))
+    mcp = Mcp(path=_mcp_path(reader, "path"), sse=_mcp_path(reader, "sse"), messages=_mcp_path(reader, "messages"),
+              pins=_parse_pins(reader))
+    if (mcp.path is None) == (mcp.sse is None and mcp.messages is None):
+        raise SpecError(path, "needs either path (streamable HTTP) or sse and messages (HTTP+SSE)")
+    if (mcp.sse is None) != (mcp.messages is None):
+        raise SpecError(path, "the HTTP+SSE transport needs both sse and messages")
+    if mcp.sse is not None and mcp.sse == mcp.messages:
+        raise SpecError(path, "sse and messages must be different paths")
+    return mcp
+
+
+def _parse_args(reader: _Reader) -> tuple[Arg, ...]:
+    out = []
+    for path, item in reader.items("args"):
+        arg = _Reader(item, path, ("field", "in", "glob"))
+        field_path = arg.string("field", FIELD_PATH, max_len=256, what="a dotted JSON field path")
+        if arg.has("in") == arg.has("glob"):
+            raise SpecError(path, "needs exactly one of 'in' (a non-empty list) and 'glob'")
+        values = arg.strings("in")
+        for vpath, value in values:
+            if len(value) > paths.MAX_PATH_BYTES:
+                raise SpecError(vpath, f"longer than {paths.MAX_PATH_BYTES} characters")
+        one_of = tuple(dict.fromkeys(value for _, value in values))
+        glob = None
+        if arg.has("glob"):
+            glob = arg.string("glob", max_len=paths.MAX_PATH_BYTES)
+            problem = paths.validate_name_glob(glob)
+            if problem:
+                raise SpecError(arg.sub("glob"), problem)
+        if bool(one_of) == (glob is not None):
+            raise SpecError(path, "needs exactly one of 'in' (a non-empty list) and 'glob'")
+        out.append(Arg(field=field_path, one_of=one_of, glob=glob))
     return tuple(out)
 
 
@@ -374,7 +499,7 @@ def _parse_limits(reader: _Reader) -> tuple[Limit, ...]:
 
 def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rule:
     reader = _Reader(item, path, ("name", "effect", "upstream", "methods", "paths", "actions", "resources",
-                                  "requires", "limits"))
+                                  "requires", "limits", "args", "readOnly"))
     name = reader.string("name", RULE_NAME, max_len=63, what="a rule name (lowercase, digits, '-', '_', '.')")
     effect = reader.string("effect")
     if effect not in ("allow", "deny"):
@@ -406,9 +531,11 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
             names[key].append(value)
     requires = [value for _, value in reader.strings("requires")]
     limits = _parse_limits(reader)
+    args = _parse_args(reader)
     rule = Rule(name=name, effect=cast(Effect, effect), upstream=upstream, methods=tuple(dict.fromkeys(methods)),
                 paths=tuple(dict.fromkeys(globs)), actions=tuple(names["actions"]),
-                resources=tuple(names["resources"]), requires=tuple(dict.fromkeys(requires)), limits=limits)
+                resources=tuple(names["resources"]), requires=tuple(dict.fromkeys(requires)), limits=limits, args=args,
+                read_only=reader.boolean("readOnly", False))
     if not (rule.upstream or rule.methods or rule.paths or rule.actions or rule.resources):
         raise SpecError(path, "a rule must name at least one of upstream, methods, paths, actions, resources")
     if not rule.is_http and (rule.methods or rule.paths):
@@ -416,6 +543,11 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
     if not rule.is_http and rule.upstream:
         raise SpecError(f"{path}.upstream", "action rules name their upstream in the resource "
                                             "(mcp://<upstream>/<tool>), not in 'upstream'")
+    if rule.read_only and (rule.is_http or rule.effect != "allow"):
+        raise SpecError(f"{path}.readOnly", "only action allow rules are marked readOnly (HTTP reads are GET/HEAD)")
+    if rule.args and rule.is_http:
+        raise SpecError(f"{path}.args", "args constrain action arguments (MCP params.arguments); "
+                                        "use actions/resources")
     if rule.effect == "deny" and (rule.requires or rule.limits):
         raise SpecError(path, "requires and limits only apply to allow rules")
     return rule
@@ -562,6 +694,11 @@ def to_spec(cap: Capability) -> dict[str, Any]:
                 out[key] = value
         if rule.limits:
             out["limits"] = [{"field": lim.field, "max": lim.max} for lim in rule.limits]
+        if rule.read_only:
+            out["readOnly"] = True
+        if rule.args:
+            out["args"] = [{"field": a.field, "in": list(a.one_of)} if a.one_of else {"field": a.field, "glob": a.glob}
+                           for a in rule.args]
         return out
 
     def upstream_dict(up: Upstream) -> dict[str, Any]:
@@ -573,6 +710,11 @@ def to_spec(cap: Capability) -> dict[str, Any]:
                 out["inject"]["allowInsecureTransport"] = True
         if up.tls:
             out["tls"] = {"caSecretRef": {"name": up.tls.ca_secret_name, "key": up.tls.ca_secret_key}}
+        if up.mcp:
+            out["mcp"] = {k: v for k, v in (("path", up.mcp.path), ("sse", up.mcp.sse), ("messages", up.mcp.messages))
+                          if v is not None}
+            if up.mcp.pins:
+                out["mcp"]["pins"] = dict(up.mcp.pins)
         return out
 
     spec: dict[str, Any] = {
@@ -617,3 +759,13 @@ def numeric_field(body: object, dotted: str) -> int | None:
     if not -MAX_INT64 <= value <= MAX_INT64:
         return None
     return int(value)
+
+
+def string_field(body: object, dotted: str) -> str | None:
+    """The string an ``args`` constraint compares, or None when missing or not a string."""
+    value: object = body
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value if isinstance(value, str) else None

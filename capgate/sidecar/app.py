@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from capgate.capabilities import decision, spec
-from capgate.sidecar import buffers, control, egress, errors, facts, proxy, routing, server
+from capgate.sidecar import buffers, control, egress, errors, facts, mcp, proxy, routing, server
 from capgate.sidecar.audit import AuditLog
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded, UpstreamSecrets
@@ -47,6 +47,8 @@ SECRETS = web.AppKey("upstream_secrets", UpstreamSecrets)
 TRUST = web.AppKey("upstream_trust", UpstreamTrust)
 SOURCE: web.AppKey[RevocationSource | None] = web.AppKey("revocation_source")
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
+MCP_SESSIONS = web.AppKey("mcp_sessions", mcp.Sessions)
+MCP_PENDING = web.AppKey("mcp_pending", mcp.Pending)
 EGRESS: web.AppKey[egress.Egress | None] = web.AppKey("egress")
 TRACE = web.RequestKey("trace", Trace)
 
@@ -88,6 +90,8 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent[SECRETS] = secrets
     agent[TRUST] = UpstreamTrust(settings.upstream_ca_dir)
     agent[SOURCE] = source
+    agent[MCP_SESSIONS] = mcp.Sessions()
+    agent[MCP_PENDING] = mcp.Pending()
     agent[EGRESS] = egress.Egress(settings, gate) if settings.outbound_listen is not None else None
     agent.cleanup_ctx.append(runtime)
     agent.cleanup_ctx.append(_closing(charger))
@@ -230,6 +234,10 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     trace.upstream, trace.path = route.upstream.name, route.path
     correlation = facts.correlation(request, gate.session_id)
     trace.correlation = correlation
+    if mcp.is_mcp(route):
+        return await mcp.handle(request, mcp.Context(gate, settings, trace, loaded, route, correlation, now,
+                                                     request.app[CLIENT], lambda: _injection(request, route.upstream),
+                                                     request.app[MCP_SESSIONS], request.app[MCP_PENDING]))
     creds = gate.credentials(loaded, facts.narrowed_token(request), trace, now)
     gate.check_lockdown(loaded, request.method)
     facts.check_headers(request)

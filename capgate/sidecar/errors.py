@@ -36,10 +36,16 @@ class SidecarError(Exception):
         self.message = message
         self.rule = rule
         self.headers = dict(headers or {})
+        self.jsonrpc: tuple[str | int | None, int] | None = None
+        """(request id, JSON-RPC code) when refusing an MCP message: the body is then a JSON-RPC error."""
 
     def body(self, decision_id: str) -> dict[str, object]:
-        return {"error": self.error, "reason": self.reason, "rule": self.rule, "decision_id": decision_id,
-                "message": self.message}
+        out: dict[str, object] = {"error": self.error, "reason": self.reason, "rule": self.rule,
+                                  "decision_id": decision_id, "message": self.message}
+        if self.jsonrpc is None:
+            return out
+        ident, code = self.jsonrpc
+        return {"jsonrpc": "2.0", "id": ident, "error": {"code": code, "message": self.message, "data": out}}
 
 
 def bad_request(reason: str, message: str) -> SidecarError:

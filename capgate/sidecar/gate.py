@@ -72,6 +72,8 @@ class Trace:
     scopes: list[dict[str, Any]] = field(default_factory=list)
     """What each scope of a several-scope ``authorize`` asked, and its answer."""
     receipt_minted: bool = False
+    mcp: dict[str, object] | None = None
+    """For an MCP message: its kind, JSON-RPC method, tool/URI, id and argument digest."""
     forwarded: bool = False
     """The request may have reached the upstream (and taken effect): never recorded as denied."""
     skip: bool = False
@@ -94,6 +96,8 @@ class Trace:
             out["scopes"] = self.scopes
         if self.receipt_minted:
             out["receipt_minted"] = True
+        if self.mcp is not None:
+            out["mcp"] = self.mcp
         if self.forwarded:
             out["forwarded"] = True
         return out

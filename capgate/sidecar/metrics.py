@@ -25,6 +25,9 @@ class Metrics:
         self.upstream_seconds = Histogram("capgate_upstream_seconds", "Upstream call time until response headers",
                                           ("upstream",), buckets=LATENCY_BUCKETS, registry=self.registry)
         self.receipts_minted = Counter("capgate_receipts_minted", "Receipts minted", registry=self.registry)
+        self.mcp_definition_changed = Counter("capgate_mcp_definition_changed",
+                                              "MCP tools hidden because their definition differs from its pin",
+                                              ("upstream",), registry=self.registry)
         self.lockdown = Gauge("capgate_lockdown", "1 while this sidecar is locked down", registry=self.registry)
         self.revocation_age = Gauge("capgate_revocation_list_age_seconds",
                                     "Seconds since the revocation source was last heard from (-1: no source)",

@@ -1,0 +1,155 @@
+"""MCP: decision latency for one tools/call, and a proxied tool call against the SDK server direct.
+
+    python bench/mcp_calls.py [--iterations N] [--calls N]
+
+* in-process: read one JSON-RPC message with the one reader (strict parse, method -> action,
+  name normalized) and decide it against examples/mcp-booking-agent.yaml — what the sidecar pays
+  per message before forwarding (target, as for HTTP: p99 <= 0.3 ms);
+* end to end: the official SDK's client calling a tool of the SDK's MCPServer (streamable HTTP,
+  uvicorn, loopback) directly and through a real capgate sidecar (aiohttp, in this process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import uvicorn
+import yaml
+from aiohttp import web
+from mcp import Client
+from mcp.server.mcpserver import MCPServer
+
+from capgate.capabilities import decision, keys, spec, tokens
+from capgate.capabilities import mcp as core_mcp
+from capgate.sidecar import app as sidecar_app
+from capgate.sidecar.config import Address, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "mcp-booking-agent.yaml"
+TARGET_P99_MS = 0.3
+CALL = (b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"charge",'
+        b'"arguments":{"amount":300,"currency":"EUR"}}}')
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    samples = sorted(samples)
+    return (samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000,
+            statistics.fmean(samples) * 1000)
+
+
+def measure(fn: Callable[[], object], iterations: int) -> tuple[float, float, float]:
+    for _ in range(min(200, iterations)):
+        fn()
+    samples = []
+    gc.disable()
+    try:
+        for _ in range(iterations):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return percentiles(samples)
+
+
+def in_process(iterations: int) -> list[tuple[str, tuple[float, float, float]]]:
+    cap = spec.load_capability_file(EXAMPLE)
+    keyset = keys.KeySet.generate()
+    credential = tokens.load(tokens.mint(cap, keyset), keyset.trust_bundle())
+
+    def read_and_decide() -> decision.Decision:
+        target = core_mcp.target(core_mcp.parse(CALL), "booking")
+        return decision.decide([credential], decision.Request(
+            principal=cap.principal, correlation="c", action=target.action, resource=target.resource,
+            body=dict(target.arguments or {}), receipts=frozenset({"search"})))
+
+    assert read_and_decide().allowed
+    return [("read + decide: tools/call charge (limit, args, receipt)", measure(read_and_decide, iterations)),
+            ("read only: parse + classify + normalize",
+             measure(lambda: core_mcp.target(core_mcp.parse(CALL), "booking"), iterations))]
+
+
+def booking_server() -> MCPServer:
+    srv = MCPServer("booking")
+
+    @srv.tool()
+    def search_flights(origin: str, destination: str) -> str:
+        return f"{origin}->{destination}"
+
+    return srv
+
+
+async def calls(url: str, count: int) -> list[float]:
+    samples = []
+    async with Client(url) as client:
+        for _ in range(20):
+            await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+        for _ in range(count):
+            start = time.perf_counter()
+            await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
+async def end_to_end(count: int) -> list[tuple[str, tuple[float, float, float]]]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(booking_server().streamable_http_app(), log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    upstream = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with tempfile.TemporaryDirectory() as folder:
+        root_key, _ = keys.KeySet.generate().write(Path(folder) / "keys")
+        document = yaml.safe_load(EXAMPLE.read_text())
+        cap_file = Path(folder) / "cap.yaml"
+        cap_file.write_text(yaml.safe_dump(document))
+        settings = Settings(capability=cap_file, root_key=root_key, upstream_urls={"booking": upstream},
+                            listen=Address("127.0.0.1", 0), audit_log=str(Path(folder) / "audit.jsonl"))
+        agent, _ = sidecar_app.create_apps(settings)
+        runner = web.AppRunner(agent)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            direct = await calls(f"{upstream}/mcp", count)
+            proxied = await calls(f"http://127.0.0.1:{port}/booking/mcp", count)
+        finally:
+            await runner.cleanup()
+    server.should_exit = True
+    await task
+    return [("SDK call_tool, direct", percentiles(direct)),
+            ("SDK call_tool, through the sidecar", percentiles(proxied))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=5000)
+    parser.add_argument("--calls", type=int, default=300)
+    args = parser.parse_args()
+    rows = in_process(args.iterations)
+    rows += asyncio.run(end_to_end(args.calls))
+    width = max(len(name) for name, _ in rows)
+    print(f"MCP latency — {args.iterations} decisions, {args.calls} tool calls, {datetime.now(UTC):%Y-%m-%d}")
+    print(f"| {'case'.ljust(width)} | p50 ms | p99 ms | mean ms |")
+    print(f"|{'-' * (width + 2)}|-------:|-------:|--------:|")
+    for name, (p50, p99, mean) in rows:
+        print(f"| {name.ljust(width)} | {p50:6.3f} | {p99:6.3f} | {mean:7.3f} |")
+    verdict = "meets" if rows[0][1][1] <= TARGET_P99_MS else "MISSES"
+    print(f"\ntools/call read + decide p99 {rows[0][1][1]:.3f} ms {verdict} the {TARGET_P99_MS} ms target")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

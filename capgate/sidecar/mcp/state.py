@@ -1,0 +1,117 @@
+"""What the MCP proxy remembers across requests, per sidecar (held in the agent app, never global).
+
+* :class:`Sessions` — which token opened each MCP session;
+* :class:`Pending` — the old transport's posted requests waiting for their answer on the stream,
+  the sidecar's own events for a session's stream, the server-to-client requests a client may
+  answer, and which pinned tool definitions a list has verified.
+
+Every map is bounded (``MAX_SESSIONS``); the oldest entry goes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from capgate.sidecar.mcp import Context, Exchange
+
+SESSION_HEADER = "Mcp-Session-Id"
+MAX_SESSIONS = 10_000
+"""Bound sessions kept per sidecar; the oldest is forgotten first (its next message gets 404)."""
+
+
+class Sessions:
+    """Which token opened each MCP session (2025-11-25 ``Mcp-Session-Id``) on this sidecar.
+
+    A session belongs to the token that opened it: the pod's own credential, or one narrowed
+    token. Another token presenting its id — or any token presenting an id this sidecar never saw
+    open — gets 404, which the protocol answers by opening a new session, so one sub-agent can
+    never ride (or end) another's session and its server-side state.
+    """
+
+    def __init__(self, limit: int = MAX_SESSIONS) -> None:
+        self._owners: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._limit = limit
+
+    def bind(self, upstream: str, session: str, owner: str) -> None:
+        self._owners[(upstream, session)] = owner
+        self._owners.move_to_end((upstream, session))
+        while len(self._owners) > self._limit:
+            self._owners.popitem(last=False)
+
+    def owned(self, upstream: str, session: str, owner: str) -> bool:
+        return self._owners.get((upstream, session)) == owner
+
+    def forget(self, upstream: str, session: str) -> None:
+        self._owners.pop((upstream, session), None)
+
+
+class Pending:
+    """Requests posted on the old HTTP+SSE transport, waiting for their answer on the session's stream.
+
+    That transport answers a POST with 202 and the result arrives on the GET stream, so the stream
+    looks the request up here by (upstream, session, id) to filter a list or mint a receipt.
+    """
+
+    def __init__(self, limit: int = MAX_SESSIONS) -> None:
+        self._waiting: OrderedDict[tuple[str, str, str], tuple[Context, Exchange]] = OrderedDict()
+        self._limit = limit
+        self._outboxes: dict[tuple[str, str], asyncio.Queue[bytes]] = {}
+        self._asked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._definitions: dict[tuple[str, str], bool] = {}
+
+    def open_outbox(self, upstream: str, session: str) -> asyncio.Queue[bytes]:
+        """Events the sidecar itself must deliver on a session's stream (its refusals)."""
+        box: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
+        self._outboxes[(upstream, session)] = box
+        return box
+
+    def outbox(self, upstream: str, session: str) -> asyncio.Queue[bytes] | None:
+        return self._outboxes.get((upstream, session))
+
+    def close_outbox(self, upstream: str, session: str) -> None:
+        self._outboxes.pop((upstream, session), None)
+
+    def add(self, key: tuple[str, str, str], ctx: Context, exchange: Exchange) -> None:
+        self._waiting[key] = (ctx, exchange)
+        while len(self._waiting) > self._limit:
+            self._waiting.popitem(last=False)
+
+    def pop(self, key: tuple[str, str, str]) -> tuple[Context, Exchange] | None:
+        return self._waiting.pop(key, None)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a reply the sidecar sends on its own (kept referenced: asyncio holds tasks weakly)."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def verified(self, upstream: str, tool: str, matches: bool) -> None:
+        """The last listed definition of a pinned tool matched its pin (or not)."""
+        self._definitions[(upstream, tool)] = matches
+
+    def forget_definitions(self, upstream: str) -> None:
+        for key in [key for key in self._definitions if key[0] == upstream]:
+            del self._definitions[key]
+
+    def is_verified(self, upstream: str, tool: str) -> bool | None:
+        return self._definitions.get((upstream, tool))
+
+    def ask(self, upstream: str, session: str, ident: object) -> None:
+        """The server asked the client something on this session (its answer may pass, once)."""
+        self._asked[(upstream, session, json.dumps(ident))] = None
+        while len(self._asked) > self._limit:
+            self._asked.popitem(last=False)
+
+    def answer(self, upstream: str, session: str, ident: object) -> bool:
+        """Is this a first answer to a request the server really sent on this session?"""
+        key = (upstream, session, json.dumps(ident))
+        if key not in self._asked:
+            return False
+        del self._asked[key]
+        return True
