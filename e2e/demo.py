@@ -1,63 +1,48 @@
-"""``make demo``: capgate's whole story on a local Kubernetes control plane, in about a minute.
+"""``make demo``: capgate's whole story on real pods, on a local Kubernetes cluster with a real node.
 
-Starts etcd + kube-apiserver (building them on first use), installs the CRDs, runs the operator,
-applies examples/booking-agent.yaml, creates an agent pod (the webhook injects the sidecar), starts
-that sidecar as the pod spec says, and plays a booking agent against fake flights/payments APIs:
-search, charge $300, charge $5,000, DELETE, then revokes the capability and measures how fast the
-sidecar starts refusing. It prints a table of decisions and timings and leaves nothing running.
+Starts etcd, kube-apiserver and a node (kubelet, containerd, kube-proxy, scheduler, controller-manager,
+CoreDNS), builds the capgate image (``make image``, cached by content hash) and imports it into the
+node, installs the Helm chart (the operator runs in a pod from that image), and deploys the booking
+story of :mod:`e2e.pods`: flights (HTTP) and payments (HTTPS, private CA) upstream pods, an undeclared
+ledger service, and an ordinary 2-replica agent Deployment that the webhook injects with
+``capgate-init`` and the sidecar. Then, inside an agent container (``kubectl exec``), it plays what a
+prompt-injected agent might: search, charge $300, charge $5,000, DELETE, a direct call to a service
+no rule names, and finally revokes the capability and measures how fast *every* replica refuses.
+
+It prints ``kubectl get pods``, a table of decisions, what the payments API received, and leaves
+nothing running. :func:`run_on` plays the story on a cluster that already runs (``e2e/test_demo.py``
+uses the test session's, since one node runs per machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import yaml
-
-from e2e.cluster import Operator, PodSidecar, agent_pod, free_port, install_crds, wait_http
+from e2e import images
 from e2e.controlplane import ControlPlane
+from e2e.pods import CAPABILITY, HTTP_PORT, REPLICAS, Stack, local_image_values
+from e2e.test_helm_install import CHART
 
-PROPAGATION_CLAIM_MS = 1000
-
-ROOT = Path(__file__).resolve().parents[1]
+PROPAGATION_CLAIM_S = 1.0  # the README: "revocation reaches every sidecar within a second"
 NAMESPACE = "travel"
-DEMO_API_KEY = "sk_demo_payments_0123456789"
-EXAMPLE_EXPIRY = datetime(2027, 1, 1, tzinfo=UTC)
+RELEASE = "capgate"
+OPERATOR_NAMESPACE = "capgate-system"
+
+Say = Callable[[str], None]
 
 
 def say(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def request(url: str, method: str, body: Any = None) -> tuple[int, dict[str, Any], dict[str, str], float]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json",
-                                          "Authorization": "Bearer agent-made-this-up"})
-    started = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:
-            payload, status, headers = response.read(), response.status, dict(response.headers)
-    except urllib.error.HTTPError as error:
-        payload, status, headers = error.read(), error.code, dict(error.headers)
-    elapsed = (time.perf_counter() - started) * 1000
-    try:
-        parsed = json.loads(payload or b"{}")
-    except ValueError:
-        parsed = {}
-    return status, parsed if isinstance(parsed, dict) else {}, headers, elapsed
-
-
-def verdict(status: int, body: dict[str, Any]) -> str:
+def verdict(result: dict[str, Any]) -> str:
+    if "status" not in result:
+        return f"NO ANSWER ({result.get('error', '?')[:60]})"
+    status, body = result["status"], result.get("body") or {}
     if status < 400:
         return "ALLOWED"
     text = f"DENIED {status} {body.get('error')}: {body.get('reason')}"
@@ -65,107 +50,122 @@ def verdict(status: int, body: dict[str, Any]) -> str:
 
 
 def table(rows: list[tuple[str, ...]]) -> str:
-    header = ("step", "decision", "receipt", "latency")
+    header = ("step", "decision", "receipt")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
 
-def the_capability() -> dict[str, Any]:
-    obj = yaml.safe_load((ROOT / "examples" / "booking-agent.yaml").read_text())
-    if datetime.now(UTC) >= EXAMPLE_EXPIRY:
-        say("note: the example's own Datalog check ends on 2027-01-01; the demo applies it without that check")
-        obj["spec"].pop("datalog", None)
-    return dict(obj)
+# The story: (title, the agent's call, whether capgate should let it through).
+STEPS: list[tuple[str, dict[str, Any], bool]] = [
+    ("search flights SFO→JFK", {"http": "$CAPGATE_UPSTREAM_FLIGHTS_URL/search?from=SFO&to=JFK"}, True),
+    ("charge $300 (after the search)", {"http": "$CAPGATE_UPSTREAM_PAYMENTS_URL/v1/charges", "method": "POST",
+                                        "json": {"amount": 30000}}, True),
+    ("charge $5,000 (limit is $400)", {"http": "$CAPGATE_UPSTREAM_PAYMENTS_URL/v1/charges", "method": "POST",
+                                       "json": {"amount": 500000}}, False),
+    ("DELETE a charge", {"http": "$CAPGATE_UPSTREAM_PAYMENTS_URL/v1/charges/ch_1", "method": "DELETE"}, False),
+]
 
 
-def run(workdir: Path) -> int:
-    failures = 0
-    with ControlPlane() as plane:
-        say(f"control plane up: {plane.server}")
-        install_crds(plane)
-        plane.create_namespace(NAMESPACE)
-        plane.kubectl("create", "serviceaccount", "booking-agent", "-n", NAMESPACE)
-        plane.kubectl("create", "secret", "generic", "payments-api-key", "-n", NAMESPACE,
-                      f"--from-literal=token={DEMO_API_KEY}")
-        operator = Operator(plane, workdir)
-        upstream_port = free_port()
-        upstream = subprocess.Popen([sys.executable, str(ROOT / "examples" / "upstream_demo.py"), "--port",
-                                     str(upstream_port)], stdout=(workdir / "upstream.log").open("wb"),
-                                    stderr=subprocess.STDOUT)
-        sidecar: PodSidecar | None = None
-        try:
-            operator.start()
-            say("operator running (webhooks on 127.0.0.1, registered with the API server)")
-            plane.kubectl("apply", "-f", "-", input=json.dumps(the_capability()))
-            plane.kubectl("wait", "acap/booking-agent", "-n", NAMESPACE, "--for=condition=Ready", "--timeout=60s")
-            print(plane.kubectl("get", "acap", "-n", NAMESPACE).stdout, flush=True)
-            plane.kubectl("apply", "-f", "-", input=json.dumps(agent_pod("booking-agent-7f9c", NAMESPACE,
-                                                                         "booking-agent", "booking-agent")))
-            pod = json.loads(plane.kubectl("get", "pod", "booking-agent-7f9c", "-n", NAMESPACE, "-o", "json").stdout)
-            names = [c["name"] for c in pod["spec"].get("initContainers", [])] + [c["name"] for c in
-                                                                                   pod["spec"]["containers"]]
-            say(f"pod booking-agent-7f9c admitted with containers {names} (sidecar injected by the webhook)")
-            wait_http(f"http://127.0.0.1:{upstream_port}/search", 10, upstream)
-            sidecar = PodSidecar(plane, NAMESPACE, "booking-agent-7f9c",
-                                 {"flights": f"http://127.0.0.1:{upstream_port}",
-                                  "payments": f"http://127.0.0.1:{upstream_port}"}, workdir)
-            sidecar.start()
-            say("sidecar started with the pod spec's command, args, env and mounted Secret files")
-            failures += play(sidecar, plane)
-        finally:
-            if sidecar is not None:
-                sidecar.stop()
-            operator.stop()
-            upstream.terminate()
-            upstream.wait(10)
-        received = (workdir / "upstream.log").read_text()
-        say("what the payments API received (the sidecar injected its key; the agent's never arrived):")
-        for line in received.splitlines():
-            if "charges" in line:
-                print(f"    {line}")
-    say("control plane stopped; nothing left running")
-    return 1 if failures else 0
+def _bypass_step(namespace: str) -> tuple[str, dict[str, Any], bool]:
+    """An agent that ignores HTTP_PROXY and calls a service no rule names, by its real URL."""
+    return ("ignore HTTP_PROXY, call ledger directly",
+            {"http": f"http://ledger.{namespace}.svc:{HTTP_PORT}/books", "proxy": False}, False)
 
 
-def play(sidecar: PodSidecar, plane: ControlPlane) -> int:
-    steps = [
-        ("search flights SFO→JFK", "GET", "/flights/search?from=SFO&to=JFK", None, True),
-        ("charge $300 (after the search)", "POST", "/payments/v1/charges", {"amount": 30000}, True),
-        ("charge $5,000 (limit is $400)", "POST", "/payments/v1/charges", {"amount": 500000}, False),
-        ("DELETE a charge", "DELETE", "/payments/v1/charges/ch_1", None, False),
-    ]
+def play(stack: Stack, pod: str) -> tuple[list[tuple[str, ...]], int]:
+    steps = [*STEPS, _bypass_step(stack.namespace)]
+    results = stack.agent(pod, [call for _, call, _ in steps])
     rows: list[tuple[str, ...]] = []
     failures = 0
-    for title, method, path, body, expect in steps:
-        status, payload, headers, elapsed = request(sidecar.url + path, method, body)
-        failures += (status < 400) != expect
-        rows.append((title, verdict(status, payload), "yes" if "X-Capgate-Receipt" in headers else "-",
-                     f"{elapsed:.1f} ms"))
+    for (title, _, expect), result in zip(steps, results, strict=True):
+        allowed = result.get("status", 599) < 400
+        failures += allowed != expect
+        rows.append((title, verdict(result), "yes" if "x-capgate-receipt" in result.get("headers", {}) else "-"))
+    return rows, failures
+
+
+def revoke_and_time(stack: Stack, pods: list[str]) -> tuple[list[float], list[str]]:
+    """Patch ``revoked: true`` while every replica polls; seconds until each refused, and their reasons."""
+    pollers = [stack.agent_process(pod, [{"until_refused": "$CAPGATE_UPSTREAM_FLIGHTS_URL/search", "seconds": 30}])
+               for pod in pods]
+    try:
+        for poller in pollers:
+            assert poller.stdout is not None
+            if poller.stdout.readline().strip() != "ready":
+                error = poller.stderr.read() if poller.stderr else ""
+                raise RuntimeError(f"an agent replica did not start polling: {error}")
+        revoked_at = time.time()
+        stack.kubectl("patch", f"acap/{CAPABILITY}", "--type=merge", "-p", '{"spec":{"revoked":true}}')
+        seconds, reasons = [], []
+        for poller in pollers:
+            out, _ = poller.communicate(timeout=60)
+            (result,) = json.loads(out.strip().splitlines()[-1])
+            seconds.append(result.get("refused_at", float("inf")) - revoked_at)
+            reasons.append(str((result.get("body") or {}).get("reason", result.get("error"))))
+        return seconds, reasons
+    finally:
+        for poller in pollers:
+            if poller.poll() is None:
+                poller.kill()
+                poller.wait()
+
+
+def run_on(plane: ControlPlane, *, namespace: str = NAMESPACE, operator_namespace: str = OPERATOR_NAMESPACE,
+           show: Say = say) -> int:
+    """The story on ``plane`` (which has a node); everything it creates is removed again. 0 = as expected."""
     started = time.monotonic()
-    plane.kubectl("patch", "acap", "booking-agent", "-n", NAMESPACE, "--type=merge", "-p",
-                  '{"spec":{"revoked":true}}')
-    status, payload = 200, {}
-    while time.monotonic() - started < 10:
-        status, payload, _, _ = request(sidecar.url + "/flights/search?from=SFO&to=JFK", "GET")
-        if status == 401:
-            break
-        time.sleep(0.01)
-    propagation = (time.monotonic() - started) * 1000
-    failures += status != 401 or propagation >= PROPAGATION_CLAIM_MS  # the README promises "within a second"
-    rows.append(("revoke, then search again", verdict(status, payload), "-", f"revoked in {propagation:.0f} ms"))
-    print()
-    print(table(rows), flush=True)
-    print()
-    return failures
+    ref = images.build().images["capgate"].ref
+    plane.node.import_docker_image(ref)
+    show(f"image {ref} built and imported into the node ({time.monotonic() - started:.0f} s)")
+    plane.helm("install", RELEASE, str(CHART), "--namespace", operator_namespace, "--create-namespace", "--wait",
+               "--timeout", "300s", *local_image_values(ref))
+    show(f"helm install {RELEASE}: the operator runs in a pod from that image")
+    stack = Stack(plane, namespace, ref)
+    try:
+        stack.start()
+        show(f"upstreams, the capability and a {REPLICAS}-replica agent Deployment are running:")
+        print(stack.kubectl("get", "acap").stdout, flush=True)
+        print(stack.kubectl("get", "pods", "-o", "wide").stdout, flush=True)
+        pods = [str(p["metadata"]["name"]) for p in stack.agent_pods()]
+        containers = stack.get("pod", pods[0])["spec"]
+        init = [c["name"] for c in containers.get("initContainers", [])]
+        show(f"pod {pods[0]}: init containers {init} (injected by the webhook), containers "
+             f"{[c['name'] for c in containers['containers']]}")
+        rows, failures = play(stack, pods[0])
+        seconds, reasons = revoke_and_time(stack, pods)
+        refused = all(reason == "revoked" for reason in reasons) and max(seconds) < PROPAGATION_CLAIM_S
+        failures += not refused
+        rows.append((f"revoke, then search on all {len(pods)} replicas",
+                     f"DENIED 401 invalid_token: {', '.join(sorted(set(reasons)))}",
+                     "every replica in " + ", ".join(f"{s * 1000:.0f} ms" for s in seconds)))
+        print()
+        print(table(rows), flush=True)
+        print()
+        show("what the payments API received (the sidecar injected its key over verified TLS; "
+             "the agent's never arrived):")
+        for seen in stack.seen("payments"):
+            if seen.get("method"):
+                print(f"    {seen.get('method')} {seen.get('path')} authorization={seen.get('authorization')!r} "
+                      f"body={seen.get('body')}", flush=True)
+        ledger = [seen for seen in stack.seen("ledger") if seen.get("method")]
+        show(f"what the undeclared ledger service received: {len(ledger)} requests")
+        failures += bool(ledger)
+        return 1 if failures else 0
+    finally:
+        plane.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False)
+        plane.helm("uninstall", RELEASE, "--namespace", operator_namespace, "--wait", check=False)
+        plane.kubectl("delete", "namespace", operator_namespace, "--wait=false", check=False)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="capgate-demo-") as workdir:
-        code = run(Path(workdir))
+    with ControlPlane(node=True) as plane:
+        say(f"cluster up: {plane.server}, node Ready")
+        code = run_on(plane)
+    say("cluster stopped; nothing left running")
     say("demo finished: " + ("every decision as expected" if code == 0 else "UNEXPECTED decisions above"))
     return code
 
