@@ -339,8 +339,13 @@ def _set_ready(cap: Capability, stored: minting.Stored, status: kopf.Status, pat
     })
 
 
+RECHECK = timedelta(seconds=30)
+"""The longest a capability goes unreconciled: what bounds repairing a deleted or edited credential
+Secret. (Watching Secrets instead would need list/watch on every Secret in the cluster.)"""
+
+
 def _next_check(cap: Capability, stored: minting.Stored, now: datetime) -> datetime:
-    candidates = [now + timedelta(minutes=1)]
+    candidates = [now + RECHECK]
     rotation = minting.rotate_at(cap, stored)
     if rotation is not None:
         candidates.append(rotation)
