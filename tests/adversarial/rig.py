@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +260,10 @@ class Rig:
             token[: len(token) // 2], token[:-3], token[:40] + ("A" if token[40] != "A" else "B") + token[41:],
             tokens.mint(loaded.capability, self.other_root),
             "", "not-a-token", "E" * 7000, token + "." + token,
+            # Genuine signatures outside their validity: issued 120 s ahead (not before), expired 2 min ago.
+            tokens.mint(loaded.capability, self.keyset, now=datetime.now(UTC) + timedelta(seconds=120)),
+            tokens.mint(loaded.capability, self.keyset, now=datetime.now(UTC) - timedelta(hours=1, minutes=2),
+                        ttl=timedelta(hours=1)),
             # Blocks appended offline (they verify): a Datalog bomb, a fact granting a rule, a foreign check.
             *(credential.parsed.append([(code, {})]).to_base64() for code in _HOSTILE_BLOCKS),
         ]
