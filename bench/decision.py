@@ -55,10 +55,14 @@ def measure(fn: Callable[[], object], iterations: int) -> tuple[float, float, fl
             samples.append(time.perf_counter() - start)
     finally:
         gc.enable()
-    samples.sort()
-    p50 = samples[len(samples) // 2] * 1000
-    p99 = samples[int(len(samples) * 0.99)] * 1000
-    return p50, p99, statistics.fmean(samples) * 1000
+    return percentiles(samples)
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    """p50, p99 and mean of timings in seconds, in milliseconds."""
+    ordered = sorted(samples)
+    return (ordered[len(ordered) // 2] * 1000, ordered[int(len(ordered) * 0.99)] * 1000,
+            statistics.fmean(ordered) * 1000)
 
 
 def main() -> int:

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import socket
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import uvicorn
 import yaml
 from aiohttp import web
+from decision import measure, percentiles  # the decision benchmark's timing, so both tables agree
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
 
@@ -39,27 +37,6 @@ EXAMPLE = ROOT / "examples" / "mcp-booking-agent.yaml"
 TARGET_P99_MS = 0.3
 CALL = (b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"charge",'
         b'"arguments":{"amount":300,"currency":"EUR"}}}')
-
-
-def percentiles(samples: list[float]) -> tuple[float, float, float]:
-    samples = sorted(samples)
-    return (samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000,
-            statistics.fmean(samples) * 1000)
-
-
-def measure(fn: Callable[[], object], iterations: int) -> tuple[float, float, float]:
-    for _ in range(min(200, iterations)):
-        fn()
-    samples = []
-    gc.disable()
-    try:
-        for _ in range(iterations):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    return percentiles(samples)
 
 
 def in_process(iterations: int) -> list[tuple[str, tuple[float, float, float]]]:
