@@ -8,6 +8,7 @@ import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import mcp_types as types
 import uvicorn
@@ -100,27 +101,20 @@ def server(booking: Booking) -> MCPServer:
 async def running(booking: Booking, *, json_response: bool = False, stateless: bool = False) -> AsyncIterator[str]:
     """The server's base URL (``http://127.0.0.1:<port>``) while it runs; its MCP path is ``/mcp``."""
     app = server(booking).streamable_http_app(json_response=json_response, stateless_http=stateless)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(uv.serve(sockets=[sock]))
-    while not uv.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        await task
-        sock.close()
+    async with _serve(app) as url:
+        yield url
 
 
 @asynccontextmanager
 async def running_sse(booking: Booking) -> AsyncIterator[str]:
     """The same server on the old HTTP+SSE transport (``/sse`` and ``/messages/``)."""
-    app = server(booking).sse_app()
+    async with _serve(server(booking).sse_app()) as url:
+        yield url
+
+
+@asynccontextmanager
+async def _serve(app: Any) -> AsyncIterator[str]:
+    """uvicorn serving ``app`` on a free loopback port, until the block ends."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
