@@ -40,8 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -52,7 +50,7 @@ from kubernetes import client as k8s
 from e2e import node_host, pki
 from e2e.node import NODE_ADDRESS, NODE_NAME, Node, NodeError
 from e2e.pki import ServingCert
-from e2e.processes import Child, free_ports, spawn, tail
+from e2e.processes import Child, answers_ok, direct_opener, free_ports, spawn, tail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-controlplane.sh"
@@ -83,14 +81,6 @@ def _stderr_progress(line: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- processes
-
-
-def _direct_opener(context: ssl.SSLContext | None = None) -> urllib.request.OpenerDirector:
-    """An opener that ignores HTTP(S)_PROXY: urllib would send even 127.0.0.1 through a proxy."""
-    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
-    if context is not None:
-        handlers.append(urllib.request.HTTPSHandler(context=context))
-    return urllib.request.build_opener(*handlers)
 
 
 # -------------------------------------------------------------------------------------- control plane
@@ -405,7 +395,7 @@ class ControlPlane:
     @staticmethod
     def _etcd_healthy(url: str) -> bool:
         try:
-            with _direct_opener().open(f"{url}/health", timeout=1) as response:
+            with direct_opener().open(f"{url}/health", timeout=1) as response:
                 return bool(json.load(response).get("health") == "true")
         except (OSError, ValueError):
             return False
@@ -414,14 +404,7 @@ class ControlPlane:
         context = ssl.create_default_context(cafile=str(self.ca_path))
         certs = self._require_workdir() / "pki"
         context.load_cert_chain(certs / "admin.crt", certs / "admin.key")
-        try:
-            with _direct_opener(context).open(f"{self.server}/readyz", timeout=2) as response:
-                return bool(response.status == 200)
-        except urllib.error.HTTPError as error:
-            error.close()
-            return False
-        except OSError:
-            return False
+        return answers_ok(f"{self.server}/readyz", context=context, timeout=2)
 
     def _write_admin_kubeconfig(self) -> None:
         certs = self._require_workdir() / "pki"

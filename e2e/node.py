@@ -42,8 +42,6 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,7 +49,7 @@ from typing import TYPE_CHECKING
 from kubernetes import client as k8s
 
 from e2e import node_host, node_images, pki
-from e2e.processes import Child, free_ports, spawn, tail
+from e2e.processes import Child, answers_ok, free_ports, spawn, tail
 
 if TYPE_CHECKING:
     from e2e.controlplane import ControlPlane
@@ -81,18 +79,6 @@ class NodeError(RuntimeError):
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("CAPGATE_CACHE", Path.home() / ".cache" / "capgate")) / "node"
-
-
-def _direct_get(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except urllib.error.HTTPError as error:
-        error.close()
-        return False
-    except OSError:
-        return False
 
 
 class Node:
@@ -228,8 +214,8 @@ class Node:
         node_host.record(self._host_state(bin_dir))
         self._wait(deadline, "kubelet", self._node_ready)
         self.timings["node-ready"] = time.monotonic() - started
-        self._wait(deadline, "kube-proxy", lambda: _direct_get(KUBE_PROXY_HEALTHZ))
-        self._wait(deadline, "coredns", lambda: _direct_get(f"http://127.0.0.1:{self._ready_port}/ready"))
+        self._wait(deadline, "kube-proxy", lambda: answers_ok(KUBE_PROXY_HEALTHZ))
+        self._wait(deadline, "coredns", lambda: answers_ok(f"http://127.0.0.1:{self._ready_port}/ready"))
         self.timings["ready"] = time.monotonic() - started
 
     def _host_state(self, bin_dir: Path) -> node_host.HostState:
