@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "hack" / "image.sh"
 # The client hack/image.sh uses: Debian's 20.10, whose BuildKit is built in.
 DOCKER = os.environ.get("CAPGATE_DOCKER", "/usr/bin/docker")
+# hack/image.sh's cache (its lock, logs and tarballs), as it reads CAPGATE_CACHE.
+CACHE = Path(os.environ.get("CAPGATE_CACHE", Path.home() / ".cache" / "capgate"))
 # A cold build is debootstrap (~75 s) + the image (~30 s) on 2 cores; generous for a slow mirror.
 TIMEOUT_S = 1800
 
@@ -48,7 +50,8 @@ def _run(command: str) -> Run:
         result = subprocess.run(["bash", str(SCRIPT), command], capture_output=True, text=True, check=False,
                                 timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as error:
-        raise ImageError(f"hack/image.sh {command} did not finish within {TIMEOUT_S} s") from error
+        printed = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr or ""
+        raise ImageError(f"hack/image.sh {command} did not finish within {TIMEOUT_S} s:\n{printed[-3000:]}") from error
     if result.returncode != 0:
         raise ImageError(f"hack/image.sh {command} exited {result.returncode}:\n{result.stderr[-3000:]}")
     found = {}

@@ -68,6 +68,8 @@ KUBE_PROXY_HEALTHZ = "http://127.0.0.1:10256/healthz"
 KUBELET_HEALTHZ = "http://127.0.0.1:10248/healthz"
 STOP_GRACE_SECONDS = 5.0
 LOCK_TIMEOUT_SECONDS = 15.0  # a janitor still cleaning up after the previous run releases it soon
+# Seconds to queue behind another running node (worktrees sharing a machine); 0: refuse at once.
+NODE_WAIT_SECONDS = float(os.environ.get("CAPGATE_NODE_WAIT_S", "0"))
 HOST_PACKAGES = "containerd runc containernetworking-plugins iptables iproute2 busybox-static gcc libc6-dev"
 
 Progress = Callable[[str], None]
@@ -138,7 +140,7 @@ class Node:
         """Take the node lock, clean leftovers, record the host state, start the janitor, add the address."""
         self.check_prerequisites(bin_dir)
         try:
-            self._lock_fd = node_host.acquire_lock(LOCK_TIMEOUT_SECONDS)
+            self._lock_fd = node_host.acquire_lock(LOCK_TIMEOUT_SECONDS, NODE_WAIT_SECONDS)
         except node_host.NodeBusyError as error:
             raise NodeError(str(error)) from None
         node_host.clean(self._progress)  # whatever a killed run (and its killed janitor) left

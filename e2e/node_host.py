@@ -88,10 +88,15 @@ def _load() -> HostState | None:
 # ---------------------------------------------------------------------------------------------- lock
 
 
-def acquire_lock(timeout: float) -> int:
-    """Take the machine-wide node lock (an fd; closing it releases), or raise :class:`NodeBusyError`."""
+def acquire_lock(timeout: float, wait_for_running: float = 0.0) -> int:
+    """Take the machine-wide node lock (an fd; closing it releases), or raise :class:`NodeBusyError`.
+
+    ``wait_for_running``: seconds to queue behind a running node (several worktrees taking turns on
+    one machine) instead of refusing at once.
+    """
     fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + timeout
+    queue_until = time.monotonic() + wait_for_running
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -100,13 +105,14 @@ def acquire_lock(timeout: float) -> int:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             # A live holder is a running node: refuse at once. A dead one left its janitor holding the
             # lock while it cleans up: wait for that, up to ``timeout``.
-            if alive(holder) or time.monotonic() > deadline:
+            now = time.monotonic()
+            if (alive(holder) and now > queue_until) or now > max(deadline, queue_until):
                 os.close(fd)
                 raise NodeBusyError(
                     f"another capgate node is running on this machine (pid {holder} holds {LOCK_PATH}); "
                     "one node per machine: stop it first (python -m e2e.controlplane down)"
                 ) from None
-            time.sleep(0.2)
+            time.sleep(0.5)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

@@ -182,6 +182,24 @@ def test_a_second_make_image_builds_nothing(built: Built) -> None:
     assert "up to date" in result.stderr and "building" not in result.stderr and "pause image" not in result.stderr
 
 
+def _holders(path: Path) -> list[str]:
+    """Every process with `path` open, as "<pid> <command>"."""
+    found = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if Path(fd.readlink()) == path:
+                pid = fd.parts[2]
+                found.append(f"{pid} {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ').decode()}")
+        except OSError:  # gone, or not ours to read
+            continue
+    return sorted(set(found))
+
+
+def test_no_process_keeps_the_image_lock_once_a_build_is_done(built: Built) -> None:
+    """dockerd, started by the first build, once inherited the lock: every later build then waited forever."""
+    assert _holders(images.CACHE / "image.lock") == []
+
+
 @pytest.fixture
 def pause_container(built: Built) -> Iterator[str]:
     container = docker("run", "--detach", "--network=none", built.refs["pause"]).stdout.strip()

@@ -76,14 +76,32 @@ ensure_docker() {
   command -v dockerd >/dev/null || die "dockerd not found: install Debian's docker.io (bash hack/host-packages.sh)"
   mkdir -p "$cache"
   say "starting dockerd (log: $cache/dockerd.log)"
-  # setsid: the daemon outlives this script and is not killed with make's process group.
-  setsid dockerd --iptables=false --ip-masq=false --bridge=none </dev/null >>"$cache/dockerd.log" 2>&1 &
+  # setsid: the daemon outlives this script and is not killed with make's process group. 9>&-: nor does
+  # it inherit the image lock, which it would hold for its whole life (every later run then waited).
+  setsid dockerd --iptables=false --ip-masq=false --bridge=none </dev/null >>"$cache/dockerd.log" 2>&1 9>&- &
   for _ in $(seq 60); do
     "$docker" info >/dev/null 2>&1 && return
     sleep 0.5
   done
   tail -n 20 "$cache/dockerd.log" >&2
   die "dockerd did not answer within 30 s (log above)"
+}
+
+lock_holders() {  # lock_holders FILE: "  <pid> <command>" for each other process with FILE open
+  local fd pid
+  for fd in /proc/[0-9]*/fd/*; do
+    [ "$(readlink "$fd" 2>/dev/null)" = "$1" ] || continue
+    pid=${fd#/proc/}; pid=${pid%%/*}
+    ours "$pid" || printf '  %s %s\n' "$pid" "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)"
+  done | sort -u
+}
+ours() {  # ours PID: PID is this script or one of its own subshells
+  local pid=$1 _
+  for _ in 1 2 3 4; do
+    [ "$pid" = $$ ] && return 0
+    pid=$(awk '{print $4}' "/proc/$pid/stat" 2>/dev/null) || return 1
+  done
+  return 1
 }
 
 exists() { "$docker" image inspect "$1" >/dev/null 2>&1; }
@@ -174,7 +192,10 @@ esac
 
 mkdir -p "$images"
 exec 9>"$cache/image.lock"
-flock 9
+if ! flock -w "${CAPGATE_IMAGE_LOCK_WAIT_S:-900}" 9; then
+  die "another process has held $cache/image.lock for ${CAPGATE_IMAGE_LOCK_WAIT_S:-900} s:
+$(lock_holders "$cache/image.lock")"
+fi
 # Holding the lock, any other scratch directory is a killed run's: remove it. --one-file-system:
 # never descend into a /proc or /dev that a failed debootstrap left mounted.
 rm -rf --one-file-system "$cache"/image-tmp.*
