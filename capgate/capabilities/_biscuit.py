@@ -34,11 +34,12 @@ Code: TypeAlias = tuple[str, Params]
 
 LIMITS_MAX_FACTS = 1000
 LIMITS_MAX_ITERATIONS = 100
-LIMITS_MAX_TIME = timedelta(milliseconds=20)
-"""The library's default is 1 ms, which a GC pause on a loaded 2-core node exceeds and turns into a
-spurious deny; 20 ms leaves our sub-millisecond policies room. Like the other two limits it is only
-looked at between fixpoint iterations: it bounds the trusted authority code, while agent-supplied
-blocks are bounded by their shape before they are evaluated (:func:`verify`)."""
+LIMITS_MAX_TIME = timedelta(milliseconds=200)
+"""A wall-clock backstop, not the bound: facts and iterations bound the trusted authority code
+deterministically, and agent-supplied blocks are bounded by their shape before they are evaluated
+(:func:`verify`). The library's default (1 ms), and the 20 ms used before, turned a busy 2-core machine's
+scheduling delay into a spurious deny (seen: a sidecar refusing its own freshly minted credential while
+CI and four test runs shared the cores); our policies evaluate in well under a millisecond."""
 
 POLICIES = "deny if deny_match($rule); allow if allow_match($rule);"
 """Deny rules win; with no matching allow, no policy matches and the library denies."""
