@@ -333,7 +333,9 @@ def parse_spent(status: object) -> Spent:
     horizon = status.get("horizon", 0)
     if _count(horizon) is None:
         raise UsageError("status.horizon is not a non-negative integer")
-    raw = status.get("consumed") or {}
+    raw = status.get("consumed")
+    if raw is None:
+        raw = {}
     if not isinstance(raw, Mapping):
         raise UsageError("status.consumed is not an object")
     consumed: dict[str, int] = {}

@@ -57,7 +57,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
                 revocation_source: RevocationSource | None = None,
-                limits: Charger | None = None) -> tuple[web.Application, web.Application]:
+                limits: Charger | None = None,
+                single_use: consumption.SingleUse | None = None) -> tuple[web.Application, web.Application]:
     """Build the agent and admin apps; raises :class:`~capgate.sidecar.config.ConfigError` on bad material."""
     store = CredentialStore(settings)
     store.load_initial()
@@ -68,7 +69,7 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
                      session=lambda: store.current.session if store.current else None)
     metrics = Metrics()
     charger = limits if limits is not None else _limits(settings, store, metrics, env)
-    single_use = _single_use(settings, store, metrics, env)
+    single_use = single_use if single_use is not None else _single_use(settings, store, metrics, env)
     gate = Gate(settings, store, RevocationState(), charger, ReceiptBook(settings.max_correlations), metrics, audit,
                 single_use)
     source = revocation_source

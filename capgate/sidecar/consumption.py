@@ -7,8 +7,8 @@ records the receipt's id in ``status.consumed`` with a compare-and-swap on the o
 resourceVersion, and only then is the call forwarded. Two pods presenting one receipt at once both
 write from a state without the id; the API server accepts one write and answers the other 409, which
 re-reads, finds the id consumed, tries the agent's next receipt of that rule if it holds one, and
-otherwise refuses (403 ``receipt_consumed``). A write that timed out may or may not have landed: the
-receipt then counts as spent here (refusing is the safe side), never as unspent.
+otherwise refuses (403 ``receipt_consumed``). A write that timed out may or may not have landed, so
+after any failure the next attempt reads the object again instead of trusting what it last saw.
 
 Fail closed: when the object cannot be read or written, a consuming call is refused with 503
 ``usage_unavailable``; every call that consumes nothing is unaffected. After a failure, attempts
@@ -87,7 +87,7 @@ class SingleUse:
         self.metrics = metrics
         self.clock = clock
         self._seen = usage.Spent()
-        """The consumed ids and horizon of the last state read or written, plus ours since."""
+        """The consumed ids and horizon of the last state read or written."""
         self._state: tuple[str, dict[str, Any]] | None = None
         self._lock = asyncio.Lock()
         self._retry_at = 0.0
@@ -124,8 +124,9 @@ class SingleUse:
                     return Refused("receipt_consumed", f"every receipt of rule {rule!r} in this correlation was "
                                                        "already used (a consuming gate opens once per receipt, "
                                                        f"across every pod); call {rule!r} again", rule)
+                # A write that fails may still have landed (a timeout): the next attempt reads the
+                # object again, which is the truth either way; nothing is assumed here.
                 self._state = None
-                self._remember_spent(plan)  # a write that times out may have landed: count it spent
                 state = await self.store.write(version, usage.apply_consumption(status, plan))
             except Conflict:
                 state = None  # someone wrote first: read what they wrote and plan again
@@ -138,11 +139,6 @@ class SingleUse:
             self._seen = usage.Spent(plan.horizon, dict(plan.consumed))
             return Consumed(tuple(c.id for c in plan.picked))
         return _unavailable(f"the shared usage state kept changing ({MAX_ATTEMPTS} conflicts in a row)")
-
-    def _remember_spent(self, plan: usage.Consumption) -> None:
-        consumed = dict(self._seen.consumed)
-        consumed.update((c.id, c.expiry) for c in plan.picked)
-        self._seen = usage.Spent(self._seen.horizon, consumed)
 
     async def close(self) -> None:
         await self.store.close()

@@ -194,7 +194,7 @@ class Gate:
                  now: datetime) -> Receipts:
         cap_name = loaded.capability.qualified_name
         revoked = self.revocations.revoked_ids
-        proofs = Proofs()
+        proofs = Proofs(loaded.capability.consumed_rules)
         self.book.carried_into(proofs, carried, trust=loaded.trust, correlation=correlation, capability=cap_name,
                                revoked=revoked, now=now)
         trace.receipts_ignored = proofs.ignored
@@ -242,8 +242,7 @@ class Gate:
         gates = [consumption.Gate(name, receipts.candidates.get(name, frozenset())) for name in rule.consumes]
         outcome = await self.single_use.consume(gates)
         if isinstance(outcome, consumption.Consumed):
-            trace.receipts_consumed = list(outcome.ids)
-            self.book.drop(receipts.correlation, set(outcome.ids))
+            trace.receipts_consumed = list(outcome.ids)  # held ones stay held: refused as consumed, not missing
             return
         if loaded.capability.mode == "audit":
             if trace.outcome != "would_deny":

@@ -60,14 +60,18 @@ def candidate(receipt_id: str, expires_at: datetime) -> usage.Candidate | None:
 
 @dataclass
 class Proofs:
-    """What the receipts of one request prove: the rules, and per rule the receipts that could be consumed."""
+    """What the receipts of one request prove: the rules, and per consumed rule the receipts that could
+    be spent (only rules in ``consumable``: a capability without single-use gates builds no candidates)."""
 
+    consumable: frozenset[str] = frozenset()
     rules: set[str] = field(default_factory=set)
     candidates: dict[str, set[usage.Candidate]] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
 
     def add(self, rule: str, receipt_id: str, expires_at: datetime) -> None:
         self.rules.add(rule)
+        if rule not in self.consumable:
+            return
         found = candidate(receipt_id, expires_at)
         if found is not None:
             self.candidates.setdefault(rule, set()).add(found)
@@ -115,11 +119,6 @@ class ReceiptBook:
             for held in held_list:
                 if held.capability == capability:
                     proofs.add(held.rule, held.id, held.expires_at)
-
-    def drop(self, correlation: str, spent: Container[str]) -> None:
-        """Forget held receipts that were consumed: they can open no consuming gate again."""
-        for held_list in (self._held.get(correlation) or {}).values():
-            held_list[:] = [h for h in held_list if h.id not in spent]
 
     @property
     def correlations(self) -> int:
