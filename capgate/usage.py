@@ -24,6 +24,10 @@ state"). Asking the API server on every call would put a write on every request 
 Meters are keyed by what they count and their length (``requests/3600s``,
 ``budget/payments/amount/86400s``), so raising ``max`` keeps the spending, while changing ``per``
 starts a new meter.
+
+The same object records single-use receipts (``status.consumed``, ``status.horizon``; see the last
+section): a consumed id is only ever added, and pruned only once it expired, so the agent can spend
+its own receipts through that object but never un-spend one.
 """
 
 from __future__ import annotations
