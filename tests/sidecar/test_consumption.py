@@ -137,12 +137,17 @@ async def test_a_plain_requires_is_not_single_use_even_when_another_rule_consume
         assert response.status == 200
 
 
-async def test_a_refused_call_spends_no_receipt(sidecar: MakeSidecar) -> None:
-    sc = await sidecar(consuming_spec())
+async def test_a_call_refused_by_its_limit_or_its_budget_spends_no_receipt(sidecar: MakeSidecar) -> None:
+    spec = consuming_spec()
+    spec["budgets"] = [{"upstream": "payments", "field": "amount", "max": 50, "per": "24h"}]
+    sc = await sidecar(spec)
     receipt, _ = await _search(sc)
-    status, body = await _charge(sc, receipt, amount=50_000)  # over the rule's limit
+    status, body = await _charge(sc, receipt, amount=50_000)  # over the rule's limit: the verdict refuses
     assert (status, body["reason"]) == (403, "limit_exceeded")
-    assert (await _charge(sc, receipt))[0] == 200
+    status, body = await _charge(sc, receipt, amount=60)  # allowed by the rule, over the budget: 429
+    assert (status, body["error"]) == (429, "budget_exhausted")
+    assert (await _charge(sc, receipt, amount=40))[0] == 200
+    assert _charges(sc) == 1
 
 
 async def test_an_unreachable_state_refuses_consuming_calls_and_leaves_others_alone(sidecar: MakeSidecar) -> None:
