@@ -218,3 +218,10 @@ async def test_an_mcp_tool_call_consumes_its_search_receipt(sidecar: MakeSidecar
     assert booking.tools() == ["search_flights", "charge"]
     consumed = [r for r in mcp_records(sc) if r.get("receipts_consumed")]
     assert len(consumed) == 1 and consumed[0]["mcp"]["name"] == "charge"
+
+
+async def test_whoami_says_which_rules_consume_their_receipt(sidecar: MakeSidecar) -> None:
+    sc = await sidecar(consuming_spec())
+    rules = {rule["name"]: rule for rule in (await (await sc.client.get("/_capgate/v1/whoami")).json())["rules"]}
+    assert rules["charge"]["requires"] == ["search"] and rules["charge"]["consumes"] == ["search"]
+    assert "consumes" not in rules["search"]
