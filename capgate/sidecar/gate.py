@@ -40,7 +40,7 @@ from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded
 from capgate.sidecar.limits import Charger
 from capgate.sidecar.metrics import Metrics
-from capgate.sidecar.receipts import Held, Proofs, ReceiptBook
+from capgate.sidecar.receipts import MAX_HELD_PER_RULE, Held, Proofs, ReceiptBook
 from capgate.sidecar.watch import RevocationState
 
 log = logging.getLogger("capgate.sidecar.gate")
@@ -269,7 +269,8 @@ class Gate:
         receipt = core_receipts.mint(session, rule=rule, correlation=correlation, ttl=cap.receipt_ttl,
                                      decision_id=trace.decision_id, now=now)
         self.book.hold(correlation, Held(rule=rule, capability=cap.qualified_name, credential=loaded.credential.id,
-                                         expires_at=now + cap.receipt_ttl, id=trace.decision_id))
+                                         expires_at=now + cap.receipt_ttl, id=trace.decision_id),
+                       keep=MAX_HELD_PER_RULE if rule in cap.consumed_rules else 1)
         self.metrics.receipts_minted.inc()
         trace.receipt_minted = True
         return receipt

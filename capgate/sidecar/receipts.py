@@ -14,9 +14,9 @@ dropped first), so an agent inventing correlation ids cannot grow memory.
 
 Single-use gates need *which* receipt, not just which rule: both kinds are also offered as
 :class:`~capgate.usage.Candidate` (the receipt's id is the decision id that minted it, so a held
-receipt and the same receipt carried back are one candidate). Up to :data:`MAX_HELD_PER_RULE`
-receipts of one rule are held per correlation (two searches open a consuming charge twice); the
-oldest is dropped first.
+receipt and the same receipt carried back are one candidate). Of a rule some gate consumes, up to
+:data:`MAX_HELD_PER_RULE` receipts are held per correlation (two searches open a consuming charge
+twice), the oldest dropped first; of any other rule, the latest one, as before.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ class ReceiptBook:
         self._verified: OrderedDict[tuple[str, str, str], core.Receipt] = OrderedDict()
 
     # -- held ----------------------------------------------------------------------------------
-    def hold(self, correlation: str, held: Held) -> None:
+    def hold(self, correlation: str, held: Held, keep: int = 1) -> None:
+        """Hold ``held``, keeping the last ``keep`` receipts of its rule in ``correlation`` (more than one
+        only for a rule some gate consumes, so memory stays what it was for every other rule)."""
         rules = self._held.get(correlation)
         if rules is None:
             rules = self._held[correlation] = {}
@@ -95,7 +97,7 @@ class ReceiptBook:
             return
         kept = rules.setdefault(held.rule, [])
         kept.append(held)
-        del kept[:-MAX_HELD_PER_RULE]
+        del kept[:-max(1, min(keep, MAX_HELD_PER_RULE))]
 
     def held_rules(self, correlation: str, capability: str, now: datetime, revoked: Container[str]) -> set[str]:
         proofs = Proofs()

@@ -54,12 +54,14 @@ def test_several_receipts_of_one_rule_are_held_as_candidates_the_oldest_dropped_
 
     book = ReceiptBook()
     for n in range(MAX_HELD_PER_RULE + 4):
-        book.hold("c", Held(rule="search", capability=CAPABILITY, credential=CREDENTIAL, expires_at=NOW + TTL,
-                            id=f"{n:032x}"))
-    proofs = Proofs(frozenset({"search"}))
+        for rule, keep in (("search", MAX_HELD_PER_RULE), ("browse", 1)):
+            book.hold("c", Held(rule=rule, capability=CAPABILITY, credential=CREDENTIAL, expires_at=NOW + TTL,
+                                id=f"{n:032x}"), keep=keep)
+    proofs = Proofs(frozenset({"search", "browse"}))
     book.held_into(proofs, "c", CAPABILITY, NOW, revoked=())
     ids = sorted(c.id for c in proofs.candidates["search"])
     assert ids == [f"{n:032x}" for n in range(4, MAX_HELD_PER_RULE + 4)]
+    assert [c.id for c in proofs.candidates["browse"]] == [f"{MAX_HELD_PER_RULE + 3:032x}"], "others: the latest"
 
 
 def test_a_receipt_whose_id_capgate_never_mints_opens_no_consuming_gate() -> None:
