@@ -1,4 +1,5 @@
-"""Fleet-wide usage on the real API server: the state cannot be reset, and sidecars never overspend.
+"""Fleet-wide usage on the real API server: the state cannot be reset, sidecars never overspend, and a
+single-use receipt opens its consuming gate once across sidecars and restarts.
 
 The AgentCapabilityUsage status is writable by every sidecar of a capability, and so by the agent
 that shares their ServiceAccount. What keeps the agent from resetting it is not RBAC but the CRD's
