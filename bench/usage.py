@@ -18,6 +18,12 @@ client, the real compare-and-swap), in this process. Rows, all from this run:
 Writes per 1,000 calls are counted far from the limit (a 10,000,000 budget) and for a budget that
 runs out within the run (every lease near the limit is smaller). Target (issue 13): ≤ 0.05 ms added
 per budgeted call with a warm lease.
+
+Single-use receipts (``requires: [{rule, consume: true}]``): what recording one consumed receipt adds
+to a call — the sidecar's :class:`capgate.sidecar.consumption.SingleUse` over the same store, one
+compare-and-swap write per call; in memory (standalone) as the baseline, alone (its last write's
+resourceVersion is current, so one write), and with a second sidecar consuming in between (every
+write first meets a 409, then reads and writes again).
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ from typing import Any
 import harness
 
 from capgate import resources
+from capgate import usage as core_usage
 from capgate.capabilities import spec
-from capgate.sidecar import usage
+from capgate.sidecar import consumption, usage
 from capgate.sidecar.limits import Limits
 from capgate.sidecar.metrics import Metrics
 from e2e.cluster import install_crds
@@ -123,6 +130,38 @@ async def run(kubeconfig: str, calls: int) -> tuple[list[list[object]], list[lis
     return rows, writes
 
 
+async def consuming(kubeconfig: str, calls: int) -> list[list[object]]:
+    """Latency of recording one consumed receipt, per case (see the module docstring)."""
+    now = time.time()
+    ids = iter(range(10 * calls))
+
+    def gate() -> list[consumption.Gate]:
+        receipt = core_usage.Candidate(f"{next(ids):032x}", int(now) + 600)
+        return [consumption.Gate("search", frozenset({receipt}))]
+
+    memory = consumption.SingleUse(consumption.MemoryUsageStore(), Metrics())
+    alone = consumption.SingleUse(usage.KubeUsageStore(kubeconfig, NAMESPACE, "receipts"), Metrics())
+    first, second = (consumption.SingleUse(usage.KubeUsageStore(kubeconfig, NAMESPACE, "receipts-shared"), Metrics())
+                     for _ in range(2))
+    rows: list[list[object]] = []
+    for case, single, other in (("baseline: standalone, in memory", memory, None),
+                                ("one sidecar: one API write", alone, None),
+                                ("two sidecars alternating: 409, read, write", first, second)):
+        samples = []
+        for _ in range(calls):
+            if other is not None:
+                assert isinstance(await other.consume(gate()), consumption.Consumed)
+            started = time.perf_counter()
+            outcome = await single.consume(gate())
+            samples.append((time.perf_counter() - started) * 1000)
+            assert isinstance(outcome, consumption.Consumed), outcome
+        rows.append([case, calls, f"{harness.percentile(samples, 50):.3f}", f"{harness.percentile(samples, 99):.3f}",
+                     f"{statistics.fmean(samples):.3f}"])
+    for single in (alone, first, second):
+        await single.close()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true")
@@ -131,9 +170,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="capgate-bench-"), ControlPlane(progress=harness._quiet) as plane:
         install_crds(plane)
         plane.create_namespace(NAMESPACE)
-        for name in ("far", "near", "shared"):
+        for name in ("far", "near", "shared", "receipts", "receipts-shared"):
             create_usage(plane, name)
         rows, writes = asyncio.run(run(str(plane.kubeconfig), calls))
+        consumed = asyncio.run(consuming(str(plane.kubeconfig), calls // 40))
     print(f"fleet-wide budget charge latency — {calls} calls per budget, {harness.machine()}")
     print(harness.table(["case", "calls", "p50 ms", "p99 ms", "mean ms"], rows))
     print()
@@ -142,6 +182,8 @@ def main() -> int:
     warm = next(r for r in rows if r[0] == "warm lease (no I/O)")
     added = float(warm[2]) - baseline
     print(f"\nwarm lease adds {added:.4f} ms p50 over the standalone charge (target <= 0.05 ms)")
+    print(f"\nsingle-use receipts: recording one consumed receipt — {calls // 40} calls per row")
+    print(harness.table(["case", "calls", "p50 ms", "p99 ms", "mean ms"], consumed))
     return 0
 
 

@@ -149,6 +149,8 @@ class Case:
     body: object = None
     """The body as sent: a string is its bytes (``--body``), anything else is sent as its JSON."""
     receipts: tuple[str, ...] = ()
+    consumed: tuple[str, ...] = ()
+    """Rules whose receipt in this correlation was already consumed (a single-use gate stays shut)."""
     principal: str | None = None
     at: datetime | None = None
     content_type: str = "application/json"
@@ -160,8 +162,8 @@ def parse_request(cap: spec.Capability, case: Case, correlation: str = "explain"
     words = case.request.split()
     now = case.at or datetime.now(UTC)
     principal = case.principal or cap.principal
-    base = {"principal": principal, "correlation": correlation, "receipts": frozenset(case.receipts),
-            "body": case.body, "now": now}
+    base = {"principal": principal, "correlation": correlation, "receipts": _held(case),
+            "unconsumed": _unconsumed(case), "body": case.body, "now": now}
     if len(words) == 3 and words[0].upper() in spec.METHODS:
         target = urlsplit(words[2]) if words[2].startswith("/") else None
         raw_path = target.path if target is not None else words[2]
@@ -172,6 +174,21 @@ def parse_request(cap: spec.Capability, case: Case, correlation: str = "explain"
         return decision.Request(action=words[0], resource=paths.normalize_resource(words[1]),
                                 **base)  # type: ignore[arg-type]
     raise UsageError(f"request {case.request!r}: expected 'METHOD UPSTREAM PATH' or 'ACTION RESOURCE'")
+
+
+def _held(case: Case) -> frozenset[str]:
+    """Every rule with a receipt in the correlation: a consumed receipt is still a receipt."""
+    return frozenset(case.receipts) | frozenset(case.consumed)
+
+
+def _unconsumed(case: Case) -> frozenset[str]:
+    return frozenset(case.receipts) - frozenset(case.consumed)
+
+
+def consumes(cap: spec.Capability, result: decision.Decision) -> tuple[str, ...]:
+    """The rules whose receipt an allowed call spends (a sidecar records it before forwarding)."""
+    rule = cap.rule(result.rule) if result.allowed and result.rule else None
+    return rule.consumes if rule is not None else ()
 
 
 def read_body(cap: spec.Capability, upstream: str, case: Case, query: str) -> object:
@@ -241,7 +258,7 @@ def _evaluate_mcp(cap: spec.Capability, case: Case, credential: tokens.Credentia
     return decision.decide([credential], decision.Request(
         principal=case.principal or cap.principal, correlation="explain", action=target.action,
         resource=target.resource, body=dict(target.arguments) if target.arguments is not None else None,
-        receipts=frozenset(case.receipts), now=case.at or datetime.now(UTC)))
+        receipts=_held(case), unconsumed=_unconsumed(case), now=case.at or datetime.now(UTC)))
 
 
 def _mcp_args(text: str | None) -> object:
@@ -290,20 +307,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
     at = _time_arg(args.at)
     principal = args.identity
     if args.mcp is not None:
-        case = Case(request="", body=_mcp_args(args.args), receipts=tuple(args.receipt or ()), principal=principal,
-                    at=at, mcp=args.mcp)
+        case = Case(request="", body=_mcp_args(args.args), receipts=tuple(args.receipt or ()),
+                    consumed=tuple(args.consumed or ()), principal=principal, at=at, mcp=args.mcp)
     else:
-        case = Case(request=args.request, body=args.body, receipts=tuple(args.receipt or ()), principal=principal,
-                    at=at, content_type=args.content_type)
+        case = Case(request=args.request, body=args.body, receipts=tuple(args.receipt or ()),
+                    consumed=tuple(args.consumed or ()), principal=principal, at=at, content_type=args.content_type)
     result = evaluate(cap, case)
+    spends = consumes(cap, result)
     if args.json:
         print(json.dumps({"allowed": result.allowed, "rule": result.rule, "reason": result.reason,
-                          "message": result.message}))
+                          "message": result.message, "consumes": list(spends)}))
     else:
         verdict = "ALLOWED" if result.allowed else "DENIED"
         print(f"{verdict}  {args.request or args.mcp}")
         print(f"  rule:   {result.rule or '-'}")
         print(f"  reason: {result.reason} — {result.message}")
+        for name in spends:
+            print(f"  consumes: the receipt of {name!r} (single-use: spent before forwarding; "
+                  "a second call with it is refused, receipt_consumed)")
     return EXIT_OK if result.allowed else EXIT_DENIED
 
 
@@ -347,18 +368,21 @@ def _run_case(cap: spec.Capability, index: int, entry: object, default_at: datet
     receipts = entry.get("receipts") or []
     mcp = entry.get("mcp")
     case = Case(request=str(entry.get("request", "")), body=entry.get("args") if mcp is not None else entry.get("body"),
-                receipts=tuple(str(r) for r in receipts), principal=entry.get("identity"),
+                receipts=tuple(str(r) for r in receipts), consumed=tuple(str(r) for r in entry.get("consumed") or []),
+                principal=entry.get("identity"),
                 at=_time_arg(entry.get("at")) or default_at, mcp=str(mcp) if mcp is not None else None)
     result = evaluate(cap, case)
-    expected = {"verdict": entry["expect"], "rule": entry.get("rule"), "reason": entry.get("reason")}
-    got = {"verdict": "allow" if result.allowed else "deny", "rule": result.rule, "reason": result.reason}
+    expected = {"verdict": entry["expect"], "rule": entry.get("rule"), "reason": entry.get("reason"),
+                "consumes": entry.get("consumes")}
+    got = {"verdict": "allow" if result.allowed else "deny", "rule": result.rule, "reason": result.reason,
+           "consumes": list(consumes(cap, result))}
     passed = all(expected[k] is None or expected[k] == got[k] for k in expected)
     return CaseResult(name=name, passed=passed, expected=_describe(expected),
                       got=f"{_describe(got)} — {result.message}")
 
 
 def _describe(outcome: Mapping[str, Any]) -> str:
-    extras = [f"{k}={outcome[k]}" for k in ("rule", "reason") if outcome.get(k)]
+    extras = [f"{k}={outcome[k]}" for k in ("rule", "reason", "consumes") if outcome.get(k)]
     return str(outcome["verdict"]) + (f" ({', '.join(extras)})" if extras else "")
 
 
@@ -451,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--content-type", default="application/json", help="the body's Content-Type")
     explain.add_argument("--args", help="JSON arguments of an --mcp tool call or prompt (params.arguments)")
     explain.add_argument("--receipt", action="append", help="a rule with a receipt in this correlation")
+    explain.add_argument("--consumed", action="append",
+                         help="a rule whose receipt in this correlation was already consumed (single-use gates)")
     explain.add_argument("--identity", help="namespace/serviceaccount of the caller (default: the capability's)")
     explain.add_argument("--at", help="evaluate at this RFC 3339 time (default: now)")
     explain.add_argument("--json", action="store_true")

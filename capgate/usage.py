@@ -24,10 +24,15 @@ state"). Asking the API server on every call would put a write on every request 
 Meters are keyed by what they count and their length (``requests/3600s``,
 ``budget/payments/amount/86400s``), so raising ``max`` keeps the spending, while changing ``per``
 starts a new meter.
+
+The same object records single-use receipts (``status.consumed``, ``status.horizon``; see the last
+section): a consumed id is only ever added, and pruned only once it expired, so the agent can spend
+its own receipts through that object but never un-spend one.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -265,3 +270,122 @@ def table(cap: spec.Capability, status: object, now: float) -> list[Row]:
         spent = window.spent if window is not None and window.start == current else 0
         rows.append(Row(meter, current, spent, max(0, meter.max - spent)))
     return rows
+
+
+# ------------------------------------------------------------------------------ single-use receipts
+#
+# ``requires: [{rule: search, consume: true}]``: a receipt opens such a gate once across the fleet.
+# The object's ``status.consumed`` maps each consumed receipt id to the last moment the receipt could
+# still verify; ``status.horizon`` is the time up to which ids may have been pruned, so an id expiring
+# at or before it counts as consumed whether or not it is listed. Writes only add ids, prune ids at
+# or before a horizon that only grows (the CRD's transition rules), and go through the same
+# compare-and-swap as the windows: two sidecars consuming one receipt at once cannot both succeed,
+# because the second write is planned from a state that already holds the id.
+
+MAX_CONSUMED = 4096
+"""The CRD's ``status.consumed`` maxProperties. A full list advances the horizon past the ids that
+expire first: they stay consumed (the horizon says so), and the receipts still unused that expire by
+then are refused early, which is failing closed, never open."""
+
+RECEIPT_ID = re.compile(r"^[0-9a-f]{32}$")
+"""A receipt's id is the decision id of the call that minted it (128 random bits, 32 hex): the audit
+record of the consuming call names the very decision whose receipt it spent."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A verified receipt that could open a consuming gate: its id and the Unix second after which no
+    sidecar accepts it (its expiry plus the receipt skew)."""
+
+    id: str
+    expiry: int
+
+
+@dataclass(frozen=True)
+class Spent:
+    """``status.horizon`` and ``status.consumed`` as stored."""
+
+    horizon: int = 0
+    consumed: Mapping[str, int] = field(default_factory=dict)
+
+    def used(self, candidate: Candidate) -> bool:
+        return candidate.id in self.consumed or candidate.expiry <= self.horizon
+
+
+@dataclass(frozen=True)
+class Consumption:
+    """A planned write: the receipts it consumes, one per gate, and the new horizon and consumed ids."""
+
+    picked: tuple[Candidate, ...]
+    horizon: int
+    consumed: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Unopened:
+    """Gate ``index`` has no receipt that is unexpired and not yet consumed."""
+
+    index: int
+
+
+def parse_spent(status: object) -> Spent:
+    """``status.horizon`` and ``status.consumed``; raises :class:`UsageError` for what the schema forbids."""
+    if status is None:
+        return Spent()
+    if not isinstance(status, Mapping):
+        raise UsageError("status is not an object")
+    horizon = status.get("horizon", 0)
+    if _count(horizon) is None:
+        raise UsageError("status.horizon is not a non-negative integer")
+    raw = status.get("consumed")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise UsageError("status.consumed is not an object")
+    consumed: dict[str, int] = {}
+    for key, value in raw.items():
+        expiry = _count(value)
+        if not isinstance(key, str) or expiry is None:
+            raise UsageError("status.consumed holds a malformed entry")
+        consumed[key] = expiry
+    return Spent(int(horizon), consumed)
+
+
+def order(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """Which receipt a gate spends first: the one that expires first (it would be lost soonest), the
+    smaller id on a tie, so every sidecar spends a given set of receipts in the same order."""
+    return sorted(set(candidates), key=lambda c: (c.expiry, c.id))
+
+
+def consume(spent: Spent, gates: Sequence[Iterable[Candidate]], now: float,
+            capacity: int = MAX_CONSUMED) -> Consumption | Unopened:
+    """Pick one unconsumed, unexpired receipt per gate and plan the write that records them all.
+
+    All or nothing: when one gate has no receipt left, nothing is consumed. Ids that can no longer
+    verify (expiry before ``now``) are pruned and the horizon moves up to ``now``; if the list would
+    still be longer than ``capacity``, the horizon moves further, to the expiries that come first.
+    """
+    picked: list[Candidate] = []
+    for index, candidates in enumerate(gates):
+        choice = next((c for c in order(candidates) if c.expiry > now and not spent.used(c)
+                       and all(p.id != c.id for p in picked)), None)
+        if choice is None:
+            return Unopened(index)
+        picked.append(choice)
+    horizon = max(spent.horizon, int(now))
+    consumed = {key: expiry for key, expiry in spent.consumed.items() if expiry > horizon}
+    for candidate in picked:
+        consumed[candidate.id] = candidate.expiry
+    if len(consumed) > capacity:
+        expiries = sorted(consumed.values())
+        horizon = max(horizon, expiries[len(consumed) - capacity - 1])
+        consumed = {key: expiry for key, expiry in consumed.items() if expiry > horizon}
+    return Consumption(tuple(picked), horizon, consumed)
+
+
+def apply_consumption(status: object, plan: Consumption) -> dict[str, object]:
+    """The status to write: the stored one with the consumed ids and horizon replaced (windows kept)."""
+    base = dict(status) if isinstance(status, Mapping) else {}
+    base["horizon"] = plan.horizon
+    base["consumed"] = dict(plan.consumed)
+    return base

@@ -1,4 +1,5 @@
-"""Fleet-wide usage on the real API server: the state cannot be reset, and sidecars never overspend.
+"""Fleet-wide usage on the real API server: the state cannot be reset, sidecars never overspend, and a
+single-use receipt opens its consuming gate once across sidecars and restarts.
 
 The AgentCapabilityUsage status is writable by every sidecar of a capability, and so by the agent
 that shares their ServiceAccount. What keeps the agent from resetting it is not RBAC but the CRD's
@@ -294,3 +295,89 @@ def test_with_the_api_server_stopped_budgeted_calls_are_refused_and_others_pass(
         control_plane.start_apiserver()
     wait_for(lambda: call(sidecar, "POST", "/payments/v1/charges", {"amount": 1, "marker": "down"})[0] == 200,
              30, "budgeted calls to pass again once the API server is back")
+
+
+# ------------------------------------------------------------------------------ single-use receipts
+
+def consuming_capability(name: str) -> dict[str, Any]:
+    """The example with ``charge`` consuming its search receipt, and no budget or rate limit (so only
+    the receipt decides)."""
+    obj = example_capability(name, NAMESPACE)
+    obj["spec"].pop("rateLimit", None)
+    obj["spec"].pop("budgets", None)
+    charge = next(rule for rule in obj["spec"]["rules"] if rule["name"] == "charge")
+    charge["requires"] = [{"rule": "search", "consume": True}]
+    return obj
+
+
+def _search(sidecar: PodSidecar, correlation: str) -> tuple[str, str]:
+    """A search in ``correlation``: its receipt, and the decision id that names it."""
+    status, _, headers = call(sidecar, "GET", "/flights/search", headers={"X-Capgate-Correlation-Id": correlation})
+    assert status == 200
+    return headers["X-Capgate-Receipt"], headers["X-Capgate-Decision-Id"]
+
+
+def _charge(sidecar: PodSidecar, receipt: str, correlation: str, marker: str) -> tuple[int, dict[str, Any]]:
+    status, body, _ = call(sidecar, "POST", "/payments/v1/charges", {"amount": 5, "marker": marker},
+                           headers={"X-Capgate-Receipt": receipt, "X-Capgate-Correlation-Id": correlation})
+    return status, body
+
+
+def _audited(sidecar: PodSidecar) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in sidecar.audit.read_text().splitlines() if line.strip()]
+
+
+def test_one_receipt_opens_a_consuming_gate_once_across_three_sidecars_and_across_restarts(
+        cluster: Environment) -> None:
+    cluster.apply(consuming_capability("single-use"))
+    cluster.wait_ready("single-use")
+    pods = ("once-a", "once-b", "once-c")
+    for pod in pods:
+        assert cluster.create_pod(pod, "single-use", SA).returncode == 0
+    sidecars = [cluster.sidecar(pod) for pod in pods]
+    receipt, receipt_id = _search(sidecars[0], "trip-1")
+
+    with ThreadPoolExecutor(max_workers=9) as pool:  # every sidecar, three times each, at once
+        results = list(pool.map(lambda i: _charge(sidecars[i % 3], receipt, "trip-1", "once"), range(9)))
+    assert [status for status, _ in results].count(200) == 1, results
+    refused = [body for status, body in results if status != 200]
+    assert {(body["error"], body["reason"], body["rule"]) for body in refused} == {
+        ("denied", "receipt_consumed", "charge")}
+    assert _charged(cluster, "once") == 5, "exactly one charge reached the upstream"
+
+    stored = _stored(cluster, "single-use")["status"]
+    assert receipt_id in stored["consumed"]
+    spent = [record for sidecar in sidecars for record in _audited(sidecar) if record.get("receipts_consumed")]
+    assert [record["receipts_consumed"] for record in spent] == [[receipt_id]]
+    assert spent[0]["outcome"] == "allowed" and spent[0]["rule"] == "charge"
+
+    for sidecar in sidecars:  # a rollout: the consumption is in the API server, not in any process
+        sidecar.stop()
+    restarted = cluster.sidecar("once-b")
+    status, body = _charge(restarted, receipt, "trip-1", "once")
+    assert (status, body["reason"]) == (403, "receipt_consumed")
+    fresh, _ = _search(restarted, "trip-1")
+    assert _charge(restarted, fresh, "trip-1", "once")[0] == 200
+    assert _charged(cluster, "once") == 10
+
+
+def test_with_the_api_server_stopped_consuming_calls_are_refused_and_ungated_calls_pass(
+        cluster: Environment, control_plane: ControlPlane) -> None:
+    cluster.apply(consuming_capability("single-use-down"))
+    cluster.wait_ready("single-use-down")
+    assert cluster.create_pod("once-down", "single-use-down", SA).returncode == 0
+    sidecar = cluster.sidecar("once-down")
+    receipt, _ = _search(sidecar, "trip-down")
+    control_plane.stop_apiserver()
+    try:
+        status, body = _charge(sidecar, receipt, "trip-down", "down-once")
+        assert (status, body["error"], body["reason"]) == (503, "usage_unavailable", "usage_unavailable"), body
+        assert call(sidecar, "GET", "/flights/search")[0] == 200
+        assert _charged(cluster, "down-once") == 0
+    finally:
+        control_plane.start_apiserver()
+    # Refused, not spent: once the state is reachable the same receipt opens the gate, once.
+    wait_for(lambda: _charge(sidecar, receipt, "trip-down", "down-once")[0] == 200, 30,
+             "the unspent receipt to open the gate once the API server is back")
+    assert _charge(sidecar, receipt, "trip-down", "down-once")[1]["reason"] == "receipt_consumed"
+    assert _charged(cluster, "down-once") == 5

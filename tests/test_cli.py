@@ -77,7 +77,22 @@ def test_explain_says_why_a_charge_is_denied_as_json() -> None:
                  "--receipt", "search", "--at", AT, "--json")
     assert result.returncode == 1
     assert json.loads(result.stdout) == {"allowed": False, "rule": "charge", "reason": "limit_exceeded",
-                                         "message": "amount 500000 exceeds the limit 40000 of rule 'charge'"}
+                                         "message": "amount 500000 exceeds the limit 40000 of rule 'charge'",
+                                         "consumes": []}
+
+
+def test_explain_shows_that_a_charge_spends_its_search_receipt_and_refuses_a_spent_one() -> None:
+    single_use = str(ROOT / "examples" / "single-use-charge.yaml")
+    request = ["--request", "POST payments /v1/charges", "--body", '{"amount": 100}']
+    allowed = run("explain", single_use, *request, "--receipt", "search")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "consumes: the receipt of 'search'" in allowed.stdout
+    spent = run("explain", single_use, *request, "--consumed", "search", "--json")
+    assert spent.returncode == 1
+    answer = json.loads(spent.stdout)
+    assert (answer["reason"], answer["rule"], answer["consumes"]) == ("receipt_consumed", "charge", [])
+    plain = run("explain", str(EXAMPLE), *request, "--receipt", "search", "--at", AT, "--json")
+    assert json.loads(plain.stdout)["consumes"] == []
 
 
 @pytest.mark.parametrize(("extra", "reason"), [

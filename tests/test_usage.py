@@ -34,6 +34,13 @@ def transition_allowed(old: dict[str, usage.Window], new: dict[str, usage.Window
                for k in old)
 
 
+def spent_transition_allowed(old: usage.Spent, new: usage.Spent) -> bool:
+    """The CRD's rules for status.horizon and status.consumed: the horizon only grows, an id keeps its
+    expiry and is removed only once it is at or before the new horizon."""
+    return new.horizon >= old.horizon and all(
+        new.consumed[k] == v if k in new.consumed else v <= new.horizon for k, v in old.consumed.items())
+
+
 class Store:
     def __init__(self) -> None:
         self.version = 0
@@ -47,6 +54,9 @@ class Store:
             return False  # 409 Conflict
         new = usage.parse_windows(status)
         assert transition_allowed(self.windows(), new), "a sidecar planned a write the API server refuses"
+        spent = usage.parse_spent(status)
+        assert spent_transition_allowed(usage.parse_spent(self.status), spent), "a consumed id was reset"
+        assert len(spent.consumed) <= usage.MAX_CONSUMED, "more consumed ids than the CRD holds"
         self.status, self.version = status, self.version + 1
         return True
 
@@ -60,6 +70,52 @@ class Fleet(RuleBasedStateMachine):
         self.snapshots: list[tuple[int, dict[str, Any]] | None] = [None] * SIDECARS
         self.used: dict[tuple[str, int], int] = defaultdict(int)
         """What sidecars let through, per meter and window: the agent's real spending."""
+        self.receipts: list[usage.Candidate] = []
+        """Receipts minted so far (any sidecar may be shown any of them)."""
+        self.opened: dict[str, int] = defaultdict(int)
+        """How many forwarded calls each receipt opened a consuming gate for."""
+
+    @rule(ttl=st.sampled_from([30, 330, 3600]))
+    def mint(self, ttl: int) -> None:
+        self.receipts.append(usage.Candidate(f"{len(self.receipts):032x}", int(self.now) + ttl))
+
+    @precondition(lambda self: bool(self.receipts))
+    @rule(sidecar=st.integers(0, SIDECARS - 1), data=st.data(), gates=st.integers(1, 2))
+    def consuming_call(self, sidecar: int, data: st.DataObject, gates: int) -> None:
+        """A call whose rule consumes ``gates`` receipts, each from some subset of the minted ones,
+        planned from the sidecar's (maybe stale) snapshot and written with compare-and-swap."""
+        snapshot = self.snapshots[sidecar]
+        if snapshot is None:
+            return
+        version, status = snapshot
+        shown = [data.draw(st.lists(st.sampled_from(self.receipts), min_size=1, max_size=4)) for _ in range(gates)]
+        plan = usage.consume(usage.parse_spent(status), shown, self.now, capacity=5)
+        if isinstance(plan, usage.Unopened):
+            return
+        new_status = usage.apply_consumption(status, plan)
+        if not self.store.write(version, new_status):
+            self.snapshots[sidecar] = None
+            return
+        self.snapshots[sidecar] = (self.store.version, new_status)
+        for candidate in plan.picked:
+            assert candidate.expiry > self.now, "an expired receipt opened a gate"
+            self.opened[candidate.id] += 1
+
+    @rule(more=st.integers(0, 3), forward=st.integers(0, 100), prune=st.booleans())
+    def agent_spends_receipts(self, more: int, forward: int, prune: bool) -> None:
+        """The agent may consume its own receipts, raise the horizon and prune what it passed."""
+        old = usage.parse_spent(self.store.status)
+        horizon = old.horizon + forward
+        consumed = {k: v for k, v in old.consumed.items() if not (prune and v <= horizon)}
+        for candidate in self.receipts[-more:] if more else []:
+            consumed.setdefault(candidate.id, candidate.expiry)
+        status = {**self.store.status, "horizon": horizon, "consumed": consumed}
+        if len(consumed) <= usage.MAX_CONSUMED:
+            assert self.store.write(self.store.version, status)
+
+    @invariant()
+    def every_receipt_opens_a_consuming_gate_at_most_once(self) -> None:
+        assert all(count <= 1 for count in self.opened.values()), dict(self.opened)
 
     @rule(sidecar=st.integers(0, SIDECARS - 1))
     def read(self, sidecar: int) -> None:
@@ -211,3 +267,60 @@ def test_the_usage_table_counts_an_ended_window_as_empty_and_marks_one_ahead() -
     assert budget.ahead and budget.remaining == 0
     rate, budget = usage.table(cap, status, 86400.0 + 5)
     assert (budget.spent, budget.remaining) == (10, 59990)
+
+
+# ------------------------------------------------------------------------------ single-use receipts
+
+def _receipt(n: int, expiry: int) -> usage.Candidate:
+    return usage.Candidate(f"{n:032x}", expiry)
+
+
+def test_a_gate_spends_the_receipt_that_expires_first_and_records_it() -> None:
+    late, early = _receipt(1, 900), _receipt(2, 500)
+    plan = usage.consume(usage.Spent(), [[late, early]], 100.0)
+    assert isinstance(plan, usage.Consumption)
+    assert plan.picked == (early,) and plan.consumed == {early.id: 500} and plan.horizon == 100
+
+
+def test_a_consumed_or_expired_receipt_opens_nothing_and_nothing_is_spent() -> None:
+    used, expired, fresh = _receipt(1, 900), _receipt(2, 50), _receipt(3, 900)
+    spent = usage.Spent(0, {used.id: 900})
+    assert usage.consume(spent, [[used, expired]], 100.0) == usage.Unopened(0)
+    assert usage.consume(spent, [[fresh], [used]], 100.0) == usage.Unopened(1), "all gates or none"
+
+
+def test_ids_at_or_before_the_horizon_count_as_consumed_even_when_pruned() -> None:
+    assert usage.consume(usage.Spent(horizon=600), [[_receipt(1, 600)]], 100.0) == usage.Unopened(0)
+
+
+def test_expired_ids_are_pruned_and_a_full_list_advances_the_horizon_past_the_earliest() -> None:
+    spent = usage.Spent(0, {_receipt(n, 100 + n).id: 100 + n for n in range(10)})
+    plan = usage.consume(spent, [[_receipt(99, 1000)]], 105.0, capacity=3)
+    assert isinstance(plan, usage.Consumption)
+    assert plan.horizon == 107 and sorted(plan.consumed.values()) == [108, 109, 1000]
+    assert all(expiry <= plan.horizon for key, expiry in spent.consumed.items() if key not in plan.consumed)
+
+
+def test_a_write_keeps_the_windows_and_a_window_write_keeps_the_consumed_ids() -> None:
+    status = {"windows": {"requests/3600s": {"start": 0, "spent": 4}}, "horizon": 1, "consumed": {"a" * 32: 90}}
+    plan = usage.consume(usage.parse_spent(status), [[_receipt(1, 80)]], 10.0)
+    assert isinstance(plan, usage.Consumption)
+    written = usage.apply_consumption(status, plan)
+    assert written["windows"] == status["windows"] and written["consumed"] == {"a" * 32: 90, f"{1:032x}": 80}
+    claim = usage.LeaseBook().claim([(RATE, 1)], usage.parse_windows(written), 10.0)
+    assert isinstance(claim, usage.Claim)
+    assert usage.apply(written, claim)["consumed"] == written["consumed"]
+
+
+@pytest.mark.parametrize("status", [{"horizon": -1}, {"horizon": "5"}, {"consumed": []}, {"consumed": {"a": -1}},
+                                    {"consumed": {"a": True}}])
+def test_a_malformed_consumed_state_is_refused_never_read_as_empty(status: Any) -> None:
+    with pytest.raises(usage.UsageError):
+        usage.parse_spent(status)
+
+
+def test_the_consumed_capacity_is_the_crds() -> None:
+    from tests.test_usage_crd import _schema
+
+    consumed = _schema()["properties"]["status"]["properties"]["consumed"]
+    assert consumed["maxProperties"] == usage.MAX_CONSUMED

@@ -8,7 +8,8 @@ The shape of the compiled block (values are always ``{parameters}``, never forma
     check if principal($p), {principals}.contains($p);      namespace/serviceaccount binding
     allow_match({rule}) <- req({method}, {upstream}), path_match({glob}),
                            body_num({field}, $v0), $v0 <= {max},
-                           receipt({required_rule}, $c), correlation($c);
+                           receipt({required_rule}, $c), correlation($c),
+                           unconsumed_receipt({consumed_rule}, $c);   requires: [{rule, consume: true}]
     deny_match({rule})  <- req($m, $u), ...
 
 One Datalog rule per (method × glob) combination with constant terms only: Biscuit joins on
@@ -24,7 +25,9 @@ decide exactly as they did: the verifier keeps supplying ``path_match`` for ever
 The request facts a verifier supplies are therefore: ``req(method, upstream)``,
 ``path_match(glob)``, ``action_match(glob)``, ``resource_match(glob)``, their lenient
 ``deny_path_match``/``deny_action_match``/``deny_resource_match``, ``principal(p)``,
-``correlation(c)``, ``receipt(rule, c)``, ``body_num(field, value)``, ``arg_str(field, value)``,
+``correlation(c)``, ``receipt(rule, c)``, ``unconsumed_receipt(rule, c)`` (a receipt of ``rule``
+this sidecar has not seen consumed: the sidecar records its consumption before forwarding),
+``body_num(field, value)``, ``arg_str(field, value)``,
 ``arg_match(field, glob)`` and ``time(t)``.
 
 Action arguments (MCP's ``params.arguments``) are the body of an action request, so ``limits``
@@ -53,7 +56,7 @@ FORMAT_VERSION = 1
 RESERVED_PREDICATES = frozenset({
     "allow_match", "deny_match", "req", "path_match", "action_match", "resource_match", "deny_path_match",
     "deny_action_match", "deny_resource_match", "principal", "correlation", "receipt", "body_num", "time", "spec",
-    "capgate_version", "attenuation", "arg_str", "arg_match", "deny_arg_str", "deny_arg_match",
+    "capgate_version", "attenuation", "arg_str", "unconsumed_receipt", "arg_match", "deny_arg_str", "deny_arg_match",
 })
 """Predicates whose meaning capgate defines; user Datalog may read them but never derive them."""
 
@@ -119,7 +122,10 @@ def compile_rule(rule: Rule) -> Iterator[Code]:
             params[f"max{index}"] = limit.max
         body.extend(_arg_clauses(rule, params, match))
         for index, required in enumerate(rule.requires):
-            body.append(f"receipt({{requires{index}}}, $correlation), correlation($correlation)")
+            # A consuming gate reads its own fact, supplied only for a receipt not yet consumed: a
+            # verifier that does not know single-use receipts never supplies it, so it fails closed.
+            fact = "unconsumed_receipt" if required in rule.consumes else "receipt"
+            body.append(f"{fact}({{requires{index}}}, $correlation), correlation($correlation)")
             params[f"requires{index}"] = required
         yield f"{head}({{rule}}) <- {', '.join(body)};", params
 

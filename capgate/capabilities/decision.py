@@ -41,8 +41,8 @@ _NARROWED_EXPIRY = re.compile(r"^check if time\(\$t\), \$t <= \S+$")
 Code = Literal["allowed", "invalid_token", "denied"]
 Reason = Literal[
     "allowed", "no_matching_rule", "deny_rule", "limit_exceeded", "limit_missing", "missing_receipt",
-    "check_failed", "policy_error", "malformed", "bad_signature", "unknown_root", "expired", "revoked",
-    "too_deep", "identity", "bad_request", "unknown_upstream", "not_yet_valid",
+    "receipt_consumed", "check_failed", "policy_error", "malformed", "bad_signature", "unknown_root", "expired",
+    "revoked", "too_deep", "identity", "bad_request", "unknown_upstream", "not_yet_valid",
 ]
 _STATUS = {"allowed": 200, "invalid_token": 401, "denied": 403}
 
@@ -54,7 +54,9 @@ class Request:
     HTTP calls set ``method``/``upstream``/``path`` (already normalized); the decision API and MCP
     tools set ``action``/``resource`` (normalized: :func:`paths.normalize_resource`), never both:
     a question about both is two requests, and both must allow. ``receipts`` names rules with a
-    verified receipt in ``correlation``. ``body`` is the parsed JSON body, only when a limit needs it.
+    verified receipt in ``correlation``; ``unconsumed`` those of them with a receipt the caller has not
+    seen consumed (what a single-use gate reads; the sidecar then records the consumption before it
+    forwards). ``body`` is the parsed JSON body, only when a limit needs it.
     """
 
     principal: str
@@ -66,6 +68,7 @@ class Request:
     resource: str | None = None
     body: object = None
     receipts: frozenset[str] = frozenset()
+    unconsumed: frozenset[str] = frozenset()
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def describe(self) -> str:
@@ -218,6 +221,10 @@ def request_facts(cap: Capability, request: Request, globs: compiler.PathMatch |
     for rule_name in sorted(request.receipts):
         if rule_name in required or cap.datalog:
             facts.add("receipt", rule_name, request.correlation)
+    consumed = cap.consumed_rules
+    for rule_name in sorted(request.unconsumed & request.receipts):
+        if rule_name in consumed or cap.datalog:
+            facts.add("unconsumed_receipt", rule_name, request.correlation)
     if request.body is not None:
         for field_path in sorted(cap.limit_fields):
             number = numeric_field(request.body, field_path)
@@ -300,6 +307,10 @@ def explain_denial(cap: Capability, request: Request) -> Decision:
             if required not in request.receipts:
                 return _deny("missing_receipt", f"rule {rule.name!r} requires a receipt of rule {required!r} "
                                                 f"in this correlation", rule.name)
+            if required in rule.consumes and required not in request.unconsumed:
+                return _deny("receipt_consumed", f"rule {rule.name!r} consumes a receipt of rule {required!r}, and "
+                                                 f"every one in this correlation was already used; call "
+                                                 f"{required!r} again for a new one", rule.name)
     for rule in candidates:
         for limit in rule.limits:
             value = numeric_field(request.body, limit.field)

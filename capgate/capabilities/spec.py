@@ -150,6 +150,9 @@ class Rule:
     actions: tuple[str, ...] = ()
     resources: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
+    consumes: tuple[str, ...] = ()
+    """The rules of ``requires`` whose receipt this rule *consumes* (``{rule, consume: true}``): each
+    receipt opens such a gate once, fleet-wide (DESIGN.md, "Fleet-wide state")."""
     limits: tuple[Limit, ...] = ()
     args: tuple[Arg, ...] = ()
     read_only: bool = False
@@ -237,6 +240,11 @@ class Capability:
     def required_rules(self) -> frozenset[str]:
         """Rules some other rule requires a receipt of."""
         return frozenset(name for rule in self.rules for name in rule.requires)
+
+    @cached_property
+    def consumed_rules(self) -> frozenset[str]:
+        """Rules some other rule consumes a receipt of (single-use gates)."""
+        return frozenset(name for rule in self.rules for name in rule.consumes)
 
     @cached_property
     def sorted_globs(self) -> tuple[str, ...]:
@@ -497,6 +505,27 @@ def _parse_limits(reader: _Reader) -> tuple[Limit, ...]:
     return tuple(out)
 
 
+def _parse_requires(reader: _Reader) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``requires: [search, {rule: quote, consume: true}]``: the rules, and those whose receipt is consumed.
+
+    A rule named twice is required once, and consumed if either entry says so (the stricter reading).
+    """
+    names: list[str] = []
+    consumed: list[str] = []
+    for path, item in reader.items("requires"):
+        if isinstance(item, str):
+            names.append(item)
+            continue
+        if not isinstance(item, Mapping):
+            raise SpecError(path, "must be a rule name or {rule: NAME, consume: true}")
+        entry = _Reader(item, path, ("rule", "consume"))
+        name = entry.string("rule", max_len=63)
+        names.append(name)
+        if entry.boolean("consume", False):
+            consumed.append(name)
+    return tuple(dict.fromkeys(names)), tuple(dict.fromkeys(consumed))
+
+
 def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rule:
     reader = _Reader(item, path, ("name", "effect", "upstream", "methods", "paths", "actions", "resources",
                                   "requires", "limits", "args", "readOnly"))
@@ -529,12 +558,12 @@ def _parse_rule(path: str, item: object, upstreams: tuple[Upstream, ...]) -> Rul
             if problem:
                 raise SpecError(npath, problem)
             names[key].append(value)
-    requires = [value for _, value in reader.strings("requires")]
+    requires, consumes = _parse_requires(reader)
     limits = _parse_limits(reader)
     args = _parse_args(reader)
     rule = Rule(name=name, effect=cast(Effect, effect), upstream=upstream, methods=tuple(dict.fromkeys(methods)),
                 paths=tuple(dict.fromkeys(globs)), actions=tuple(names["actions"]),
-                resources=tuple(names["resources"]), requires=tuple(dict.fromkeys(requires)), limits=limits, args=args,
+                resources=tuple(names["resources"]), requires=requires, consumes=consumes, limits=limits, args=args,
                 read_only=reader.boolean("readOnly", False))
     if not (rule.upstream or rule.methods or rule.paths or rule.actions or rule.resources):
         raise SpecError(path, "a rule must name at least one of upstream, methods, paths, actions, resources")
@@ -689,7 +718,8 @@ def to_spec(cap: Capability) -> dict[str, Any]:
         out: dict[str, Any] = {"name": rule.name, "effect": rule.effect}
         for key, value in (("upstream", rule.upstream), ("methods", list(rule.methods)), ("paths", list(rule.paths)),
                            ("actions", list(rule.actions)), ("resources", list(rule.resources)),
-                           ("requires", list(rule.requires))):
+                           ("requires", [{"rule": name, "consume": True} if name in rule.consumes else name
+                                         for name in rule.requires])):
             if value:
                 out[key] = value
         if rule.limits:

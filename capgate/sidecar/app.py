@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from capgate.capabilities import decision, spec
-from capgate.sidecar import buffers, control, egress, errors, facts, mcp, proxy, routing, server
+from capgate.sidecar import buffers, consumption, control, egress, errors, facts, mcp, proxy, routing, server
 from capgate.sidecar.audit import AuditLog
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded, UpstreamSecrets
@@ -57,7 +57,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
                 revocation_source: RevocationSource | None = None,
-                limits: Charger | None = None) -> tuple[web.Application, web.Application]:
+                limits: Charger | None = None,
+                single_use: consumption.SingleUse | None = None) -> tuple[web.Application, web.Application]:
     """Build the agent and admin apps; raises :class:`~capgate.sidecar.config.ConfigError` on bad material."""
     store = CredentialStore(settings)
     store.load_initial()
@@ -68,7 +69,9 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
                      session=lambda: store.current.session if store.current else None)
     metrics = Metrics()
     charger = limits if limits is not None else _limits(settings, store, metrics, env)
-    gate = Gate(settings, store, RevocationState(), charger, ReceiptBook(settings.max_correlations), metrics, audit)
+    single_use = single_use if single_use is not None else _single_use(settings, store, metrics, env)
+    gate = Gate(settings, store, RevocationState(), charger, ReceiptBook(settings.max_correlations), metrics, audit,
+                single_use)
     source = revocation_source
     if source is None and settings.revocations is not None:
         source = FileSource(settings.revocations, settings.poll_seconds)
@@ -95,6 +98,7 @@ def create_apps(settings: Settings, *, env: Mapping[str, str] | None = None,
     agent[EGRESS] = egress.Egress(settings, gate) if settings.outbound_listen is not None else None
     agent.cleanup_ctx.append(runtime)
     agent.cleanup_ctx.append(_closing(charger))
+    agent.cleanup_ctx.append(_closing(single_use))
     agent.router.add_post("/_capgate/v1/authorize", _control(control.authorize))
     agent.router.add_post("/_capgate/v1/attenuate", _control(control.attenuate))
     agent.router.add_get("/_capgate/v1/whoami", _control(control.whoami))
@@ -125,10 +129,24 @@ def _limits(settings: Settings, store: CredentialStore, metrics: Metrics, env: M
     return usage.FleetLimits(kube, cap.qualified_name, metrics)
 
 
-def _closing(charger: Charger) -> Callable[[web.Application], AsyncIterator[None]]:
+def _single_use(settings: Settings, store: CredentialStore, metrics: Metrics,
+                env: Mapping[str, str] | None) -> consumption.SingleUse:
+    """Consumed receipts: in a pod, in the capability's AgentCapabilityUsage (fleet-wide, across
+    restarts); standalone, in this process's memory. The API client is made on the first consuming call."""
+    if settings.credential_dir is None:
+        return consumption.SingleUse(consumption.MemoryUsageStore(), metrics)
+    assert store.current is not None
+    from capgate.sidecar import usage  # the Kubernetes client only where it is used
+
+    cap = store.current.capability
+    return consumption.SingleUse(usage.KubeUsageStore((env or os.environ).get("KUBECONFIG"), cap.namespace, cap.name),
+                                 metrics)
+
+
+def _closing(charger: object) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         yield
-        close = getattr(charger, "close", None)  # the fleet-wide charger holds an API client
+        close = getattr(charger, "close", None)  # the fleet-wide charger and receipts hold an API client
         if close is not None:
             await close()
     return ctx
@@ -245,12 +263,13 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
                                     settings.max_body_bytes)
     parsed = body.parsed if body is not None else None
     carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
-    receipts = gate.receipt_rules(loaded, carried, correlation, trace, now)
+    receipts = gate.receipts(loaded, carried, correlation, trace, now)
     verdict = gate.decide(creds, decision.Request(
         principal=loaded.principal, correlation=correlation, method=request.method, upstream=route.upstream.name,
-        path=route.path, body=parsed, receipts=receipts, now=now), trace)
+        path=route.path, body=parsed, receipts=receipts.rules, unconsumed=receipts.unconsumed, now=now), trace)
     gate.enforce(loaded, verdict, trace)
     await gate.charge(loaded, route.upstream.name, parsed, trace)
+    await gate.consume(loaded, verdict, receipts, trace)
     return await _forward(request, gate, loaded, route, verdict, correlation, body.raw if body else None)
 
 

@@ -137,7 +137,10 @@ async def authorize(request: web.Request, gate: Gate, trace: Trace) -> web.Respo
     for parts in asked:
         decided = []
         for req in parts:
-            req = replace(req, receipts=gate.receipt_rules(loaded, carried, req.correlation, trace, now))
+            # Local knowledge only: the decision API consumes nothing, so it answers whether a receipt
+            # not known to be spent is in hand (the forwarded call itself spends it, or is refused).
+            held = gate.receipts(loaded, carried, req.correlation, trace, now)
+            req = replace(req, receipts=held.rules, unconsumed=held.unconsumed)
             decided.append(_decide_scope(gate, loaded, creds, req, trace))
         answers.append(_both(decided))
     final_index = next((i for i, a in enumerate(answers) if not a.allowed), 0)
@@ -290,6 +293,8 @@ def _rule_summary(rule: spec.Rule) -> dict[str, Any]:
         value = getattr(rule, key)
         if value:
             out[key] = list(value) if isinstance(value, tuple) else value
+    if rule.consumes:
+        out["consumes"] = list(rule.consumes)
     if rule.limits:
         out["limits"] = {lim.field: lim.max for lim in rule.limits}
     return out

@@ -6,12 +6,13 @@
     │                                          {"error", "reason", "rule", "decision_id", "message"}
     ├── 400 bad_request         ambiguous path, body or query; bad header; bad control request; CONNECT (405)
     ├── 401 invalid_token       malformed, bad_signature, unknown_root, expired, revoked, identity, too_deep
-    ├── 403 denied              a policy verdict, unknown_upstream, internal_error (fail closed)
+    ├── 403 denied              a policy verdict, unknown_upstream, receipt_consumed, internal_error (fail closed)
     ├── 408 bad_request         body_timeout (header_timeout and 431 header_too_large: server.py, no request)
     ├── 413 too_large           a body a limit must read is over --max-body-bytes
     ├── 429 rate_limited / budget_exhausted   with Retry-After
     ├── 502 upstream_unavailable / 504 upstream_timeout
     ├── 503 overloaded          buffer_full, connection_limit (--max-inflight-bytes, --max-connections)
+    ├── 503 usage_unavailable   a single-use receipt could not be recorded (Retry-After)
     └── 503 lockdown
 
 Core errors (:mod:`capgate.capabilities.errors`) are converted where they are caught; any other

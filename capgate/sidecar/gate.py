@@ -8,7 +8,11 @@ Order of the checks — each refusal is final, and the first one wins:
 3. lockdown (503 for writes, every mode);
 4. the Datalog verdict over both tokens (403; in ``mode: audit`` logged as ``would_deny`` and
    forwarded anyway);
-5. rate limit and budgets (429; audit mode likewise only logs).
+5. rate limit and budgets (429; audit mode likewise only logs);
+6. single-use receipts: when the allowing rule consumes a receipt (``requires: [{rule, consume:
+   true}]``), its id is recorded as consumed fleet-wide before forwarding (403 ``receipt_consumed``
+   when another call spent it first, 503 ``usage_unavailable`` when the state cannot be reached;
+   audit mode only logs). Last, so a call refused for any other reason never spends a receipt.
 
 Everything the request path does per call is CPU-bound and sub-millisecond (token verification is
 cached by the core's Verifier, receipt verification here), so it runs inline on the event loop
@@ -21,21 +25,22 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from capgate import usage
 from capgate.capabilities import decision, tokens
 from capgate.capabilities import receipts as core_receipts
 from capgate.capabilities.errors import TokenError
-from capgate.sidecar import errors
+from capgate.sidecar import consumption, errors, state
 from capgate.sidecar.audit import AuditLog, Outcome
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded
 from capgate.sidecar.limits import Charger
 from capgate.sidecar.metrics import Metrics
-from capgate.sidecar.receipts import Held, ReceiptBook
+from capgate.sidecar.receipts import MAX_HELD_PER_RULE, Held, Proofs, ReceiptBook
 from capgate.sidecar.watch import RevocationState
 
 log = logging.getLogger("capgate.sidecar.gate")
@@ -72,6 +77,8 @@ class Trace:
     scopes: list[dict[str, Any]] = field(default_factory=list)
     """What each scope of a several-scope ``authorize`` asked, and its answer."""
     receipt_minted: bool = False
+    receipts_consumed: list[str] = field(default_factory=list)
+    """Ids of the single-use receipts this call spent (each the decision id that minted it)."""
     mcp: dict[str, object] | None = None
     """For an MCP message: its kind, JSON-RPC method, tool/URI, id and argument digest."""
     forwarded: bool = False
@@ -96,11 +103,26 @@ class Trace:
             out["scopes"] = self.scopes
         if self.receipt_minted:
             out["receipt_minted"] = True
+        if self.receipts_consumed:
+            out["receipts_consumed"] = self.receipts_consumed
         if self.mcp is not None:
             out["mcp"] = self.mcp
         if self.forwarded:
             out["forwarded"] = True
         return out
+
+
+@dataclass(frozen=True)
+class Receipts:
+    """What the receipts of one request prove, as the gate sees them."""
+
+    correlation: str
+    rules: frozenset[str]
+    """Rules with a verified, unexpired receipt (what plain ``requires`` reads)."""
+    unconsumed: frozenset[str]
+    """Rules with such a receipt not known to be consumed (what a consuming gate reads)."""
+    candidates: Mapping[str, frozenset[usage.Candidate]]
+    """Per rule, the receipts not known to be consumed: what a consuming gate may spend."""
 
 
 def new_decision_id() -> str:
@@ -110,8 +132,10 @@ def new_decision_id() -> str:
 
 class Gate:
     def __init__(self, settings: Settings, store: CredentialStore, revocations: RevocationState, limits: Charger,
-                 book: ReceiptBook, metrics: Metrics, audit: AuditLog) -> None:
+                 book: ReceiptBook, metrics: Metrics, audit: AuditLog,
+                 single_use: consumption.SingleUse | None = None) -> None:
         self.settings = settings
+        self.single_use = single_use or consumption.SingleUse(consumption.MemoryUsageStore(), metrics)
         self.store = store
         self.revocations = revocations
         self.limits = limits
@@ -166,15 +190,19 @@ class Gate:
             raise errors.lockdown(f"lockdown ({reason}): only reads are allowed")
 
     # -- deciding ------------------------------------------------------------------------------
-    def receipt_rules(self, loaded: Loaded, carried: Iterable[str], correlation: str, trace: Trace,
-                      now: datetime) -> frozenset[str]:
+    def receipts(self, loaded: Loaded, carried: Iterable[str], correlation: str, trace: Trace,
+                 now: datetime) -> Receipts:
         cap_name = loaded.capability.qualified_name
         revoked = self.revocations.revoked_ids
-        rules, ignored = self.book.carried_rules(carried, trust=loaded.trust, correlation=correlation,
-                                                 capability=cap_name, revoked=revoked, now=now)
-        trace.receipts_ignored = ignored
-        rules |= self.book.held_rules(correlation, cap_name, now, revoked)
-        return frozenset(rules)
+        proofs = Proofs(loaded.capability.consumed_rules)
+        self.book.carried_into(proofs, carried, trust=loaded.trust, correlation=correlation, capability=cap_name,
+                               revoked=revoked, now=now)
+        trace.receipts_ignored = proofs.ignored
+        self.book.held_into(proofs, correlation, cap_name, now, revoked)
+        candidates = {rule: frozenset(c for c in found if not self.single_use.known(c))
+                      for rule, found in proofs.candidates.items()}
+        return Receipts(correlation, frozenset(proofs.rules),
+                        frozenset(rule for rule, found in candidates.items() if found), candidates)
 
     def decide(self, creds: list[tokens.Credential], request: decision.Request, trace: Trace) -> decision.Decision:
         started = time.perf_counter()
@@ -206,6 +234,25 @@ class Gate:
         raise errors.SidecarError(429, refusal.reason, refusal.detail or refusal.reason, refusal.message,
                                   headers={"Retry-After": str(max(1, round(refusal.retry_after)))})
 
+    async def consume(self, loaded: Loaded, verdict: decision.Decision, receipts: Receipts, trace: Trace) -> None:
+        """Spend the receipts the allowing rule consumes, before forwarding (raise for a refusal)."""
+        rule = loaded.capability.rule(verdict.rule) if verdict.allowed and verdict.rule else None
+        if rule is None or not rule.consumes:
+            return
+        gates = [consumption.Gate(name, receipts.candidates.get(name, frozenset())) for name in rule.consumes]
+        outcome = await self.single_use.consume(gates)
+        if isinstance(outcome, consumption.Consumed):
+            trace.receipts_consumed = list(outcome.ids)  # held ones stay held: refused as consumed, not missing
+            return
+        if loaded.capability.mode == "audit":
+            if trace.outcome != "would_deny":
+                trace.outcome, trace.reason = "would_deny", outcome.reason
+            return
+        if outcome.reason == "usage_unavailable":
+            raise errors.SidecarError(503, "usage_unavailable", "usage_unavailable", outcome.message, rule=rule.name,
+                                      headers={"Retry-After": str(max(1, round(state.RETRY_SECONDS)))})
+        raise errors.SidecarError(403, "denied", "receipt_consumed", outcome.message, rule=rule.name)
+
     def mint_receipt(self, loaded: Loaded, rule: str, correlation: str, trace: Trace) -> str | None:
         """Sign and hold a receipt for an allowed 2xx call; None when the session key can no longer sign."""
         now = datetime.now(UTC)
@@ -222,7 +269,8 @@ class Gate:
         receipt = core_receipts.mint(session, rule=rule, correlation=correlation, ttl=cap.receipt_ttl,
                                      decision_id=trace.decision_id, now=now)
         self.book.hold(correlation, Held(rule=rule, capability=cap.qualified_name, credential=loaded.credential.id,
-                                         expires_at=now + cap.receipt_ttl))
+                                         expires_at=now + cap.receipt_ttl, id=trace.decision_id),
+                       keep=MAX_HELD_PER_RULE if rule in cap.consumed_rules else 1)
         self.metrics.receipts_minted.inc()
         trace.receipt_minted = True
         return receipt

@@ -48,6 +48,12 @@ class Metrics:
                                      registry=self.registry)
         self.usage_refusals = Counter("capgate_usage_refusals", "Calls refused by rate limits or budgets, by reason",
                                       ("reason",), registry=self.registry)
+        self.receipts_consumed = Counter("capgate_receipts_consumed",
+                                         "Single-use receipts recorded as consumed before forwarding",
+                                         registry=self.registry)
+        self.receipt_refusals = Counter("capgate_receipt_consumption_refusals",
+                                        "Consuming calls refused, by reason (receipt_consumed, usage_unavailable)",
+                                        ("reason",), registry=self.registry)
         self.usage_state_age.set(-1)  # standalone: no shared state
 
         self._children: dict[tuple[str, str, str], Counter] = {}

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 from kubernetes_asyncio import client, config
@@ -34,35 +34,18 @@ from capgate import resources, usage
 from capgate.capabilities import spec
 from capgate.sidecar.limits import Refusal, budget_amount
 from capgate.sidecar.metrics import Metrics
+from capgate.sidecar.state import MAX_ATTEMPTS, RETRY_SECONDS, Conflict, StateUnavailable, UsageStore
+
+__all__ = ["MAX_ATTEMPTS", "RETRY_SECONDS", "Conflict", "FleetLimits", "KubeUsageStore", "StateUnavailable",
+           "UsageStore"]
 
 log = logging.getLogger("capgate.sidecar.usage")
 
 REQUEST_TIMEOUT = 2.0
 """A renewal is on a request's path: an API server slower than this is treated as unreachable."""
-RETRY_SECONDS = 1.0
 CACHE_SECONDS = 2.0
 """How long the last state read or written may stand in for a fresh read. Writes from a stale copy
 fail with 409 anyway; this bounds how long a refusal can rest on it (an admin's reset is seen then)."""
-MAX_ATTEMPTS = 8
-"""Conflicts in a row before giving up (each one means another writer made progress)."""
-
-
-class StateUnavailable(Exception):
-    """The usage object could not be read or written; the message names why (never a credential)."""
-
-
-class Conflict(Exception):
-    """The object changed since it was read (HTTP 409)."""
-
-
-class UsageStore(Protocol):
-    """Read and compare-and-swap the status of one usage object."""
-
-    async def read(self) -> tuple[str, dict[str, Any]]: ...
-
-    async def write(self, version: str, status: dict[str, Any]) -> tuple[str, dict[str, Any]]: ...
-
-    async def close(self) -> None: ...
 
 
 class KubeUsageStore:

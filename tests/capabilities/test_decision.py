@@ -414,3 +414,34 @@ def test_a_request_that_is_an_http_call_and_an_action_is_refused(cred: tokens.Cr
                             action="mcp.call", resource="mcp://payments/refund", now=NOW)
 
     assert verdict(decide(cred, both)) == (False, "denied", "bad_request")
+
+
+def _consuming() -> tokens.Credential:
+    cap = _support.parse(lambda s: s["rules"][1].update(requires=[{"rule": "search", "consume": True}]))
+    return _support.credential(cap)
+
+
+def test_a_consuming_gate_opens_only_with_an_unconsumed_receipt_and_says_why_not() -> None:
+    cred = _consuming()
+    assert decide(cred, charge(100, unconsumed=frozenset({"search"}))).allowed
+    outcome = decide(cred, charge(100))  # a receipt, but every one of them consumed
+    assert verdict(outcome) == (False, "denied", "receipt_consumed") and outcome.rule == "charge"
+    assert "already used" in outcome.message
+    missing = decide(cred, charge(100, receipts=frozenset(), unconsumed=frozenset({"search"})))
+    assert verdict(missing) == (False, "denied", "missing_receipt"), "unconsumed without a verified receipt"
+
+
+def test_a_plain_gate_ignores_consumption(cred: tokens.Credential) -> None:
+    assert decide(cred, charge(100, unconsumed=frozenset())).allowed
+
+
+def test_the_consuming_gate_is_compiled_into_the_credential() -> None:
+    from capgate.capabilities import compiler
+
+    cap = _support.parse(lambda s: s["rules"][1].update(requires=[{"rule": "search", "consume": True}]))
+    compiled = [code for code, params in compiler.compile_authority(cap, NOW, NOW + timedelta(hours=1))
+                if params.get("rule") == "charge"]
+    assert compiled and all("unconsumed_receipt({requires0}" in code for code in compiled)
+    plain = [code for code, params in compiler.compile_authority(_support.parse(), NOW, NOW + timedelta(hours=1))
+             if params.get("rule") == "charge"]
+    assert all("unconsumed_receipt" not in code and "receipt({requires0}" in code for code in plain)

@@ -98,6 +98,16 @@ SPEC_ERRORS = [
      "requires and limits only apply to allow rules"),
     ("requires-on-deny", setter("rules", 2, "requires", value=["search"]), "spec.rules[2]",
      "requires and limits only apply to allow rules"),
+    ("consume-unknown-rule", setter("rules", 1, "requires", value=[{"rule": "book", "consume": True}]),
+     "spec.rules[1].requires[0]", "names unknown rule 'book'"),
+    ("consume-misspelt", setter("rules", 1, "requires", value=[{"rule": "search", "consumed": True}]),
+     "spec.rules[1].requires[0].consumed", "unknown field"),
+    ("consume-not-boolean", setter("rules", 1, "requires", value=[{"rule": "search", "consume": "yes"}]),
+     "spec.rules[1].requires[0].consume", "must be true or false"),
+    ("consume-without-rule", setter("rules", 1, "requires", value=[{"consume": True}]),
+     "spec.rules[1].requires[0].rule", "is required"),
+    ("requires-a-number", setter("rules", 1, "requires", value=[7]), "spec.rules[1].requires[0]",
+     "must be a rule name or {rule: NAME, consume: true}"),
     ("misspelt-limits", setter("rules", 0, "limts", value=[{"field": "amount", "max": 1}]), "spec.rules[0].limts",
      "unknown field"),
     ("misspelt-spec-key", setter("ratelimit", value={"requests": 1}), "spec.ratelimit", "unknown field"),
@@ -411,3 +421,27 @@ def test_egress_mode_defaults_to_enforce_and_reads_back() -> None:
                                               ({"mode": "enforce", "bypass": True}, "spec.egress.bypass")])
 def test_egress_accepts_only_its_two_modes(egress: object, path: str) -> None:
     assert spec_error(setter("egress", value=egress)).path == path
+
+
+def test_a_consuming_requirement_is_read_and_rendered_back_and_a_plain_one_stays_plain() -> None:
+    def consuming(spec_: Manifest) -> None:
+        spec_["rules"][1]["requires"] = [{"rule": "search", "consume": True}]
+        spec_["rules"].append({"name": "quote", "effect": "allow", "upstream": "payments", "methods": ["POST"],
+                               "paths": ["/v1/quotes"], "requires": ["search", {"rule": "charge"}]})
+
+    cap = _support.parse(consuming)
+    charge, quote = cap.rule("charge"), cap.rule("quote")
+    assert charge is not None and quote is not None
+    assert (charge.requires, charge.consumes) == (("search",), ("search",))
+    assert (quote.requires, quote.consumes) == (("search", "charge"), ())
+    assert cap.consumed_rules == frozenset({"search"})
+    rendered = spec.to_spec(cap)["rules"]
+    assert rendered[1]["requires"] == [{"rule": "search", "consume": True}]
+    assert rendered[3]["requires"] == ["search", "charge"]
+    assert spec.parse_spec(spec.to_spec(cap), name=cap.name, namespace=cap.namespace) == cap
+
+
+def test_a_rule_named_twice_is_consumed_if_either_entry_says_so() -> None:
+    cap = _support.parse(lambda s: s["rules"][1].update(requires=["search", {"rule": "search", "consume": True}]))
+    charge = cap.rule("charge")
+    assert charge is not None and (charge.requires, charge.consumes) == (("search",), ("search",))

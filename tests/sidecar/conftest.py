@@ -154,7 +154,8 @@ async def sidecar(tmp_path: Path, root_key: Path, upstream: Upstream) -> AsyncIt
     counter = iter(range(1000))
 
     async def make(spec: dict[str, Any] | None = None, *, env: dict[str, str] | None = None,
-                   revocation_source: Any = None, limits: Any = None, **changes: Any) -> Sidecar:
+                   revocation_source: Any = None, limits: Any = None, single_use: Any = None,
+                   **changes: Any) -> Sidecar:
         index = next(counter)
         cap_path = tmp_path / f"capability-{index}.yaml"
         cap_path.write_text(yaml.safe_dump(capability_document(spec)))
@@ -165,7 +166,8 @@ async def sidecar(tmp_path: Path, root_key: Path, upstream: Upstream) -> AsyncIt
                             read_timeout=0.5, total_timeout=2.0, connect_timeout=0.5)
         settings = replace(settings, **changes)
         agent, admin = sidecar_app.create_apps(settings, env={"PAYMENTS_API_KEY": API_KEY, **(env or {})},
-                                               revocation_source=revocation_source, limits=limits)
+                                               revocation_source=revocation_source, limits=limits,
+                                               single_use=single_use)
         server = GuardedTestServer(agent)
         await server.start_server(auto_decompress=False)  # as capgate-sidecar serves it: never inflate
         client = TestClient(server)

@@ -47,3 +47,26 @@ def test_a_cached_carried_receipt_expires_like_a_fresh_one() -> None:
     rules, ignored = book.carried_rules([receipt], now=NOW + TTL + timedelta(seconds=31), **ask)  # type: ignore[arg-type]
 
     assert (rules, ignored) == (set(), ["expired"])
+
+
+def test_several_receipts_of_one_rule_are_held_as_candidates_the_oldest_dropped_first() -> None:
+    from capgate.sidecar.receipts import MAX_HELD_PER_RULE, Proofs
+
+    book = ReceiptBook()
+    for n in range(MAX_HELD_PER_RULE + 4):
+        for rule, keep in (("search", MAX_HELD_PER_RULE), ("browse", 1)):
+            book.hold("c", Held(rule=rule, capability=CAPABILITY, credential=CREDENTIAL, expires_at=NOW + TTL,
+                                id=f"{n:032x}"), keep=keep)
+    proofs = Proofs(frozenset({"search", "browse"}))
+    book.held_into(proofs, "c", CAPABILITY, NOW, revoked=())
+    ids = sorted(c.id for c in proofs.candidates["search"])
+    assert ids == [f"{n:032x}" for n in range(4, MAX_HELD_PER_RULE + 4)]
+    assert [c.id for c in proofs.candidates["browse"]] == [f"{MAX_HELD_PER_RULE + 3:032x}"], "others: the latest"
+
+
+def test_a_receipt_whose_id_capgate_never_mints_opens_no_consuming_gate() -> None:
+    from capgate.sidecar.receipts import Proofs
+
+    proofs = Proofs(frozenset({"search"}))
+    proofs.add("search", "forged", NOW + TTL)
+    assert proofs.rules == {"search"} and proofs.candidates == {}

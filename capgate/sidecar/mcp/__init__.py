@@ -264,21 +264,22 @@ async def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
         locked = exc  # decided first: a readOnly rule's tools go on during a lockdown
     _check_pinned_call(ctx, target)
     carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
-    receipts = gate.receipt_rules(loaded, carried, ctx.correlation, trace, ctx.now)
+    receipts = gate.receipts(loaded, carried, ctx.correlation, trace, ctx.now)
     verdict = gate.decide(creds, decision.Request(
         principal=loaded.principal, correlation=ctx.correlation, action=target.action, resource=target.resource,
-        body=dict(target.arguments) if target.arguments is not None else None, receipts=receipts, now=ctx.now),
-        trace)
+        body=dict(target.arguments) if target.arguments is not None else None, receipts=receipts.rules,
+        unconsumed=receipts.unconsumed, now=ctx.now), trace)
     if locked is not None:
         rule = loaded.capability.rule(verdict.rule) if verdict.allowed and verdict.rule else None
         if rule is None or not rule.read_only:
             raise locked
     gate.enforce(loaded, verdict, trace)
     await gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace)
+    await gate.consume(loaded, verdict, receipts, trace)
     return creds, verdict, session
 
 
-_CALLABLE_REASONS = frozenset({"allowed", "limit_missing", "limit_exceeded", "missing_receipt"})
+_CALLABLE_REASONS = frozenset({"allowed", "limit_missing", "limit_exceeded", "missing_receipt", "receipt_consumed"})
 """Denials that depend on the call's arguments or order, not on the tool: the tool stays listed."""
 
 
@@ -289,8 +290,9 @@ def could_call(ctx: Context, creds: list[tokens.Credential], action: str, resour
     needs a receipt or argument values is still listed; a denied or unnamed one is not.
     """
     cap = ctx.loaded.capability
+    every = frozenset(rule.name for rule in cap.rules)
     request = decision.Request(principal=ctx.loaded.principal, correlation=ctx.correlation, action=action,
-                               resource=resource, receipts=frozenset(rule.name for rule in cap.rules), now=ctx.now)
+                               resource=resource, receipts=every, unconsumed=every, now=ctx.now)
     # Each token on its own: decide() stops at the first refusal, and a base credential's
     # "needs arguments" must not hide the narrowed token's "not this tool at all".
     return all(decision.decide([cred], request, revoked=ctx.gate.revocations.revoked_ids).reason in _CALLABLE_REASONS
