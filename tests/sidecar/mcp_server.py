@@ -46,6 +46,11 @@ def server(booking: Booking) -> MCPServer:
         return f"charged {amount} {currency}"
 
     @srv.tool()
+    def refund(amount: int) -> str:
+        booking.calls.append(("refund", {"amount": amount}))
+        return f"refunded {amount}"
+
+    @srv.tool()
     def list_bookings() -> list[str]:
         booking.calls.append(("list_bookings", {}))
         return ["b1", "vip-7"]

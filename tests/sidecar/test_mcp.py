@@ -631,3 +631,23 @@ async def test_argument_tricks_never_charge_more_than_the_limit(mcp_sidecar: Sid
     charged = [call[1]["amount"] for call in booking.calls if call[0] == "charge"]
     assert all(isinstance(amount, int) and 0 <= amount <= 400 for amount in charged), charged
     assert response.status in (400, 403), "each of these is refused by the sidecar itself"
+
+
+async def test_a_per_tool_budget_counts_only_that_tools_calls(sidecar: MakeSidecar, booking: Booking) -> None:
+    spec = spec_with({"name": "refunds", "effect": "allow", "actions": ["mcp.call"],
+                      "resources": ["mcp://booking/refund"]})
+    spec["budgets"] = [{"upstream": "booking", "tool": "charge", "field": "amount", "max": 500, "per": "1h"}]
+    async with running(booking) as url:
+        side = await sidecar(spec, upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        async with Client(url_of(side)) as client:
+            await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+            await client.call_tool("charge", {"amount": 400, "currency": "EUR"})
+            await client.call_tool("refund", {"amount": 300})  # another tool: not this budget's
+            await client.call_tool("refund", {"amount": 300})
+            with pytest.raises(MCPError) as caught:
+                await client.call_tool("charge", {"amount": 200, "currency": "EUR"})
+            await client.call_tool("charge", {"amount": 100, "currency": "EUR"})
+    assert caught.value.data["error"] == "budget_exhausted"
+    assert [call for call in booking.calls if call[0] != "search_flights"] == [
+        ("charge", {"amount": 400, "currency": "EUR"}), ("refund", {"amount": 300}), ("refund", {"amount": 300}),
+        ("charge", {"amount": 100, "currency": "EUR"})]

@@ -274,7 +274,8 @@ async def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
         if rule is None or not rule.read_only:
             raise locked
     gate.enforce(loaded, verdict, trace)
-    await gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace)
+    await gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace,
+                      tool=target.resource if target.action == core_mcp.CALL else None)
     return creds, verdict, session
 
 
