@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +261,9 @@ async def test_a_narrowed_token_lowers_a_tools_argument_limit(mcp_sidecar: Sidec
     token = await narrowed(mcp_sidecar, limits={"charge": {"amount": 50}}, ttl="5m")
     http = httpx2.AsyncClient(headers={"X-Capgate-Token": token}, timeout=30)
     async with http, Client(streamable_http_client(url_of(mcp_sidecar), http_client=http)) as client:
+        # A lowered limit keeps the tool listed (the 2026-07-28 client mirrors charge's annotated
+        # arguments into Mcp-Param-* headers only once it has listed it).
+        assert "charge" in [tool.name for tool in (await client.list_tools()).tools]
         await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
         with pytest.raises(MCPError):
             await client.call_tool("charge", {"amount": 100, "currency": "EUR"})
@@ -651,3 +654,59 @@ async def test_a_per_tool_budget_counts_only_that_tools_calls(sidecar: MakeSidec
     assert [call for call in booking.calls if call[0] != "search_flights"] == [
         ("charge", {"amount": 400, "currency": "EUR"}), ("refund", {"amount": 300}), ("refund", {"amount": 300}),
         ("charge", {"amount": 100, "currency": "EUR"})]
+
+
+def header_hook(change: Callable[[httpx2.Headers], None], sent: list[dict[str, str]]) -> httpx2.AsyncClient:
+    """An SDK HTTP client whose tools/call requests for charge are changed on the wire (an agent
+    that speaks the protocol but lies in its headers); every request's headers are recorded."""
+    async def hook(request: httpx2.Request) -> None:
+        if request.headers.get("mcp-name") == "charge":
+            change(request.headers)
+        sent.append(dict(request.headers))
+    return httpx2.AsyncClient(event_hooks={"request": [hook]}, timeout=30)
+
+
+async def test_mcp_param_headers_the_sdk_sends_pass_base64_included(mcp_sidecar: Sidecar, booking: Booking) -> None:
+    sent: list[dict[str, str]] = []
+    http = header_hook(lambda headers: None, sent)
+    async with http, Client(streamable_http_client(url_of(mcp_sidecar), http_client=http)) as client:
+        await client.list_tools()
+        await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+        await client.call_tool("charge", {"amount": 400, "currency": "USD"})
+        await client.call_tool("add_note", {"trip": "Zürich 1", "text": "window"})
+    assert booking.calls[1:] == [("charge", {"amount": 400, "currency": "USD"}),
+                                 ("add_note", {"trip": "Zürich 1", "text": "window"})]
+    params = [{k: v for k, v in h.items() if k.startswith("mcp-param-")} for h in sent]
+    assert {"mcp-param-amount": "400", "mcp-param-currency": "USD"} in params
+    assert {"mcp-param-trip": "=?base64?WsO8cmljaCAx?="} in params  # non-ASCII travels base64-wrapped
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Amount", "5000"), id="another-value"),
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Amount", "=?base64?MTAw?="), id="needless-base64"),
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Amount", "100.0"), id="numerically-equal"),
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Amount", "0100"), id="leading-zero"),
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Destination", "JFK"), id="undeclared-header"),
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Currency", "=?base64?RVVS?="), id="base64-of-the-same"),
+])
+async def test_mcp_param_headers_that_are_not_exactly_the_bodys_are_refused(
+        mcp_sidecar: Sidecar, booking: Booking, change: Callable[[httpx2.Headers], None]) -> None:
+    http = header_hook(change, [])
+    async with http, Client(streamable_http_client(url_of(mcp_sidecar), http_client=http)) as client:
+        await client.list_tools()
+        await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+        with pytest.raises(MCPError) as caught:
+            await client.call_tool("charge", {"amount": 100, "currency": "EUR"})
+    assert caught.value.code == -32020 and caught.value.data["reason"] == "mcp_header_mismatch"
+    assert booking.tools() == ["search_flights"]
+
+
+async def test_mcp_param_headers_for_a_tool_never_listed_here_are_refused(mcp_sidecar: Sidecar,
+                                                                          booking: Booking) -> None:
+    # The SDK's client lists a tool before it mirrors its arguments; a raw agent need not.
+    response = await mcp_sidecar.client.post("/booking/mcp", json=tool_call("search_flights", 4, origin="a",
+                                                                            destination="b"),
+                                             headers={**HEADERS, "Mcp-Param-Origin": "a"})
+    body = await response.json()
+    assert response.status == 400 and body["id"] == 4 and body["error"]["code"] == -32020
+    assert body["error"]["data"]["reason"] == "mcp_header_mismatch" and booking.calls == []

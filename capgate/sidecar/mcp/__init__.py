@@ -132,6 +132,9 @@ async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
         ident = message.id
         core_mcp.check_headers(message, request.headers.getall(core_mcp.METHOD_HEADER, []),
                                request.headers.getall(core_mcp.NAME_HEADER, []))
+        tool = message.params.get("name") if message.method == "tools/call" else None
+        core_mcp.check_param_headers(message, request.headers.items(), ctx.pending.declared_headers(
+            ctx.route.upstream.name, tool) if isinstance(tool, str) else None)
         target = core_mcp.target(message, ctx.route.upstream.name)
         cap = ctx.loaded.capability
         core_mcp.check_arguments(target.arguments, cap.limit_fields | cap.arg_fields)
@@ -291,11 +294,29 @@ def could_call(ctx: Context, creds: list[tokens.Credential], action: str, resour
     """
     cap = ctx.loaded.capability
     request = decision.Request(principal=ctx.loaded.principal, correlation=ctx.correlation, action=action,
-                               resource=resource, receipts=frozenset(rule.name for rule in cap.rules), now=ctx.now)
+                               resource=resource, receipts=frozenset(rule.name for rule in cap.rules), now=ctx.now,
+                               body=_probe(cap.limit_fields))
     # Each token on its own: decide() stops at the first refusal, and a base credential's
     # "needs arguments" must not hide the narrowed token's "not this tool at all".
     return all(decision.decide([cred], request, revoked=ctx.gate.revocations.revoked_ids).reason in _CALLABLE_REASONS
                for cred in creds)
+
+
+def _probe(fields: frozenset[str]) -> dict[str, object]:
+    """Arguments that pass every limit (0 is within any ``0..max``): a narrowed token's lowered
+    limit is a check that fails on missing arguments, which must not hide the tool from its list."""
+    probe: dict[str, object] = {}
+    for dotted in sorted(fields):
+        node = probe
+        *parents, last = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                break
+            node = child
+        else:
+            node.setdefault(last, 0)
+    return probe
 
 
 # -- forwarding --------------------------------------------------------------------------------
@@ -560,6 +581,8 @@ def _observe(ctx: Context, exchange: Exchange, data: bytes) -> bytes | None:
         return None
     exchange.answered = True
     verdict, target = exchange.verdict, exchange.target
+    if target is not None and target.method == "tools/list":
+        _learn_headers(ctx, answer.document)
     if target is not None and target.listing is not None and ctx.loaded.capability.mode == "enforce":
         return _filtered(ctx, exchange, answer)
     if not succeeded(answer.document) or verdict is None or not verdict.allowed or verdict.rule is None:
@@ -579,6 +602,17 @@ def _filtered(ctx: Context, exchange: Exchange, answer: core_mcp.Message) -> byt
     source = _check_pins(ctx, answer.document) if method == "tools/list" else answer.document
     document = core_mcp.filter_list(source, method, ctx.route.upstream.name, may)
     return None if document is None else json_bytes(document)
+
+
+def _learn_headers(ctx: Context, document: Mapping[str, object]) -> None:
+    """Remember the ``Mcp-Param-*`` headers each listed tool declares: the SDK's client mirrors
+    exactly those from a list's schemas, so they are all its calls may carry."""
+    result = document.get("result")
+    tools = result.get("tools") if isinstance(result, Mapping) else None
+    for tool in tools if isinstance(tools, list) else []:
+        name = tool.get("name") if isinstance(tool, Mapping) else None
+        if isinstance(tool, Mapping) and isinstance(name, str):
+            ctx.pending.declare_headers(ctx.route.upstream.name, name, core_mcp.param_headers(tool.get("inputSchema")))
 
 
 def _check_pins(ctx: Context, document: Mapping[str, object]) -> Mapping[str, object]:

@@ -3,7 +3,8 @@
 * :class:`Sessions` — which token opened each MCP session;
 * :class:`Pending` — the old transport's posted requests waiting for their answer on the stream,
   the sidecar's own events for a session's stream, the server-to-client requests a client may
-  answer, and which pinned tool definitions a list has verified.
+  answer, which pinned tool definitions a list has verified, and which ``Mcp-Param-*`` headers
+  each listed tool's schema declares.
 
 Every map is bounded (``MAX_SESSIONS``); the oldest entry goes first.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class Pending:
         self._asked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._definitions: dict[tuple[str, str], bool] = {}
+        self._param_headers: OrderedDict[tuple[str, str], Mapping[tuple[str, ...], str]] = OrderedDict()
 
     def open_outbox(self, upstream: str, session: str) -> asyncio.Queue[bytes]:
         """Events the sidecar itself must deliver on a session's stream (its refusals)."""
@@ -101,6 +103,16 @@ class Pending:
 
     def is_verified(self, upstream: str, tool: str) -> bool | None:
         return self._definitions.get((upstream, tool))
+
+    def declare_headers(self, upstream: str, tool: str, headers: Mapping[tuple[str, ...], str]) -> None:
+        """The ``Mcp-Param-*`` headers the tool's last listed schema declares (what its calls may send)."""
+        self._param_headers[(upstream, tool)] = headers
+        self._param_headers.move_to_end((upstream, tool))
+        while len(self._param_headers) > self._limit:
+            self._param_headers.popitem(last=False)
+
+    def declared_headers(self, upstream: str, tool: str) -> Mapping[tuple[str, ...], str] | None:
+        return self._param_headers.get((upstream, tool))
 
     def ask(self, upstream: str, session: str, ident: object) -> None:
         """The server asked the client something on this session (its answer may pass, once)."""
