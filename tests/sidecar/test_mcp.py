@@ -710,3 +710,60 @@ async def test_mcp_param_headers_for_a_tool_never_listed_here_are_refused(mcp_si
     body = await response.json()
     assert response.status == 400 and body["id"] == 4 and body["error"]["code"] == -32020
     assert body["error"]["data"]["reason"] == "mcp_header_mismatch" and booking.calls == []
+
+
+PING = {"jsonrpc": "2.0", "id": 70, "method": "ping"}
+
+
+async def server_knows(url: str, session: str) -> bool:
+    """Ask the SDK server itself (not through the sidecar) whether the session still exists."""
+    async with aiohttp.ClientSession() as http, http.post(f"{url}/mcp", json=PING, headers={
+            **HEADERS, "Mcp-Session-Id": session, "Mcp-Protocol-Version": "2025-11-25"}) as reply:
+        await reply.read()
+        assert reply.status in (200, 404), reply.status
+        return reply.status == 200
+
+
+@pytest.mark.parametrize("revoke", ["narrowed", "lockdown"])
+async def test_a_revoked_tokens_session_is_ended_upstream_and_refused_after(
+        sidecar: MakeSidecar, booking: Booking, tmp_path: Path, revoke: str) -> None:
+    revocations = tmp_path / "revocations.json"
+    revocations.write_text(json.dumps({"revokedIds": []}))
+    async with running(booking) as url:
+        side = await sidecar(example_spec(), upstream_urls={"booking": url}, revocations=revocations,
+                             read_timeout=5.0, total_timeout=10.0)
+        source = FileSource(revocations)
+        assert source.read(side.gate.revocations)
+        token = await narrowed(side, rules=["search"], ttl="5m")
+        opened: list[str] = []
+
+        async def remember(response: httpx2.Response) -> None:
+            opened.extend(response.headers.get_list("mcp-session-id"))
+        http = httpx2.AsyncClient(headers={"X-Capgate-Token": token}, timeout=30,
+                                  event_hooks={"response": [remember]})
+        async with http, Client(streamable_http_client(url_of(side), http_client=http), mode="legacy") as client:
+            await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+            session = opened[0]
+            assert await server_knows(url, session)
+            if revoke == "narrowed":
+                child = side.gate.store.verifier.load(token)  # type: ignore[union-attr]
+                revocations.write_text(json.dumps({"revokedIds": [child.revocation_ids[-1]]}))
+            else:
+                revocations.write_text(json.dumps({"lockdown": {"all": True}}))
+            assert source.read(side.gate.revocations)
+            with anyio.fail_after(5):  # a hang guard: the RevocationList update wakes the reaper at once
+                while await server_knows(url, session):
+                    await asyncio.sleep(0.05)
+            # The client's own session is gone too: whatever it sends next is refused.
+            with pytest.raises(MCPError):
+                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+        if revoke == "lockdown":
+            revocations.write_text(json.dumps({"revokedIds": []}))
+            assert source.read(side.gate.revocations)
+        again = await side.client.post("/booking/mcp", json=PING, headers={
+            **HEADERS, "Mcp-Session-Id": session, **({"X-Capgate-Token": token} if revoke == "lockdown" else {})})
+        body = await again.json()
+    assert again.status == 404 and body["id"] == 70 and body["error"]["data"]["reason"] == "session_closed"
+    closed = [r for r in mcp_records(side) if r.get("mcp", {}).get("kind") == "session_closed"]
+    assert [r["reason"] for r in closed] == ["revoked" if revoke == "narrowed" else "lockdown"]
+    assert closed[0]["mcp"]["session_digest"] and session not in json.dumps(closed)

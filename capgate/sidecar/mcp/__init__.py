@@ -27,9 +27,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -45,11 +46,11 @@ from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import Loaded
 from capgate.sidecar.gate import Gate, Trace
 from capgate.sidecar.mcp.sse import Event, SseEvents
-from capgate.sidecar.mcp.state import SESSION_HEADER, Pending, Sessions
+from capgate.sidecar.mcp.state import SESSION_HEADER, Binding, Pending, Sessions
 from capgate.sidecar.receipts import split_header
 from capgate.sidecar.routing import Route
 
-__all__ = ["Context", "Pending", "Sessions", "handle", "is_mcp"]
+__all__ = ["Context", "Pending", "Sessions", "handle", "is_mcp", "reap"]
 
 log = logging.getLogger("capgate.sidecar.mcp")
 
@@ -74,10 +75,62 @@ def _check_session(request: web.Request, ctx: Context) -> str | None:
         values = parse_qs(ctx.route.query).get("session_id", [])
     if not values:
         return None
-    if len(values) > 1 or not ctx.sessions.owned(ctx.route.upstream.name, values[0], _owner(ctx.trace)):
+    upstream = ctx.route.upstream.name
+    binding = ctx.sessions.binding(upstream, values[0]) if len(values) == 1 else None
+    # The tokens that opened it, not this request's: a credential rotated in after a revocation
+    # must not inherit the revoked one's session (and the reaper may not have run yet).
+    why = binding.ended() if binding is not None else None
+    if why is not None:
+        _closed(ctx.gate, ctx.pending, upstream, values[0], why, ctx.sessions.close(upstream, values[0], why))
+    closed = ctx.sessions.closed(upstream, values[0]) if len(values) == 1 else None
+    if closed is not None:
+        raise errors.SidecarError(404, "bad_request", "session_closed",
+                                  f"capgate closed this MCP session ({closed}); start a new one")
+    if len(values) > 1 or not ctx.sessions.owned(upstream, values[0], _owner(ctx.trace)):
         raise errors.SidecarError(404, "bad_request", "unknown_session",
                                   "no MCP session with this id was opened by this token here; start a new one")
     return values[0]
+
+
+async def reap(sessions: Sessions, pending: Pending, gate: Gate) -> None:
+    """Close every session whose opening tokens were revoked, expired or locked down — woken by the
+    RevocationList at once, and every :data:`GUARD_SECONDS` for expiry and lockdown by silence — so
+    the upstream holds nothing for a credential that can no longer act."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gate.revocations.changed.wait(), GUARD_SECONDS)
+        if len(sessions):
+            for upstream, session, why, binding in sessions.close_ended():
+                _closed(gate, pending, upstream, session, why, binding)
+
+
+def _closed(gate: Gate, pending: Pending, upstream: str, session: str, why: str, binding: Binding | None) -> None:
+    """Audit a closed session and end it on the upstream (streamable HTTP: DELETE with its id)."""
+    log.info("closing an MCP session on %s: %s", upstream, why)
+    gate.metrics.mcp_sessions_closed.labels(why).inc()
+    gate.audit.write({"kind": "mcp", "upstream": upstream, "outcome": "closed", "reason": why,
+                      "mcp": {"kind": "session_closed", "session_digest": core_mcp.digest(session)[:32]}})
+    if binding is not None and binding.end is not None:
+        pending.spawn(binding.end())
+
+
+def _ender(ctx: Context, session: str) -> Callable[[], Coroutine[Any, Any, None]]:
+    """DELETE of ``session`` on the upstream, as its owner would send it (the injected key included)."""
+    url = URL(ctx.route.base_url + ctx.route.raw_path, encoded=True)
+    name = ctx.route.upstream.name
+
+    async def end() -> None:
+        headers = {SESSION_HEADER: session}
+        try:
+            injection = ctx.injection()
+            if injection is not None:
+                headers[injection.header] = injection.value
+            async with ctx.client.delete(url, headers=headers, allow_redirects=False,
+                                         timeout=proxy.timeout(ctx.settings)) as reply:
+                await reply.read()
+        except (aiohttp.ClientError, TimeoutError, errors.SidecarError) as exc:
+            log.warning("could not end an MCP session on %s (%s)", name, type(exc).__name__)
+    return end
 
 
 def _is_messages(ctx: Context) -> bool:
@@ -107,6 +160,8 @@ class Context:
     pending: Pending
     session: str | None = None
     """The MCP session this request belongs to (checked to be this token's), once known."""
+    trace_creds: list[tokens.Credential] = field(default_factory=list)
+    """The verified tokens of this request (what a session it opens is bound to)."""
 
     @property
     def old_transport(self) -> spec.Mcp | None:
@@ -253,7 +308,7 @@ async def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
             ) -> tuple[list[tokens.Credential], decision.Decision | None, str | None]:
     """The verified tokens, the verdict (None for implied plumbing) and the session; raises for a refusal."""
     gate, loaded, trace = ctx.gate, ctx.loaded, ctx.trace
-    creds = gate.credentials(loaded, facts.narrowed_token(request), trace, ctx.now)
+    creds = ctx.trace_creds = gate.credentials(loaded, facts.narrowed_token(request), trace, ctx.now)
     session = ctx.session = _check_session(request, ctx)
     _describe_session(trace, session)
     if target.implied:
@@ -358,7 +413,7 @@ async def _send(request: web.Request, ctx: Context, body: bytes | None) -> aioht
 
 async def _plumbing(request: web.Request, ctx: Context) -> web.StreamResponse:
     """The GET stream and DELETE of a session: implied by the upstream, still token-checked."""
-    creds = ctx.gate.credentials(ctx.loaded, facts.narrowed_token(request), ctx.trace, ctx.now)
+    creds = ctx.trace_creds = ctx.gate.credentials(ctx.loaded, facts.narrowed_token(request), ctx.trace, ctx.now)
     ctx.trace.mcp = {"kind": "stream" if request.method == "GET" else "session_end"}
     session = ctx.session = _check_session(request, ctx)
     _describe_session(ctx.trace, session)
@@ -377,7 +432,9 @@ async def _forward(request: web.Request, ctx: Context, body: bytes | None, excha
     trace.status = trace.upstream_status = upstream.status
     opened = upstream.headers.getall(SESSION_HEADER, [])
     if len(opened) == 1 and not request.headers.get(SESSION_HEADER):
-        ctx.sessions.bind(ctx.route.upstream.name, opened[0], _owner(trace))
+        creds = list(exchange.creds)
+        ctx.sessions.bind(ctx.route.upstream.name, opened[0], _owner(trace), lambda: _stream_end(ctx, creds),
+                          _ender(ctx, opened[0]))
     async with upstream:
         headers = proxy.incoming_headers(upstream.headers)
         headers[facts.DECISION_HEADER] = trace.decision_id
@@ -706,7 +763,9 @@ class OldStream:
         sessions = parse_qs(urlsplit(path).query).get("session_id", [])
         if len(sessions) == 1:
             self.session = sessions[0]
-            self.ctx.sessions.bind(self.ctx.route.upstream.name, self.session, _owner(self.ctx.trace))
+            ctx, creds = self.ctx, list(self.ctx.trace_creds)
+            # The old transport's session is its stream: the stream guard ends it upstream.
+            ctx.sessions.bind(ctx.route.upstream.name, self.session, _owner(ctx.trace), lambda: _stream_end(ctx, creds))
             self.outbox = self.ctx.pending.open_outbox(self.ctx.route.upstream.name, self.session)
         return (self.prefix + path).encode("utf-8")
 
