@@ -412,7 +412,14 @@ async def _send(request: web.Request, ctx: Context, body: bytes | None) -> aioht
 
 
 async def _plumbing(request: web.Request, ctx: Context) -> web.StreamResponse:
-    """The GET stream and DELETE of a session: implied by the upstream, still token-checked."""
+    """The GET stream and DELETE of a session: implied by the upstream, still token-checked (and
+    refused, like any request, for non-UTF-8 headers or ``_method`` in the query)."""
+    facts.check_headers(request)
+    try:
+        cap = ctx.loaded.capability
+        bodies.check_query(ctx.route.query, cap.limit_fields | cap.arg_fields)
+    except bodies.BodyError as exc:
+        raise errors.bad_request(exc.reason, exc.message) from None
     creds = ctx.trace_creds = ctx.gate.credentials(ctx.loaded, facts.narrowed_token(request), ctx.trace, ctx.now)
     ctx.trace.mcp = {"kind": "stream" if request.method == "GET" else "session_end"}
     session = ctx.session = _check_session(request, ctx)
