@@ -27,9 +27,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -49,6 +49,7 @@ from capgate.sidecar.mcp.sse import Event, SseEvents
 from capgate.sidecar.mcp.state import SESSION_HEADER, Binding, Pending, Sessions
 from capgate.sidecar.receipts import split_header
 from capgate.sidecar.routing import Route
+from capgate.sidecar.watch import RevocationState
 
 __all__ = ["Context", "Pending", "Sessions", "handle", "is_mcp", "reap"]
 
@@ -92,13 +93,18 @@ def _check_session(request: web.Request, ctx: Context) -> str | None:
     return values[0]
 
 
+SWEEP_SECONDS = 1.0
+"""How often sessions are checked for expiry and lockdown by silence; a revocation or kill switch
+wakes the sweep at once. (A session's next request is checked when it comes, whatever the sweep.)"""
+
+
 async def reap(sessions: Sessions, pending: Pending, gate: Gate) -> None:
     """Close every session whose opening tokens were revoked, expired or locked down — woken by the
-    RevocationList at once, and every :data:`GUARD_SECONDS` for expiry and lockdown by silence — so
+    RevocationList at once, and every :data:`SWEEP_SECONDS` for expiry and lockdown by silence — so
     the upstream holds nothing for a credential that can no longer act."""
     while True:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(gate.revocations.changed.wait(), GUARD_SECONDS)
+            await asyncio.wait_for(gate.revocations.changed.wait(), SWEEP_SECONDS)
         if len(sessions):
             for upstream, session, why, binding in sessions.close_ended():
                 _closed(gate, pending, upstream, session, why, binding)
@@ -439,9 +445,8 @@ async def _forward(request: web.Request, ctx: Context, body: bytes | None, excha
     trace.status = trace.upstream_status = upstream.status
     opened = upstream.headers.getall(SESSION_HEADER, [])
     if len(opened) == 1 and not request.headers.get(SESSION_HEADER):
-        creds = list(exchange.creds)
-        ctx.sessions.bind(ctx.route.upstream.name, opened[0], _owner(trace), lambda: _stream_end(ctx, creds),
-                          _ender(ctx, opened[0]))
+        ended, identity = _watch(ctx, exchange.creds)
+        ctx.sessions.bind(ctx.route.upstream.name, opened[0], _owner(trace), ended, _ender(ctx, opened[0]), identity)
     async with upstream:
         headers = proxy.incoming_headers(upstream.headers)
         headers[facts.DECISION_HEADER] = trace.decision_id
@@ -614,15 +619,29 @@ async def _guard(ctx: Context, creds: list[tokens.Credential], upstream: aiohttp
 
 
 def _stream_end(ctx: Context, creds: list[tokens.Credential]) -> str | None:
-    state = ctx.gate.revocations
+    return _ended(ctx.gate.revocations, creds, ctx.loaded.principal.partition("/")[0],
+                  ctx.loaded.capability.lockdown_after)
+
+
+def _ended(state: RevocationState, creds: list[tokens.Credential], namespace: str,
+           lockdown_after: timedelta) -> str | None:
+    """Why these tokens can no longer act here (revoked, expired, ..., lockdown), or None."""
     now = datetime.now(UTC)
     for cred in creds:
         try:
             decision.check_validity(cred, now, revoked=state.revoked_ids)
         except TokenError as exc:
             return exc.reason
-    namespace = ctx.loaded.principal.partition("/")[0]
-    return "lockdown" if state.lockdown_reason(namespace, ctx.loaded.capability.lockdown_after) else None
+    return "lockdown" if state.lockdown_reason(namespace, lockdown_after) else None
+
+
+def _watch(ctx: Context, creds: list[tokens.Credential]) -> tuple[Callable[[], str | None], Hashable]:
+    """How a session's end is told from its opening tokens alone (a session outlives its request,
+    so nothing of the request is kept), and those tokens' identity (their revocation ids)."""
+    state, kept = ctx.gate.revocations, list(creds)
+    namespace, lockdown_after = ctx.loaded.principal.partition("/")[0], ctx.loaded.capability.lockdown_after
+    identity = (namespace, lockdown_after, tuple(tuple(cred.revocation_ids) for cred in kept))
+    return (lambda: _ended(state, kept, namespace, lockdown_after)), identity
 
 
 async def _pump(outbox: asyncio.Queue[bytes], response: web.StreamResponse, lock: asyncio.Lock) -> None:
@@ -770,9 +789,10 @@ class OldStream:
         sessions = parse_qs(urlsplit(path).query).get("session_id", [])
         if len(sessions) == 1:
             self.session = sessions[0]
-            ctx, creds = self.ctx, list(self.ctx.trace_creds)
+            ctx = self.ctx
             # The old transport's session is its stream: the stream guard ends it upstream.
-            ctx.sessions.bind(ctx.route.upstream.name, self.session, _owner(ctx.trace), lambda: _stream_end(ctx, creds))
+            ended, identity = _watch(ctx, ctx.trace_creds)
+            ctx.sessions.bind(ctx.route.upstream.name, self.session, _owner(ctx.trace), ended, tokens=identity)
             self.outbox = self.ctx.pending.open_outbox(self.ctx.route.upstream.name, self.session)
         return (self.prefix + path).encode("utf-8")
 

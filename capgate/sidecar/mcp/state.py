@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,9 @@ class Binding:
     """Why the tokens that opened it can no longer act (revoked, expired, lockdown), or None."""
     end: Callable[[], Coroutine[Any, Any, None]] | None = None
     """Ends the session on the upstream too (streamable HTTP: DELETE with its id)."""
+    tokens: Hashable = None
+    """The opening tokens' identity: sessions opened by the same tokens end together, so a sweep
+    asks :attr:`ended` once per set of tokens, not once per session."""
 
 
 class Sessions:
@@ -60,8 +63,8 @@ class Sessions:
         self._limit = limit
 
     def bind(self, upstream: str, session: str, owner: str, ended: Callable[[], str | None] = _never,
-             end: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
-        self._owners[(upstream, session)] = Binding(owner, ended, end)
+             end: Callable[[], Coroutine[Any, Any, None]] | None = None, tokens: Hashable = None) -> None:
+        self._owners[(upstream, session)] = Binding(owner, ended, end, tokens)
         self._owners.move_to_end((upstream, session))
         while len(self._owners) > self._limit:
             self._owners.popitem(last=False)
@@ -83,8 +86,11 @@ class Sessions:
     def close_ended(self) -> list[tuple[str, str, str, Binding]]:
         """Close every session whose tokens can no longer act: (upstream, session, why, binding)."""
         out = []
+        verdicts: dict[Hashable, str | None] = {}
         for key, binding in list(self._owners.items()):
-            why = binding.ended()
+            if binding.tokens not in verdicts:
+                verdicts[binding.tokens] = binding.ended()
+            why = verdicts[binding.tokens]
             if why is not None:
                 out.append((*key, why, binding))
                 self.close(*key, why)
