@@ -63,7 +63,9 @@ def in_process(iterations: int) -> list[tuple[str, tuple[float, float, float]]]:
 
 
 def booking_server() -> MCPServer:
-    srv = MCPServer("booking")
+    # WARNING: at its default (INFO) the SDK logs every HTTP request through rich, in this process,
+    # which the clients' latencies would pay for.
+    srv = MCPServer("booking", log_level="WARNING")
 
     @srv.tool()
     def search_flights(origin: str, destination: str) -> str:
