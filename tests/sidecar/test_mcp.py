@@ -22,11 +22,14 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from capgate import cli
+from capgate.capabilities import keys
 from capgate.capabilities.spec import load_capability_file
 from capgate.sidecar import app as sidecar_app
+from capgate.sidecar.limits import Limits
 from capgate.sidecar.watch import FileSource
 from tests.sidecar.conftest import MakeSidecar, Sidecar
 from tests.sidecar.mcp_server import Booking, running, running_sse
+from tests.sidecar.test_credentials import HeardOnce, write_credential_dir
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mcp-booking-agent.yaml"
 
@@ -767,3 +770,27 @@ async def test_a_revoked_tokens_session_is_ended_upstream_and_refused_after(
     closed = [r for r in mcp_records(side) if r.get("mcp", {}).get("kind") == "session_closed"]
     assert [r["reason"] for r in closed] == ["revoked" if revoke == "narrowed" else "lockdown"]
     assert closed[0]["mcp"]["session_digest"] and session not in json.dumps(closed)
+
+
+async def test_a_credential_rotated_in_after_a_revocation_does_not_inherit_the_revoked_ones_session(
+        sidecar: MakeSidecar, booking: Booking, tmp_path: Path) -> None:
+    keyset = keys.KeySet.generate()
+    folder = tmp_path / "credential"
+    write_credential_dir(folder, keyset, example_spec())
+    async with running(booking) as url:
+        side = await sidecar(capability=None, root_key=None, credential_dir=folder, poll_seconds=0.02,
+                             revocation_source=HeardOnce(), limits=Limits(), upstream_urls={"booking": url})
+        session = await initialize(side)
+        assert await server_knows(url, session)
+        first = side.gate.store.current
+        assert first is not None
+        changed = side.gate.store.changed
+        side.gate.revocations.apply({"revokedIds": [{"id": i, "expiresAt": "2099-01-01T00:00:00Z"}
+                                                    for i in first.credential.revocation_ids]})
+        write_credential_dir(folder, keyset, example_spec())  # the operator's next credential
+        await changed.wait()
+        again = await side.client.post("/booking/mcp", json=PING, headers={**HEADERS, "Mcp-Session-Id": session})
+        body = await again.json()
+        alive = await server_knows(url, session)
+    assert again.status == 404 and body["error"]["data"]["reason"] == "session_closed"
+    assert not alive, "the upstream still holds the revoked credential's session"
