@@ -134,7 +134,8 @@ def _ender(ctx: Context, session: str) -> Callable[[], Coroutine[Any, Any, None]
             async with ctx.client.delete(url, headers=headers, allow_redirects=False,
                                          timeout=proxy.timeout(ctx.settings)) as reply:
                 await reply.read()
-        except (aiohttp.ClientError, TimeoutError, errors.SidecarError) as exc:
+        except (aiohttp.ClientError, TimeoutError, errors.SidecarError, RuntimeError) as exc:
+            # RuntimeError: the client pool closed under us (the sidecar is shutting down).
             log.warning("could not end an MCP session on %s (%s)", name, type(exc).__name__)
     return end
 
