@@ -106,7 +106,8 @@ def main() -> int:
 
     rows = [
         ("requests tried", f"{counts.tried:,}", f"{counts.tried / fuzz_seconds:,.0f} req/s, "
-                                               f"{counts.allowed:,} forwarded, {counts.refused:,} refused"),
+                                               f"{counts.allowed:,} forwarded, {counts.refused:,} refused; "
+                                               f"{counts.mcp_tried:,} MCP ({counts.mcp_forwarded:,} forwarded)"),
         ("false allows", f"{counts.false_allows + counts.header_leaks}",
          f"{counts.header_leaks} of them header/path leaks to the upstream"),
         ("crashes", f"{counts.crashes}", "5xx other than 502/503/504, tracebacks, hangs, dropped connections"),

@@ -22,8 +22,8 @@ state"). Asking the API server on every call would put a write on every request 
   a window whose spending in *our* window is unknown: refused until our clock reaches it.
 
 Meters are keyed by what they count and their length (``requests/3600s``,
-``budget/payments/amount/86400s``), so raising ``max`` keeps the spending, while changing ``per``
-starts a new meter.
+``budget/payments/amount/86400s``; a per-tool budget appends ``/tool/<tool>``), so raising ``max``
+keeps the spending, while changing ``per`` starts a new meter.
 
 The same object records single-use receipts (``status.consumed``, ``status.horizon``; see the last
 section): a consumed id is only ever added, and pruned only once it expired, so the agent can spend
@@ -108,8 +108,11 @@ def meters(cap: spec.Capability) -> tuple[Meter, ...]:
         out.append(Meter(f"requests/{per}s", cap.rate_limit.requests, per, "rate limit"))
     for budget in cap.budgets:
         per = _seconds(budget.per.total_seconds())
-        out.append(Meter(f"budget/{budget.upstream}/{budget.field}/{per}s", budget.max, per,
-                         f"budget {budget.upstream}.{budget.field}"))
+        # A tool's budget is its own meter; its key keeps the upstream-wide form as its prefix.
+        tool = f"/tool/{budget.tool}" if budget.tool is not None else ""
+        label = f" (tool {budget.tool})" if budget.tool is not None else ""
+        out.append(Meter(f"budget/{budget.upstream}/{budget.field}/{per}s{tool}", budget.max, per,
+                         f"budget {budget.upstream}.{budget.field}{label}"))
     return tuple(out)
 
 

@@ -31,15 +31,19 @@ URI ``scheme://authority/path`` reads as ``scheme:/authority/path`` and ``file:/
 ``file:/p`` (``//`` would be an empty segment, which paths refuse); the authority-less form
 ``scheme:/p`` is refused because it would read the same as ``scheme://p``.
 
-The 2026-07-28 protocol mirrors the method and name into ``Mcp-Method``/``Mcp-Name`` headers; an
-intermediary may route by them, so when they disagree with the body the message is refused with
-``-32020`` (HEADER_MISMATCH), exactly as the SDK's server would.
+The 2026-07-28 protocol mirrors the method and name into ``Mcp-Method``/``Mcp-Name`` headers, and
+arguments a tool's input schema annotates with ``x-mcp-header`` into ``Mcp-Param-<token>``; an
+intermediary may route by them and a server may read them, so when they disagree with the body the
+message is refused with ``-32020`` (HEADER_MISMATCH). Stricter than the SDK's server, which decodes
+and compares: a header value must be *exactly* what the SDK's encoder writes for the body's value
+(:func:`encode_header_value`), so no second reader can decode it to something else — no
+non-canonical base64, no ``42.0`` or ``042`` for ``42``, no floats (whose text differs between
+languages), no duplicates, no header that no listed schema declares.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import re
@@ -77,6 +81,14 @@ MAX_NAME = 1024
 _MEMBERS = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
 _URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)", re.DOTALL)
 _B64_HEADER = re.compile(r"^=\?base64\?(.*)\?=$", re.DOTALL)
+_HEADER_SAFE = re.compile(r"[\x20-\x7E]*")
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+PARAM_HEADER_PREFIX = "mcp-param-"
+X_MCP_HEADER = "x-mcp-header"
+HEADER_TYPES = frozenset({"string", "integer", "boolean"})
+"""The JSON-Schema types ``x-mcp-header`` may annotate (``number`` is excluded: its text is not portable)."""
+ParamHeaders = Mapping[tuple[str, ...], str]
+"""A tool's ``Mcp-Param-*`` headers: argument path -> header token."""
 
 Kind = Literal["request", "notification", "response"]
 JsonRpcId = str | int
@@ -301,7 +313,8 @@ def filter_list(document: Mapping[str, object], method: str, upstream: str,
 
 # -- transport headers -------------------------------------------------------------------------
 def check_headers(message: Message, method_headers: list[str], name_headers: list[str]) -> None:
-    """``Mcp-Method``/``Mcp-Name`` (every value sent) must agree with the body, else -32020."""
+    """``Mcp-Method``/``Mcp-Name`` (every value sent) must agree with the body, else -32020; the name
+    exactly as the SDK encodes it (:func:`encode_header_value`)."""
     if len(method_headers) > 1 or len(name_headers) > 1:
         raise McpError(HEADER_MISMATCH, "send Mcp-Method and Mcp-Name at most once", reason="mcp_header_mismatch")
     if method_headers and method_headers[0] != message.method:
@@ -310,7 +323,7 @@ def check_headers(message: Message, method_headers: list[str], name_headers: lis
     member = NAMED.get(message.method or "", ("", ""))[1]
     body_name = message.params.get(member) if message.method in NAME_HEADER_METHODS else None
     if name_headers:
-        if body_name is None or decode_header_value(name_headers[0]) != body_name:
+        if not isinstance(body_name, str) or name_headers[0] != encode_header_value(body_name):
             raise McpError(HEADER_MISMATCH, "Mcp-Name does not match the message's name",
                            reason="mcp_header_mismatch")
     elif method_headers and body_name is not None:
@@ -318,15 +331,111 @@ def check_headers(message: Message, method_headers: list[str], name_headers: lis
                        reason="mcp_header_mismatch")
 
 
-def decode_header_value(value: str) -> str | None:
-    """The SDK's ``=?base64?...?=`` form for names that are not visible ASCII; None when malformed."""
-    match = _B64_HEADER.match(value)
-    if match is None:
+def param_headers(input_schema: object) -> dict[tuple[str, ...], str]:
+    """The ``Mcp-Param-*`` headers a tool's input schema declares: argument path -> token.
+
+    An annotation counts only on a property reached from the root through ``properties`` alone,
+    on a string, integer or boolean, with an HTTP token unique case-insensitively — the SDK's
+    rules. A schema with any other ``x-mcp-header`` key anywhere (counted over the whole JSON, so
+    also inside ``default`` or ``anyOf``: stricter than the SDK's walk) declares none: conforming
+    clients drop such a tool, and every header sent for it is refused.
+    """
+    found: dict[tuple[str, ...], str] = {}
+    seen: set[str] = set()
+    stack: list[tuple[tuple[str, ...], object]] = [((), input_schema)]
+    while stack:
+        path, node = stack.pop()
+        properties = node.get("properties") if isinstance(node, Mapping) else None
+        if not isinstance(properties, Mapping):
+            continue
+        for name, sub in properties.items():
+            if not isinstance(sub, Mapping):
+                continue
+            stack.append(((*path, name), sub))
+            if X_MCP_HEADER not in sub:
+                continue
+            token, kind = sub[X_MCP_HEADER], sub.get("type")
+            if (not isinstance(token, str) or not _HEADER_TOKEN.fullmatch(token) or token.lower() in seen
+                    or kind not in HEADER_TYPES):
+                return {}
+            seen.add(token.lower())
+            found[(*path, name)] = token
+    return found if _annotations(input_schema) == len(found) else {}
+
+
+def _annotations(document: object) -> int:
+    """How many ``x-mcp-header`` keys ``document`` holds at any depth."""
+    count = 0
+    stack = [document]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            count += X_MCP_HEADER in node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
+def check_param_headers(message: Message, headers: Iterable[tuple[str, str]], declared: ParamHeaders | None) -> None:
+    """Every ``Mcp-Param-*`` header sent must be exactly the encoding of the argument it declares.
+
+    ``declared``: the called tool's headers as its last listed schema declared them (None when no
+    list this reader saw named the tool: the SDK's client sends none then, so none may be sent).
+    Absent headers are the server's business (it refuses a missing one itself; nobody routes on it).
+    """
+    sent: dict[str, list[str]] = {}
+    for name, value in headers:
+        if name.lower().startswith(PARAM_HEADER_PREFIX):
+            sent.setdefault(name.lower(), []).append(value)
+    if not sent:
+        return
+    if message.method != "tools/call":
+        raise _mismatch("Mcp-Param-* headers belong to tools/call only")
+    if declared is None:
+        raise _mismatch("Mcp-Param-* headers for a tool no tools/list has shown here (list the tools first)")
+    by_header = {PARAM_HEADER_PREFIX + token.lower(): path for path, token in declared.items()}
+    arguments = message.params.get("arguments")
+    for header, values in sorted(sent.items()):
+        if len(values) > 1:
+            raise _mismatch(f"{header} is sent more than once")
+        path = by_header.get(header)
+        if path is None:
+            raise _mismatch(f"{header} names no argument the tool's schema declares")
+        argument: object = arguments
+        for key in path:
+            argument = argument.get(key) if isinstance(argument, Mapping) else None
+        rendered = _header_text(argument)
+        if rendered is None:
+            raise _mismatch(f"{header} is sent, but argument {'.'.join(path)!r} is absent or has no header form")
+        if values[0] != encode_header_value(rendered):
+            raise _mismatch(f"{header} is not exactly the encoding of argument {'.'.join(path)!r}")
+
+
+def _header_text(value: object) -> str | None:
+    """The one text of a header value: booleans ``true``/``false``, integers in decimal, strings as
+    they are; None for absent values, floats (``42.0`` reads ``42`` in another language), arrays
+    and objects."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        try:
+            return str(value)
+        except ValueError:  # beyond Python's int-to-str digit limit
+            return None
+    return value if isinstance(value, str) else None
+
+
+def _mismatch(message: str) -> McpError:
+    return McpError(HEADER_MISMATCH, message, reason="mcp_header_mismatch")
+
+
+def encode_header_value(value: str) -> str:
+    """The SDK's encoding of a header value (``mcp.shared.inbound``): visible ASCII without edge
+    spaces as is, anything else (or text that looks encoded) as ``=?base64?<utf-8>?=``."""
+    if _HEADER_SAFE.fullmatch(value) and value == value.strip() and not _B64_HEADER.match(value):
         return value
-    try:
-        return base64.b64decode(match.group(1), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
+    return "=?base64?" + base64.b64encode(value.encode("utf-8", "surrogatepass")).decode("ascii") + "?="
 
 
 # -- answers -----------------------------------------------------------------------------------

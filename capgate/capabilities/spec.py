@@ -45,6 +45,7 @@ MAX_RULES = 256
 MAX_UPSTREAMS = 64
 MAX_LIST = 64
 MAX_DATALOG_BYTES = 16 * 1024
+MAX_TOOL = 128
 
 Effect = Literal["allow", "deny"]
 Mode = Literal["enforce", "audit"]
@@ -176,6 +177,26 @@ class Budget:
     field: str
     max: int
     per: timedelta
+    tool: str | None = None
+    """``tool``: only MCP calls of this tool (a name or glob) count, each such budget on its own
+    meter, instead of every message to the upstream."""
+
+    @cached_property
+    def tool_resource(self) -> str | None:
+        return None if self.tool is None else f"mcp://{self.upstream}/{self.tool}"
+
+    def applies(self, upstream: str | None, tool: str | None) -> bool:
+        """Does a call to ``upstream`` (``tool``: the ``mcp://`` resource of a ``tools/call``, else None)
+        count against this budget?
+
+        The tool is matched leniently, like a deny rule (case-folded, trailing dot or space): a
+        budget missing a spelling the server reads as the same tool would be a way around it.
+        """
+        if upstream != self.upstream:
+            return False
+        if self.tool_resource is None:
+            return True
+        return tool is not None and paths.lenient_resource_glob_matches(self.tool_resource, tool)
 
 
 @dataclass(frozen=True)
@@ -619,11 +640,23 @@ def _parse_delegation(spec: _Reader, namespace: str) -> Delegation:
 def _parse_budgets(spec: _Reader, upstreams: tuple[Upstream, ...]) -> tuple[Budget, ...]:
     out = []
     for path, item in spec.items("budgets"):
-        reader = _Reader(item, path, ("upstream", "field", "max", "per"))
+        reader = _Reader(item, path, ("upstream", "tool", "field", "max", "per"))
         upstream = reader.string("upstream", DNS_LABEL, max_len=63, what="an upstream name")
-        if not any(u.name == upstream for u in upstreams):
+        declared = next((u for u in upstreams if u.name == upstream), None)
+        if declared is None:
             raise SpecError(reader.sub("upstream"), f"names unknown upstream {upstream!r}")
+        tool = None
+        if reader.has("tool"):
+            tool = reader.string("tool", max_len=MAX_TOOL, what="an MCP tool name or glob")
+            if declared.mcp is None:
+                raise SpecError(reader.sub("tool"), f"upstream {upstream!r} does not declare mcp, so it has no tools")
+            problem = "must be a non-empty tool name" if not tool or tool.startswith("/") else None
+            problem = problem or next((f"{char!r} is ambiguous in a tool name" for char in "%?#" if char in tool), None)
+            problem = problem or paths.validate_resource_glob(f"mcp://{upstream}/{tool}")
+            if problem:
+                raise SpecError(reader.sub("tool"), problem)
         out.append(Budget(
+            tool=tool,
             upstream=upstream,
             field=reader.string("field", FIELD_PATH, max_len=256, what="a dotted JSON field path"),
             max=reader.integer("max"),
@@ -762,8 +795,8 @@ def to_spec(cap: Capability) -> dict[str, Any]:
     if cap.rate_limit:
         spec["rateLimit"] = {"requests": cap.rate_limit.requests, "per": format_duration(cap.rate_limit.per)}
     if cap.budgets:
-        spec["budgets"] = [{"upstream": b.upstream, "field": b.field, "max": b.max, "per": format_duration(b.per)}
-                           for b in cap.budgets]
+        spec["budgets"] = [{"upstream": b.upstream, **({"tool": b.tool} if b.tool is not None else {}),
+                            "field": b.field, "max": b.max, "per": format_duration(b.per)} for b in cap.budgets]
     if cap.datalog:
         spec["datalog"] = cap.datalog
     return spec

@@ -166,7 +166,8 @@ async def runtime(app: web.Application) -> AsyncIterator[None]:
     gate.audit.open()
     app[CLIENT] = proxy.new_client(settings)
     tasks = [asyncio.create_task(gate.store.run(settings.poll_seconds), name="capgate-credentials"),
-             asyncio.create_task(gate.audit.run(settings.checkpoint_seconds), name="capgate-checkpoints")]
+             asyncio.create_task(gate.audit.run(settings.checkpoint_seconds), name="capgate-checkpoints"),
+             asyncio.create_task(mcp.reap(app[MCP_SESSIONS], app[MCP_PENDING], gate), name="capgate-mcp-sessions")]
     source = app[SOURCE]
     if source is not None:
         gate.revocations.has_source = True

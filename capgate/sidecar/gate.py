@@ -223,8 +223,9 @@ class Gate:
             return
         raise errors.from_decision(verdict)
 
-    async def charge(self, loaded: Loaded, upstream: str | None, body: object, trace: Trace) -> None:
-        refusal = await self.limits.charge(loaded.capability, upstream, body)
+    async def charge(self, loaded: Loaded, upstream: str | None, body: object, trace: Trace,
+                     tool: str | None = None) -> None:
+        refusal = await self.limits.charge(loaded.capability, upstream, body, tool)
         if refusal is None:
             return
         if loaded.capability.mode == "audit":

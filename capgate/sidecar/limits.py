@@ -4,9 +4,10 @@
   ``requests``, refilled continuously at ``requests/per``. Keyed by the capability, not the
   credential id, so a credential rotation does not hand out a fresh bucket.
 * **Budget** — per ``budgets[]`` entry, the sum of the body field over *forwarded* requests to that
-  upstream within a sliding window ``per``. A request is refused when it would take the sum past
-  ``max``. The body is the document :mod:`capgate.capabilities.bodies` read — the same one the
-  limits judged, whatever the method; a body it cannot read unambiguously never gets here (400).
+  upstream (only calls of its MCP ``tool``, when it names one) within a sliding window ``per``. A
+  request is refused when it would take the sum past ``max``. The body is the document
+  :mod:`capgate.capabilities.bodies` read — the same one the limits judged, whatever the method;
+  a body it cannot read unambiguously never gets here (400).
   A document without the field, or no body at all, contributes 0 (limits, not budgets, are where
   a missing field denies); a field that is present but not countable (``1e300``, ``"500"``) is
   refused, never counted as 0.
@@ -91,7 +92,9 @@ def budget_amount(budget: spec.Budget, body: object) -> int | Refusal:
 class Charger(Protocol):
     """What the gate needs: refuse, or charge one request that is about to be forwarded."""
 
-    async def charge(self, cap: spec.Capability, upstream: str | None, body: object) -> Refusal | None: ...
+    async def charge(self, cap: spec.Capability, upstream: str | None, body: object,
+                     tool: str | None = None) -> Refusal | None:
+        """``tool``: the ``mcp://<upstream>/<tool>`` resource when the request is an MCP tool call."""
 
 
 class Limits:
@@ -101,12 +104,13 @@ class Limits:
         self._buckets: dict[str, TokenBucket] = {}
         self._budgets: dict[tuple[str, int], BudgetWindow] = {}
 
-    async def charge(self, cap: spec.Capability, upstream: str | None, body: object) -> Refusal | None:
+    async def charge(self, cap: spec.Capability, upstream: str | None, body: object,
+                     tool: str | None = None) -> Refusal | None:
         """The :class:`Charger` interface the gate awaits (fleet-wide leases may need the API server)."""
-        return self.check(cap, upstream, body)
+        return self.check(cap, upstream, body, tool=tool)
 
     def check(self, cap: spec.Capability, upstream: str | None, body: object,
-              now: float | None = None) -> Refusal | None:
+              now: float | None = None, *, tool: str | None = None) -> Refusal | None:
         """Refuse, or charge the rate limit and the budgets for one forwarded request."""
         moment = time.monotonic() if now is None else now
         wait = self._take_rate(cap, moment)
@@ -116,7 +120,7 @@ class Limits:
                                            f"{spec.format_duration(cap.rate_limit.per)}", wait)
         charges: list[tuple[BudgetWindow, int]] = []
         for index, budget in enumerate(cap.budgets):
-            if budget.upstream != upstream:
+            if not budget.applies(upstream, tool):
                 continue
             amount = budget_amount(budget, body)
             if isinstance(amount, Refusal):

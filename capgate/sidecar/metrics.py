@@ -28,6 +28,9 @@ class Metrics:
         self.mcp_definition_changed = Counter("capgate_mcp_definition_changed",
                                               "MCP tools hidden because their definition differs from its pin",
                                               ("upstream",), registry=self.registry)
+        self.mcp_sessions_closed = Counter("capgate_mcp_sessions_closed",
+                                           "MCP sessions capgate closed because their tokens can no longer act",
+                                           ("reason",), registry=self.registry)
         self.lockdown = Gauge("capgate_lockdown", "1 while this sidecar is locked down", registry=self.registry)
         self.revocation_age = Gauge("capgate_revocation_list_age_seconds",
                                     "Seconds since the revocation source was last heard from (-1: no source)",

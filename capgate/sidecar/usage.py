@@ -133,8 +133,9 @@ class FleetLimits:
         """Monotonic time of the last successful read or write (the state age metric)."""
         metrics.usage_state_age.set_function(lambda: -1.0 if self.last_contact is None else self.age() or 0.0)
 
-    async def charge(self, cap: spec.Capability, upstream: str | None, body: object) -> Refusal | None:
-        demands = _demands(cap, upstream, body)
+    async def charge(self, cap: spec.Capability, upstream: str | None, body: object,
+                     tool: str | None = None) -> Refusal | None:
+        demands = _demands(cap, upstream, body, tool)
         if isinstance(demands, Refusal):
             return self._refused(demands)
         if not demands:
@@ -237,8 +238,10 @@ class FleetLimits:
         await self.store.close()
 
 
-def _demands(cap: spec.Capability, upstream: str | None, body: object) -> list[usage.Demand] | Refusal:
-    """The meters one forwarded request charges: the rate limit always, each budget of its upstream."""
+def _demands(cap: spec.Capability, upstream: str | None, body: object,
+             tool: str | None = None) -> list[usage.Demand] | Refusal:
+    """The meters one forwarded request charges: the rate limit always, each budget that applies
+    (:meth:`spec.Budget.applies`: its upstream, and its tool if it names one)."""
     meters = usage.meters(cap)
     out: list[usage.Demand] = []
     index = 0
@@ -246,7 +249,7 @@ def _demands(cap: spec.Capability, upstream: str | None, body: object) -> list[u
         out.append((meters[0], 1))
         index = 1
     for budget, meter in zip(cap.budgets, meters[index:], strict=True):
-        if budget.upstream != upstream:
+        if not budget.applies(upstream, tool):
             continue
         amount = budget_amount(budget, body)
         if isinstance(amount, Refusal):

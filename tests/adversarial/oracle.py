@@ -26,6 +26,20 @@ The semantics, in the order DESIGN.md's request flow lists them:
    receipts in the correlation), default deny (403) — under the base capability and under the
    narrowed one;
 7. budgets (429); then the upstream sees the request, without method-override headers.
+
+On an upstream's declared MCP endpoint (``mcp.path``, read leniently like a deny glob) the
+request is one JSON-RPC message instead (DESIGN.md "MCP", README "MCP"), judged by
+:meth:`Agent.decide_mcp`: POST carries the message, GET and DELETE are plumbing, anything else is
+405; the message is exactly one strict JSON object (no batch) with a JSON Content-Type and no
+Content-Encoding, ``jsonrpc: "2.0"``, no other members, a string or integer id, object params;
+``Mcp-Method``/``Mcp-Name`` agree with the body (the name exactly as the SDK encodes it),
+``Mcp-Param-*`` only for a tool a list declared them for (never here), a tool name without
+``% ? #`` that reads as one path; argument names a limit or ``args`` reads spelled exactly —
+all 400. Then tokens (400/401) and sessions (an id no one opened here: 404); plumbing and lists
+pass; answers to no server request are 403; a tool call is ``mcp.call`` on ``mcp://<up>/<tool>``
+and another method ``mcp.rpc`` on ``mcp://<up>/<method>``, decided by the action rules alone
+(deny leniently, with ``args``; allow exactly, with limits on ``params.arguments``), then budgets
+(a budget's ``tool`` matched leniently).
 """
 
 from __future__ import annotations
@@ -285,6 +299,11 @@ def body_refused(raw: bytes, headers: Sequence[tuple[str, str]], fields: set[str
         return True
     if isinstance(document, dict) and any(same_name(k, "_method") for k in document):
         return True
+    return misspelled(document, fields)
+
+
+def misspelled(document: object, fields: Iterable[str]) -> bool:
+    """A field spelled otherwise than the limit reads it: ``{"AMOUNT": 5}``."""
     for dotted in fields:
         value = document
         for part in dotted.split("."):
@@ -355,7 +374,7 @@ def _scope(rule: Mapping[str, Any], method: str, upstream: str, path: str) -> bo
 def verdict(spec: Mapping[str, Any], method: str, upstream: str, path: str, body: object,
             receipts: Iterable[str], only_rules: Sequence[str] | None = None) -> tuple[bool, str | None]:
     """(allowed, the allow rule a receipt is minted for) under one capability spec."""
-    rules = spec["rules"]
+    rules = [rule for rule in spec["rules"] if not (rule.get("actions") or rule.get("resources"))]  # HTTP rules
     held = set(receipts)
     for rule in rules:
         if rule["effect"] == "deny" and _deny_scope(rule, method, upstream, path):
@@ -376,6 +395,163 @@ def body_fields(spec: Mapping[str, Any], upstream: str) -> set[str]:
              for lim in rule.get("limits", ())}
     found.update(b["field"] for b in spec.get("budgets", ()) if b["upstream"] == upstream)
     return found
+
+
+def _readings(path: str) -> list[str]:
+    """How a forgiving router reads a decoded path (a deny glob's lenient forms)."""
+    parts = _folded(path, False)
+    readings = ["/" + "/".join(parts)]
+    if parts and parts[-1].find(".") > 0:
+        readings.append("/" + "/".join([*parts[:-1], parts[-1][:parts[-1].find(".")]]))
+    return readings
+
+
+def mcp_covers(endpoint: str, path: str) -> bool:
+    """Is ``path`` the MCP endpoint to some forgiving router (``/MCP/``, ``/mcp.json``)?"""
+    return bool(set(_readings(path)) & set(_readings(endpoint)))
+
+
+def fold_name(value: str) -> str:
+    return fold_segment(value.strip())
+
+
+def name_glob(glob: str, value: str) -> bool:
+    """An ``args`` glob: ``*`` within a ``/``-segment, ``**`` across."""
+    pattern = "".join(".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part)
+                      for part in re.split(r"(\*\*|\*)", glob))
+    return re.fullmatch(pattern, value, re.DOTALL) is not None
+
+
+def string_at(arguments: object, dotted: str) -> str | None:
+    value: object = arguments
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value if isinstance(value, str) else None
+
+
+def _args_hold(rule: Mapping[str, Any], arguments: object) -> bool:
+    """Allow rules: every ``args`` constraint holds exactly."""
+    for arg in rule.get("args", ()):
+        value = string_at(arguments, arg["field"])
+        if value is None or ("in" in arg and value not in arg["in"]) or ("glob" in arg and not name_glob(arg["glob"],
+                                                                                                          value)):
+            return False
+    return True
+
+
+def _args_hit(rule: Mapping[str, Any], arguments: object) -> bool:
+    """Deny rules: every ``args`` constraint matches leniently (folded)."""
+    for arg in rule.get("args", ()):
+        value = string_at(arguments, arg["field"])
+        if value is None:
+            return False
+        if "in" in arg and fold_name(value) not in {fold_name(v) for v in arg["in"]}:
+            return False
+        if "glob" in arg and not (name_glob(arg["glob"], value) or name_glob(fold_name(arg["glob"]), fold_name(value))):
+            return False
+    return True
+
+
+def _resource_hit(glob: str, resource: str, lenient: bool) -> bool:
+    """``mcp://<upstream>/<path>`` globs (the generated ones name their upstream exactly)."""
+    prefix, _, gpath = glob.partition("://")[2].partition("/")
+    rprefix, _, rpath = resource.partition("://")[2].partition("/")
+    if prefix != rprefix:
+        return False
+    return (lenient_glob_matches if lenient else glob_matches)("/" + gpath, "/" + rpath)
+
+
+def action_verdict(spec: Mapping[str, Any], action: str, resource: str, arguments: object, receipts: Iterable[str],
+                   only_rules: Sequence[str] | None = None) -> tuple[bool, str | None]:
+    """(allowed, the allow rule) for an action: only action rules apply; deny first, leniently."""
+    rules = [rule for rule in spec["rules"] if rule.get("actions") or rule.get("resources")]
+    held = set(receipts)
+    for rule in rules:
+        if rule["effect"] == "deny" and action in rule.get("actions", (action,)) and any(
+                _resource_hit(g, resource, True) for g in rule.get("resources", ())) and _args_hit(rule, arguments):
+            return False, None
+    fired = [rule["name"] for rule in rules
+             if rule["effect"] == "allow" and action in rule.get("actions", (action,))
+             and any(_resource_hit(g, resource, False) for g in rule.get("resources", ()))
+             and all(within(number_at(arguments, lim["field"]), lim["max"]) for lim in rule.get("limits", ()))
+             and _args_hold(rule, arguments)
+             and all(required in held for required in rule.get("requires", ()))]
+    if not fired:
+        return False, None
+    if only_rules is not None and not set(fired) & set(only_rules):
+        return False, None
+    return True, fired[0]
+
+
+MCP_MEMBERS = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
+MCP_IMPLIED = frozenset({"initialize", "server/discover", "ping", "subscriptions/listen", "tools/list",
+                         "prompts/list", "resources/list", "resources/templates/list"})
+NAME_HEADER_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+
+def header_encoding(value: str) -> str:
+    """How the MCP SDK writes a name into a header: visible ASCII as is, else ``=?base64?<utf-8>?=``."""
+    import base64
+
+    if all(0x20 <= ord(c) <= 0x7E for c in value) and value == value.strip() and not (
+            len(value) >= 11 and value.startswith("=?base64?") and value.endswith("?=")):
+        return value
+    return "=?base64?" + base64.b64encode(value.encode("utf-8", "surrogatepass")).decode() + "?="
+
+
+def mcp_message_refused(body: bytes, headers: Sequence[tuple[str, str]], fields: set[str]) -> bool:
+    """What DESIGN.md and the README say makes one MCP message unreadable (400), or ``False``."""
+    if any(n.lower() == "content-encoding" for n, _ in headers):
+        return True
+    types = [v.strip() for n, v in headers if n.lower() == "content-type"]
+    if len(types) != 1 or body_refused(b"{}", [("Content-Type", types[0])], set()):
+        return True
+    try:
+        document = strict_document(body)
+    except _Unreadable:
+        return True
+    if not isinstance(document, dict) or set(document) - MCP_MEMBERS or document.get("jsonrpc") != "2.0":
+        return True
+    ident = document.get("id")
+    if "id" in document and (isinstance(ident, bool) or not isinstance(ident, str | int)):
+        return True
+    params = document.get("params", {})
+    if not isinstance(params, dict):
+        return True
+    method = document.get("method")
+    if "method" in document:
+        if not isinstance(method, str) or not method or len(method) > 1024 or "result" in document \
+                or "error" in document:
+            return True
+    elif "id" not in document or ("result" in document) == ("error" in document) or "params" in document:
+        return True
+    methods = [v for n, v in headers if n.lower() == "mcp-method"]
+    names = [v for n, v in headers if n.lower() == "mcp-name"]
+    if len(methods) > 1 or len(names) > 1 or (methods and methods[0] != method):
+        return True
+    member = NAME_HEADER_METHODS.get(method) if isinstance(method, str) else None
+    body_name = params.get(member) if member else None
+    if names and (not isinstance(body_name, str) or names[0] != header_encoding(body_name)):
+        return True
+    if methods and not names and body_name is not None:
+        return True
+    if any(n.lower().startswith("mcp-param-") for n, _ in headers):
+        return True  # no list ever declared one here
+    if method == "tools/call" and "id" in document:
+        name = params.get("name")
+        if not isinstance(name, str) or not name or len(name) > 1024 or any(c in name for c in "%?#") \
+                or decode_path("/" + name) is None:
+            return True
+        arguments = params.get("arguments", {})
+        if arguments is not None and not isinstance(arguments, dict):
+            return True
+        return misspelled(arguments or {}, fields)
+    if (isinstance(method, str) and "id" in document and method not in MCP_IMPLIED) \
+            or (isinstance(method, str) and "id" not in document and not method.startswith("notifications/")):
+        return any(c in method for c in "%?#") or decode_path("/" + method) is None
+    return False
 
 
 @dataclass(frozen=True)
@@ -420,6 +596,12 @@ class Agent:
         if len(correlations) > 1 or (correlations and not _valid_correlation(correlations[0])):
             return Refusal(400, "bad_request"), None
         correlation = correlations[0] if correlations else ""
+        endpoint = next((u["mcp"]["path"] for u in self.spec["upstreams"] if u["name"] == upstream and "mcp" in u),
+                        None)
+        if endpoint is not None and mcp_covers(endpoint, path):
+            return self.decide_mcp(method=method, upstream=upstream, query=self.query(target), headers=headers,
+                                   body=body, narrowed=narrowed, receipts=self.held.get(correlation, set())
+                                   | carried.get(correlation, set()))
         tokens = names.count("x-capgate-token")
         if tokens > 1:
             return Refusal(400, "bad_request"), None
@@ -449,7 +631,7 @@ class Agent:
             return Refusal(403, "denied"), None
         charges = []
         for index, budget in enumerate(self.spec.get("budgets", ())):
-            if budget["upstream"] != upstream:
+            if budget["upstream"] != upstream or "tool" in budget:
                 continue
             amount = number_at(parsed, budget["field"])
             if amount is None and present(parsed, budget["field"]):
@@ -460,6 +642,68 @@ class Agent:
             charges.append((index, amount))
         self.pending = charges
         return ALLOW, rule
+
+    def decide_mcp(self, *, method: str, upstream: str, query: str, headers: Sequence[tuple[str, str]], body: bytes,
+                   narrowed: Narrowed | None, receipts: set[str]) -> tuple[Refusal | None, str | None]:
+        """One request on an MCP endpoint (see the module docstring)."""
+        if method not in ("GET", "DELETE", "POST"):
+            return Refusal(405, "bad_request"), None
+        if not header_bytes_ok(headers):
+            return Refusal(400, "bad_request"), None
+        fields = {lim["field"] for rule in self.spec["rules"] for lim in rule.get("limits", ())}
+        fields |= {b["field"] for b in self.spec.get("budgets", ())}
+        fields |= {arg["field"] for rule in self.spec["rules"] for arg in rule.get("args", ())}
+        if method == "POST" and len(body) > MAX_BODY:
+            return Refusal(413, "too_large"), None
+        if query_refused(query, fields):
+            return Refusal(400, "bad_request"), None
+        if method == "POST" and mcp_message_refused(body, headers, fields):
+            return Refusal(400, "bad_request"), None
+        names = [name.lower() for name, _ in headers]
+        if names.count("x-capgate-token") > 1:
+            return Refusal(400, "bad_request"), None
+        if "x-capgate-token" in names and narrowed is None:
+            return Refusal(401, "invalid_token"), None
+        if "mcp-session-id" in names:
+            return Refusal(404, "bad_request"), None  # no session was ever opened here
+        if method != "POST":
+            return (Refusal(400, "bad_request"), None) if body else (ALLOW, None)
+        document = json.loads(body)
+        message = document.get("method")
+        if message is None:
+            return Refusal(403, "denied"), None  # an answer to a request no server sent here
+        params = document.get("params", {})
+        request = "id" in document
+        if (message in MCP_IMPLIED and request) or (message.startswith("notifications/") and not request):
+            return ALLOW, None
+        if message == "tools/call" and request:
+            action, name, arguments = "mcp.call", params["name"], params.get("arguments") or {}
+        else:
+            action, name, arguments = "mcp.rpc", message, None
+        resource = f"mcp://{upstream}{decode_path('/' + name)}"
+        allowed, rule = action_verdict(self.spec, action, resource, arguments, receipts)
+        if allowed and narrowed is not None and narrowed.holder != self.spec["serviceAccountName"]:
+            return Refusal(401, "invalid_token"), None
+        if allowed and narrowed is not None:
+            allowed, _ = action_verdict(narrowed.spec, action, resource, arguments, receipts, narrowed.only_rules)
+        if not allowed:
+            return Refusal(403, "denied"), None
+        charges = []
+        for index, budget in enumerate(self.spec.get("budgets", ())):
+            tool = budget.get("tool")
+            if budget["upstream"] != upstream or (tool is not None and (
+                    action != "mcp.call" or not _resource_hit(f"mcp://{upstream}/{tool}", resource, True))):
+                continue
+            amount = number_at(arguments, budget["field"])
+            if amount is None and present(arguments, budget["field"]):
+                return Refusal(429, "budget_exhausted"), None
+            amount = max(0, math.ceil(amount)) if amount is not None else 0
+            if self.spent.get(index, 0) + amount > budget["max"]:
+                return Refusal(429, "budget_exhausted"), None
+            charges.append((index, amount))
+        self.pending = charges
+        # A receipt is minted only for a tool call the upstream answers with a success for its id.
+        return ALLOW, rule if action == "mcp.call" and request else None
 
     def charged(self) -> None:
         """The upstream got the last request: the sidecar charged its budgets before forwarding it.

@@ -64,6 +64,9 @@ class Counts:
     crashes: int = 0
     false_denies: int = 0
     disagreements: int = 0
+    mcp_tried: int = 0
+    """Of ``tried``: JSON-RPC messages to an MCP endpoint."""
+    mcp_forwarded: int = 0
     ledger_lies: int = 0
     """Records that contradict what the upstream saw (forwarded but not recorded so, or recorded denied),
     and ledgers that do not verify after the sidecars stopped cleanly."""
@@ -71,7 +74,7 @@ class Counts:
 
     def add(self, other: Counts) -> None:
         for name in ("tried", "allowed", "refused", "parser_refusals", "false_allows", "header_leaks", "crashes",
-                     "false_denies", "disagreements", "ledger_lies"):
+                     "false_denies", "disagreements", "ledger_lies", "mcp_tried", "mcp_forwarded"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.examples += other.examples[: max(0, 20 - len(self.examples))]
 
@@ -160,7 +163,13 @@ class Upstream:
         else:
             self.seen[int(ident)] = {"path": request.raw_path, "headers": list(request.headers.items()),
                                      "body": body}
-        return web.json_response({"ok": True}, headers={"X-Fuzz-Upstream": ident or "none"})
+        answer: dict[str, Any] = {"ok": True}
+        with contextlib.suppress(ValueError, RecursionError):
+            message = json.loads(body)
+            if isinstance(message, dict) and message.get("jsonrpc") == "2.0" and "method" in message \
+                    and "id" in message:  # an MCP request: a successful result for its id (a tool call mints)
+                answer = {"jsonrpc": "2.0", "id": message["id"], "result": {"content": []}}
+        return web.json_response(answer, headers={"X-Fuzz-Upstream": ident or "none"})
 
     async def start(self) -> None:
         app = web.Application(client_max_size=8 * 1024 * 1024)
@@ -279,10 +288,10 @@ class Rig:
                                                       credential=credential.id) for r in spec["rules"])
                                 for corr in CORRELATIONS}
 
-    async def campaign(self, seed: int, requests: int) -> Counts:
-        """One random capability, ``requests`` adversarial requests against it."""
+    async def campaign(self, seed: int, requests: int, *, mcp: bool = False) -> Counts:
+        """One random capability (``mcp``: surely with an MCP upstream), ``requests`` adversarial requests."""
         rng = random.Random(seed)
-        spec = generate.random_spec(rng)
+        spec = generate.random_spec(rng, mcp=mcp)
         counts = Counts()
         agent_state = oracle.Agent(spec)
         offset = self.audit_path.stat().st_size if self.audit_path.exists() else 0
@@ -336,6 +345,7 @@ class Rig:
         stolen = getattr(self, "receipts_stolen", {}).get(attempt.correlation())
         if stolen and rng.random() < 0.05:
             attempt.headers.append(("X-Capgate-Receipt", stolen))  # one "receipt" of every rule
+            attempt.http_weird = attempt.http_weird or len(stolen) > 8000  # over the parser's field limit
         self._next_id += 1
         ident = self._next_id
         correlation = attempt.correlation()
@@ -349,6 +359,7 @@ class Rig:
         expected, rule = state.decide(method=attempt.method, target=attempt.target, headers=attempt.headers,
                                       body=attempt.body, narrowed=narrowed, carried=carried)
         counts.tried += 1
+        counts.mcp_tried += attempt.mcp
         data = attempt.encode(ident)
         head = attempt.method == "HEAD"
         response = await client.send(data, head=head, close=attempt.close or attempt.http_weird)
@@ -362,6 +373,7 @@ class Rig:
             self.forwarded_ids.add(response.headers["x-capgate-decision-id"])
         if seen is not None:
             counts.allowed += 1
+            counts.mcp_forwarded += attempt.mcp
             state.charged()
             if expected is not None:
                 counts.false_allows += 1
@@ -445,22 +457,27 @@ class Rig:
 
 
 def _error_code(response: Response) -> str | None:
+    """capgate's ``error``, also from an MCP refusal (a JSON-RPC error with capgate's object in ``data``)."""
     if "application/json" not in response.headers.get("content-type", ""):
         return None
     try:
         document = json.loads(response.body)
     except ValueError:
         return None
-    return document.get("error") if isinstance(document, dict) else None
+    error = document.get("error") if isinstance(document, dict) else None
+    if isinstance(error, dict) and document.get("jsonrpc") == "2.0":
+        data = error.get("data")
+        error = data.get("error") if isinstance(data, dict) else None
+    return error if isinstance(error, str) else None
 
 
-async def run(seed: int, campaigns: int, requests: int, workdir: Path | None = None) -> Counts:
+async def run(seed: int, campaigns: int, requests: int, workdir: Path | None = None, *, mcp: bool = False) -> Counts:
     """``campaigns`` random capabilities × ``requests`` requests each, seeded."""
     total = Counts()
     with tempfile.TemporaryDirectory(prefix="capgate-fuzz-") as tmp:
         async with Rig(workdir or Path(tmp)) as rig:
             for index in range(campaigns):
-                total.add(await rig.campaign(seed * 100_003 + index, requests))
+                total.add(await rig.campaign(seed * 100_003 + index, requests, mcp=mcp))
             rig.verify_ledger(total)
     return total
 

@@ -35,6 +35,15 @@ def test_no_adversarial_request_is_forwarded_that_the_design_refuses(seed: int) 
     assert counts.ledger_lies == 0, counts.examples
 
 
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(min_value=0, max_value=2**32))
+def test_mcp_messages_are_generated_judged_and_never_forwarded_against_the_design(seed: int) -> None:
+    counts = asyncio.run(rig.run(seed, campaigns=2, requests=100, mcp=True))
+    assert counts.mcp_tried > 0, "the generator must keep sending JSON-RPC messages to MCP endpoints"
+    assert (counts.false_allows, counts.header_leaks, counts.crashes) == (0, 0, 0), counts.examples
+    assert (counts.false_denies, counts.disagreements, counts.ledger_lies) == (0, 0, 0), counts.examples
+
+
 PATH_ALPHABET = st.sampled_from(["/", ".", "%", "2", "e", "E", "f", "F", "5", "c", "0", "a", ";", "\\", "\x00", "\n",
                                  "\u00e9", "\uff0e", "C", "3", "A", "9", "*", "~", "$", '"'])
 

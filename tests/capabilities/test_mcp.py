@@ -146,11 +146,78 @@ def test_headers_that_agree_with_the_body_pass() -> None:
     (["tools/call", "tools/call"], ["charge"]),
     ([], ["search"]),
     (["tools/call"], ["=?base64?!!?="]),
+    (["tools/call"], ["=?base64?Y2hhcmdl?="]),  # "charge", but wrapped: a reader that does not decode sees another name
 ])
 def test_headers_that_disagree_with_the_body_are_refused_with_32020(methods: list[str], names: list[str]) -> None:
     with pytest.raises(mcp.McpError) as caught:
         mcp.check_headers(call(), methods, names)
     assert caught.value.rpc_code == mcp.HEADER_MISMATCH == -32020
+
+
+def _schema(**properties: object) -> dict[str, object]:
+    return {"type": "object", "properties": properties}
+
+
+AMOUNT = {"type": "integer", "x-mcp-header": "Amount"}
+
+
+@pytest.mark.parametrize(("schema", "declared"), [
+    (_schema(amount=AMOUNT, note={"type": "string"}), {("amount",): "Amount"}),
+    (_schema(trip=_schema(region={"type": "string", "x-mcp-header": "Region"})), {("trip", "region"): "Region"}),
+    (_schema(amount={"type": "number", "x-mcp-header": "Amount"}), {}),  # numbers have no portable text
+    (_schema(a=AMOUNT, b={**AMOUNT, "x-mcp-header": "AMOUNT"}), {}),  # case-insensitively the same header
+    (_schema(amount={**AMOUNT, "x-mcp-header": "Am ount"}), {}),  # not an HTTP token
+    ({**_schema(amount=AMOUNT), "anyOf": [_schema(x={"type": "string", "x-mcp-header": "X"})]}, {}),
+    ({**_schema(amount=AMOUNT), "x-mcp-header": "Root"}, {}),
+    (None, {}),
+])
+def test_the_headers_a_schema_declares_follow_the_sdks_rules_or_none_are_declared(
+        schema: object, declared: dict[tuple[str, ...], str]) -> None:
+    assert mcp.param_headers(schema) == declared
+
+
+def charge_call(**arguments: object) -> mcp.Message:
+    return mcp.parse(message("tools/call", params={"name": "charge", "arguments": arguments}))
+
+
+DECLARED = {("amount",): "Amount", ("note",): "Note", ("vip",): "Vip"}
+
+
+def test_param_headers_that_are_the_sdks_encoding_of_the_arguments_pass() -> None:
+    mcp.check_param_headers(charge_call(amount=5, note="café", vip=True),
+                            [("Mcp-Param-Amount", "5"), ("mcp-param-note", "=?base64?Y2Fmw6k=?="),
+                             ("MCP-PARAM-VIP", "true"), ("Accept", "*/*")], DECLARED)
+    mcp.check_param_headers(charge_call(amount=5), [], DECLARED)  # a missing header is the server's to refuse
+    mcp.check_param_headers(charge_call(amount=5), [], None)
+
+
+@pytest.mark.parametrize(("arguments", "headers", "declared"), [
+    ({"amount": 5}, [("Mcp-Param-Amount", "5"), ("Mcp-Param-Amount", "5")], DECLARED),
+    ({"amount": 5}, [("Mcp-Param-Amount", "5"), ("mcp-param-amount", "5")], DECLARED),
+    ({"amount": 5}, [("Mcp-Param-Amount", "5")], None),
+    ({"amount": 5}, [("Mcp-Param-Other", "5")], DECLARED),
+    ({}, [("Mcp-Param-Amount", "5")], DECLARED),
+    ({"amount": None}, [("Mcp-Param-Amount", "null")], DECLARED),
+    ({"amount": 5.0}, [("Mcp-Param-Amount", "5.0")], DECLARED),
+    ({"amount": 5.0}, [("Mcp-Param-Amount", "5")], DECLARED),
+    ({"amount": [5]}, [("Mcp-Param-Amount", "[5]")], DECLARED),
+    ({"note": " x"}, [("Mcp-Param-Note", " x")], DECLARED),
+    ({"note": "x\u00e9"}, [("Mcp-Param-Note", "x\u00c3\u00a9")], DECLARED),  # raw UTF-8 read as Latin-1
+    ({"note": "=?base64?eA==?="}, [("Mcp-Param-Note", "=?base64?eA==?=")], DECLARED),
+    ({"vip": True}, [("Mcp-Param-Vip", "True")], DECLARED),
+    ({"vip": 1}, [("Mcp-Param-Vip", "true")], DECLARED),
+])
+def test_param_headers_two_readers_could_read_apart_are_refused(
+        arguments: dict[str, object], headers: list[tuple[str, str]],
+        declared: dict[tuple[str, ...], str] | None) -> None:
+    with pytest.raises(mcp.McpError) as caught:
+        mcp.check_param_headers(charge_call(**arguments), headers, declared)
+    assert caught.value.rpc_code == -32020 and caught.value.reason == "mcp_header_mismatch"
+
+
+def test_param_headers_on_another_method_are_refused() -> None:
+    with pytest.raises(mcp.McpError):
+        mcp.check_param_headers(mcp.parse(message("tools/list")), [("Mcp-Param-Amount", "5")], DECLARED)
 
 
 def test_an_error_answer_carries_the_request_id_and_data() -> None:

@@ -88,6 +88,8 @@ SPEC_ERRORS = [
      "names unknown upstream 'hotels'"),
     ("budget-unknown-upstream", setter("budgets", 0, "upstream", value="hotels"), "spec.budgets[0].upstream",
      "names unknown upstream 'hotels'"),
+    ("budget-tool-without-mcp", setter("budgets", 0, "tool", value="charge"), "spec.budgets[0].tool",
+     "does not declare mcp"),
     ("requires-unknown", setter("rules", 1, "requires", value=["book"]), "spec.rules[1].requires[0]",
      "names unknown rule 'book'"),
     ("requires-deny-rule", setter("rules", 1, "requires", value=["search", "no-deletes"]),
@@ -247,6 +249,34 @@ def test_the_insecure_transport_opt_in_survives_the_canonical_spec() -> None:
     assert rendered["upstreams"][1]["inject"]["allowInsecureTransport"] is True
     assert "allowInsecureTransport" not in to_spec(_support.parse())["upstreams"][1]["inject"]
     assert parse_spec(rendered, name=cap.name, namespace=cap.namespace) == cap
+
+
+def mcp_payments(spec_: Manifest) -> None:
+    spec_["upstreams"][1]["mcp"] = {"path": "/mcp"}
+
+
+@pytest.mark.parametrize(("tool", "fragment"), [("a%2Fb", "'%' is ambiguous"), ("x/../y", "'..'"), ("", "")])
+def test_a_budgets_tool_is_read_like_a_resource(tool: str, fragment: str) -> None:
+    def mutate(spec_: Manifest) -> None:
+        mcp_payments(spec_)
+        spec_["budgets"][0]["tool"] = tool
+
+    error = spec_error(mutate)
+    assert error.path == "spec.budgets[0].tool" and fragment in error.message
+
+
+def test_a_per_tool_budget_survives_the_canonical_spec_and_matches_its_tool_leniently() -> None:
+    def mutate(spec_: Manifest) -> None:
+        mcp_payments(spec_)
+        spec_["budgets"][0]["tool"] = "charge"
+
+    cap = _support.parse(mutate)
+    assert parse_spec(to_spec(cap), name=cap.name, namespace=cap.namespace) == cap
+    budget = cap.budgets[0]
+    assert budget.tool == "charge"
+    assert [budget.applies("payments", t) for t in ("mcp://payments/charge", "mcp://payments/Charge.",
+                                                    "mcp://payments/refund", None)] == [True, True, False, False]
+    assert not budget.applies("flights", "mcp://payments/charge")
 
 
 def test_an_upstream_ca_from_a_secret_survives_the_canonical_spec() -> None:

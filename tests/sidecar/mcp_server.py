@@ -8,12 +8,12 @@ import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import mcp_types as types
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class Confirm(BaseModel):
@@ -40,10 +40,16 @@ def server(booking: Booking) -> MCPServer:
             raise ValueError("no such airport")
         return f"{origin}->{destination}: LH123 at 09:00"
 
-    @srv.tool()
-    def charge(amount: int, currency: str = "EUR") -> str:
+    @srv.tool()  # the 2026-07-28 protocol mirrors these arguments into Mcp-Param-Amount / -Currency
+    def charge(amount: Annotated[int, Field(json_schema_extra={"x-mcp-header": "Amount"})],
+               currency: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Currency"})] = "EUR") -> str:
         booking.calls.append(("charge", {"amount": amount, "currency": currency}))
         return f"charged {amount} {currency}"
+
+    @srv.tool()
+    def refund(amount: int) -> str:
+        booking.calls.append(("refund", {"amount": amount}))
+        return f"refunded {amount}"
 
     @srv.tool()
     def list_bookings() -> list[str]:
@@ -56,7 +62,7 @@ def server(booking: Booking) -> MCPServer:
         return f"deleted {booking_id}"
 
     @srv.tool()
-    def add_note(trip: str, text: str) -> str:
+    def add_note(trip: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Trip"})], text: str) -> str:
         booking.calls.append(("add_note", {"trip": trip, "text": text}))
         return "noted"
 

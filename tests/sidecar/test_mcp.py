@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,14 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from capgate import cli
+from capgate.capabilities import keys
 from capgate.capabilities.spec import load_capability_file
 from capgate.sidecar import app as sidecar_app
+from capgate.sidecar.limits import Limits
 from capgate.sidecar.watch import FileSource
 from tests.sidecar.conftest import MakeSidecar, Sidecar
 from tests.sidecar.mcp_server import Booking, running, running_sse
+from tests.sidecar.test_credentials import HeardOnce, write_credential_dir
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mcp-booking-agent.yaml"
 
@@ -261,6 +264,9 @@ async def test_a_narrowed_token_lowers_a_tools_argument_limit(mcp_sidecar: Sidec
     token = await narrowed(mcp_sidecar, limits={"charge": {"amount": 50}}, ttl="5m")
     http = httpx2.AsyncClient(headers={"X-Capgate-Token": token}, timeout=30)
     async with http, Client(streamable_http_client(url_of(mcp_sidecar), http_client=http)) as client:
+        # A lowered limit keeps the tool listed (the 2026-07-28 client mirrors charge's annotated
+        # arguments into Mcp-Param-* headers only once it has listed it).
+        assert "charge" in [tool.name for tool in (await client.list_tools()).tools]
         await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
         with pytest.raises(MCPError):
             await client.call_tool("charge", {"amount": 100, "currency": "EUR"})
@@ -631,3 +637,160 @@ async def test_argument_tricks_never_charge_more_than_the_limit(mcp_sidecar: Sid
     charged = [call[1]["amount"] for call in booking.calls if call[0] == "charge"]
     assert all(isinstance(amount, int) and 0 <= amount <= 400 for amount in charged), charged
     assert response.status in (400, 403), "each of these is refused by the sidecar itself"
+
+
+async def test_a_per_tool_budget_counts_only_that_tools_calls(sidecar: MakeSidecar, booking: Booking) -> None:
+    spec = spec_with({"name": "refunds", "effect": "allow", "actions": ["mcp.call"],
+                      "resources": ["mcp://booking/refund"]})
+    spec["budgets"] = [{"upstream": "booking", "tool": "charge", "field": "amount", "max": 500, "per": "1h"}]
+    async with running(booking) as url:
+        side = await sidecar(spec, upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        async with Client(url_of(side)) as client:
+            await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+            await client.call_tool("charge", {"amount": 400, "currency": "EUR"})
+            await client.call_tool("refund", {"amount": 300})  # another tool: not this budget's
+            await client.call_tool("refund", {"amount": 300})
+            with pytest.raises(MCPError) as caught:
+                await client.call_tool("charge", {"amount": 200, "currency": "EUR"})
+            await client.call_tool("charge", {"amount": 100, "currency": "EUR"})
+    assert caught.value.data["error"] == "budget_exhausted"
+    assert [call for call in booking.calls if call[0] != "search_flights"] == [
+        ("charge", {"amount": 400, "currency": "EUR"}), ("refund", {"amount": 300}), ("refund", {"amount": 300}),
+        ("charge", {"amount": 100, "currency": "EUR"})]
+
+
+def header_hook(change: Callable[[httpx2.Headers], None], sent: list[dict[str, str]]) -> httpx2.AsyncClient:
+    """An SDK HTTP client whose tools/call requests for charge are changed on the wire (an agent
+    that speaks the protocol but lies in its headers); every request's headers are recorded."""
+    async def hook(request: httpx2.Request) -> None:
+        if request.headers.get("mcp-name") == "charge":
+            change(request.headers)
+        sent.append(dict(request.headers))
+    return httpx2.AsyncClient(event_hooks={"request": [hook]}, timeout=30)
+
+
+async def test_mcp_param_headers_the_sdk_sends_pass_base64_included(mcp_sidecar: Sidecar, booking: Booking) -> None:
+    sent: list[dict[str, str]] = []
+    http = header_hook(lambda headers: None, sent)
+    async with http, Client(streamable_http_client(url_of(mcp_sidecar), http_client=http)) as client:
+        await client.list_tools()
+        await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+        await client.call_tool("charge", {"amount": 400, "currency": "USD"})
+        await client.call_tool("add_note", {"trip": "Zürich 1", "text": "window"})
+    assert booking.calls[1:] == [("charge", {"amount": 400, "currency": "USD"}),
+                                 ("add_note", {"trip": "Zürich 1", "text": "window"})]
+    params = [{k: v for k, v in h.items() if k.startswith("mcp-param-")} for h in sent]
+    assert {"mcp-param-amount": "400", "mcp-param-currency": "USD"} in params
+    assert {"mcp-param-trip": "=?base64?WsO8cmljaCAx?="} in params  # non-ASCII travels base64-wrapped
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Amount", "5000"), id="another-value"),
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Amount", "=?base64?MTAw?="), id="needless-base64"),
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Amount", "100.0"), id="numerically-equal"),
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Amount", "0100"), id="leading-zero"),
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Destination", "JFK"), id="undeclared-header"),
+    pytest.param(lambda h: h.__setitem__("Mcp-Param-Currency", "=?base64?RVVS?="), id="base64-of-the-same"),
+])
+async def test_mcp_param_headers_that_are_not_exactly_the_bodys_are_refused(
+        mcp_sidecar: Sidecar, booking: Booking, change: Callable[[httpx2.Headers], None]) -> None:
+    http = header_hook(change, [])
+    async with http, Client(streamable_http_client(url_of(mcp_sidecar), http_client=http)) as client:
+        await client.list_tools()
+        await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+        with pytest.raises(MCPError) as caught:
+            await client.call_tool("charge", {"amount": 100, "currency": "EUR"})
+    assert caught.value.code == -32020 and caught.value.data["reason"] == "mcp_header_mismatch"
+    assert booking.tools() == ["search_flights"]
+
+
+async def test_mcp_param_headers_for_a_tool_never_listed_here_are_refused(mcp_sidecar: Sidecar,
+                                                                          booking: Booking) -> None:
+    # The SDK's client lists a tool before it mirrors its arguments; a raw agent need not.
+    response = await mcp_sidecar.client.post("/booking/mcp", json=tool_call("search_flights", 4, origin="a",
+                                                                            destination="b"),
+                                             headers={**HEADERS, "Mcp-Param-Origin": "a"})
+    body = await response.json()
+    assert response.status == 400 and body["id"] == 4 and body["error"]["code"] == -32020
+    assert body["error"]["data"]["reason"] == "mcp_header_mismatch" and booking.calls == []
+
+
+PING = {"jsonrpc": "2.0", "id": 70, "method": "ping"}
+
+
+async def server_knows(url: str, session: str) -> bool:
+    """Ask the SDK server itself (not through the sidecar) whether the session still exists."""
+    async with aiohttp.ClientSession() as http, http.post(f"{url}/mcp", json=PING, headers={
+            **HEADERS, "Mcp-Session-Id": session, "Mcp-Protocol-Version": "2025-11-25"}) as reply:
+        await reply.read()
+        assert reply.status in (200, 404), reply.status
+        return reply.status == 200
+
+
+@pytest.mark.parametrize("revoke", ["narrowed", "lockdown"])
+async def test_a_revoked_tokens_session_is_ended_upstream_and_refused_after(
+        sidecar: MakeSidecar, booking: Booking, tmp_path: Path, revoke: str) -> None:
+    revocations = tmp_path / "revocations.json"
+    revocations.write_text(json.dumps({"revokedIds": []}))
+    async with running(booking) as url:
+        side = await sidecar(example_spec(), upstream_urls={"booking": url}, revocations=revocations,
+                             read_timeout=5.0, total_timeout=10.0)
+        source = FileSource(revocations)
+        assert source.read(side.gate.revocations)
+        token = await narrowed(side, rules=["search"], ttl="5m")
+        opened: list[str] = []
+
+        async def remember(response: httpx2.Response) -> None:
+            opened.extend(response.headers.get_list("mcp-session-id"))
+        http = httpx2.AsyncClient(headers={"X-Capgate-Token": token}, timeout=30,
+                                  event_hooks={"response": [remember]})
+        async with http, Client(streamable_http_client(url_of(side), http_client=http), mode="legacy") as client:
+            await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+            session = opened[0]
+            assert await server_knows(url, session)
+            if revoke == "narrowed":
+                child = side.gate.store.verifier.load(token)  # type: ignore[union-attr]
+                revocations.write_text(json.dumps({"revokedIds": [child.revocation_ids[-1]]}))
+            else:
+                revocations.write_text(json.dumps({"lockdown": {"all": True}}))
+            assert source.read(side.gate.revocations)
+            with anyio.fail_after(5):  # a hang guard: the RevocationList update wakes the reaper at once
+                while await server_knows(url, session):
+                    await asyncio.sleep(0.05)
+            # The client's own session is gone too: whatever it sends next is refused.
+            with pytest.raises(MCPError):
+                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+        if revoke == "lockdown":
+            revocations.write_text(json.dumps({"revokedIds": []}))
+            assert source.read(side.gate.revocations)
+        again = await side.client.post("/booking/mcp", json=PING, headers={
+            **HEADERS, "Mcp-Session-Id": session, **({"X-Capgate-Token": token} if revoke == "lockdown" else {})})
+        body = await again.json()
+    assert again.status == 404 and body["id"] == 70 and body["error"]["data"]["reason"] == "session_closed"
+    closed = [r for r in mcp_records(side) if r.get("mcp", {}).get("kind") == "session_closed"]
+    assert [r["reason"] for r in closed] == ["revoked" if revoke == "narrowed" else "lockdown"]
+    assert closed[0]["mcp"]["session_digest"] and session not in json.dumps(closed)
+
+
+async def test_a_credential_rotated_in_after_a_revocation_does_not_inherit_the_revoked_ones_session(
+        sidecar: MakeSidecar, booking: Booking, tmp_path: Path) -> None:
+    keyset = keys.KeySet.generate()
+    folder = tmp_path / "credential"
+    write_credential_dir(folder, keyset, example_spec())
+    async with running(booking) as url:
+        side = await sidecar(capability=None, root_key=None, credential_dir=folder, poll_seconds=0.02,
+                             revocation_source=HeardOnce(), limits=Limits(), upstream_urls={"booking": url})
+        session = await initialize(side)
+        assert await server_knows(url, session)
+        first = side.gate.store.current
+        assert first is not None
+        changed = side.gate.store.changed
+        side.gate.revocations.apply({"revokedIds": [{"id": i, "expiresAt": "2099-01-01T00:00:00Z"}
+                                                    for i in first.credential.revocation_ids]})
+        write_credential_dir(folder, keyset, example_spec())  # the operator's next credential
+        await changed.wait()
+        again = await side.client.post("/booking/mcp", json=PING, headers={**HEADERS, "Mcp-Session-Id": session})
+        body = await again.json()
+        alive = await server_knows(url, session)
+    assert again.status == 404 and body["error"]["data"]["reason"] == "session_closed"
+    assert not alive, "the upstream still holds the revoked credential's session"

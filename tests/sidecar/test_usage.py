@@ -158,3 +158,21 @@ async def test_in_a_pod_without_api_access_rate_limited_calls_are_refused_not_un
     body = await response.json()
     assert (body["error"], body["reason"]) == ("rate_limited", "usage_unavailable")
     assert sc.upstream.seen == []
+
+
+async def test_per_tool_budgets_are_meters_of_their_own_across_sidecars() -> None:
+    store = MemoryStore()
+    cap = spec.Capability(
+        name="booking-agent", namespace="travel", service_account="booking-agent", upstreams=(), rules=(),
+        budgets=(spec.Budget("booking", "amount", 100, timedelta(hours=24), tool="charge"),
+                 spec.Budget("booking", "amount", 1000, timedelta(hours=24), tool="refund")))
+    first, second = _charger(store), _charger(store)
+    charge, refund = "mcp://booking/charge", "mcp://booking/refund"
+    for charger in (first, second):
+        assert await charger.charge(cap, "booking", {"amount": 50}, charge) is None
+        assert await charger.charge(cap, "booking", {"amount": 300}, refund) is None
+    refused = await second.charge(cap, "booking", {"amount": 1}, "mcp://booking/CHARGE")  # the server's fold
+    assert refused is not None and refused.reason == "budget_exhausted"
+    assert await first.charge(cap, "booking", {"amount": 1}, None) is None  # not a call of either tool
+    assert set(store.status["windows"]) == {"budget/booking/amount/86400s/tool/charge",
+                                            "budget/booking/amount/86400s/tool/refund"}

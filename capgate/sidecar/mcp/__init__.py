@@ -27,9 +27,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -45,11 +46,12 @@ from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import Loaded
 from capgate.sidecar.gate import Gate, Trace
 from capgate.sidecar.mcp.sse import Event, SseEvents
-from capgate.sidecar.mcp.state import SESSION_HEADER, Pending, Sessions
+from capgate.sidecar.mcp.state import SESSION_HEADER, Binding, Pending, Sessions
 from capgate.sidecar.receipts import split_header
 from capgate.sidecar.routing import Route
+from capgate.sidecar.watch import RevocationState
 
-__all__ = ["Context", "Pending", "Sessions", "handle", "is_mcp"]
+__all__ = ["Context", "Pending", "Sessions", "handle", "is_mcp", "reap"]
 
 log = logging.getLogger("capgate.sidecar.mcp")
 
@@ -74,10 +76,68 @@ def _check_session(request: web.Request, ctx: Context) -> str | None:
         values = parse_qs(ctx.route.query).get("session_id", [])
     if not values:
         return None
-    if len(values) > 1 or not ctx.sessions.owned(ctx.route.upstream.name, values[0], _owner(ctx.trace)):
+    upstream = ctx.route.upstream.name
+    binding = ctx.sessions.binding(upstream, values[0]) if len(values) == 1 else None
+    # The tokens that opened it, not this request's: a credential rotated in after a revocation
+    # must not inherit the revoked one's session (and the reaper may not have run yet).
+    why = binding.ended() if binding is not None else None
+    if why is not None:
+        _closed(ctx.gate, ctx.pending, upstream, values[0], why, ctx.sessions.close(upstream, values[0], why))
+    closed = ctx.sessions.closed(upstream, values[0]) if len(values) == 1 else None
+    if closed is not None:
+        raise errors.SidecarError(404, "bad_request", "session_closed",
+                                  f"capgate closed this MCP session ({closed}); start a new one")
+    if len(values) > 1 or not ctx.sessions.owned(upstream, values[0], _owner(ctx.trace)):
         raise errors.SidecarError(404, "bad_request", "unknown_session",
                                   "no MCP session with this id was opened by this token here; start a new one")
     return values[0]
+
+
+SWEEP_SECONDS = 1.0
+"""How often sessions are checked for expiry and lockdown by silence; a revocation or kill switch
+wakes the sweep at once. (A session's next request is checked when it comes, whatever the sweep.)"""
+
+
+async def reap(sessions: Sessions, pending: Pending, gate: Gate) -> None:
+    """Close every session whose opening tokens were revoked, expired or locked down — woken by the
+    RevocationList at once, and every :data:`SWEEP_SECONDS` for expiry and lockdown by silence — so
+    the upstream holds nothing for a credential that can no longer act."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gate.revocations.changed.wait(), SWEEP_SECONDS)
+        if len(sessions):
+            for upstream, session, why, binding in sessions.close_ended():
+                _closed(gate, pending, upstream, session, why, binding)
+
+
+def _closed(gate: Gate, pending: Pending, upstream: str, session: str, why: str, binding: Binding | None) -> None:
+    """Audit a closed session and end it on the upstream (streamable HTTP: DELETE with its id)."""
+    log.info("closing an MCP session on %s: %s", upstream, why)
+    gate.metrics.mcp_sessions_closed.labels(why).inc()
+    gate.audit.write({"kind": "mcp", "upstream": upstream, "outcome": "closed", "reason": why,
+                      "mcp": {"kind": "session_closed", "session_digest": core_mcp.digest(session)[:32]}})
+    if binding is not None and binding.end is not None:
+        pending.spawn(binding.end())
+
+
+def _ender(ctx: Context, session: str) -> Callable[[], Coroutine[Any, Any, None]]:
+    """DELETE of ``session`` on the upstream, as its owner would send it (the injected key included)."""
+    url = URL(ctx.route.base_url + ctx.route.raw_path, encoded=True)
+    name = ctx.route.upstream.name
+
+    async def end() -> None:
+        headers = {SESSION_HEADER: session}
+        try:
+            injection = ctx.injection()
+            if injection is not None:
+                headers[injection.header] = injection.value
+            async with ctx.client.delete(url, headers=headers, allow_redirects=False,
+                                         timeout=proxy.timeout(ctx.settings)) as reply:
+                await reply.read()
+        except (aiohttp.ClientError, TimeoutError, errors.SidecarError, RuntimeError) as exc:
+            # RuntimeError: the client pool closed under us (the sidecar is shutting down).
+            log.warning("could not end an MCP session on %s (%s)", name, type(exc).__name__)
+    return end
 
 
 def _is_messages(ctx: Context) -> bool:
@@ -107,6 +167,8 @@ class Context:
     pending: Pending
     session: str | None = None
     """The MCP session this request belongs to (checked to be this token's), once known."""
+    trace_creds: list[tokens.Credential] = field(default_factory=list)
+    """The verified tokens of this request (what a session it opens is bound to)."""
 
     @property
     def old_transport(self) -> spec.Mcp | None:
@@ -132,6 +194,9 @@ async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
         ident = message.id
         core_mcp.check_headers(message, request.headers.getall(core_mcp.METHOD_HEADER, []),
                                request.headers.getall(core_mcp.NAME_HEADER, []))
+        tool = message.params.get("name") if message.method == "tools/call" else None
+        core_mcp.check_param_headers(message, request.headers.items(), ctx.pending.declared_headers(
+            ctx.route.upstream.name, tool) if isinstance(tool, str) else None)
         target = core_mcp.target(message, ctx.route.upstream.name)
         cap = ctx.loaded.capability
         core_mcp.check_arguments(target.arguments, cap.limit_fields | cap.arg_fields)
@@ -250,7 +315,7 @@ async def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
             ) -> tuple[list[tokens.Credential], decision.Decision | None, str | None]:
     """The verified tokens, the verdict (None for implied plumbing) and the session; raises for a refusal."""
     gate, loaded, trace = ctx.gate, ctx.loaded, ctx.trace
-    creds = gate.credentials(loaded, facts.narrowed_token(request), trace, ctx.now)
+    creds = ctx.trace_creds = gate.credentials(loaded, facts.narrowed_token(request), trace, ctx.now)
     session = ctx.session = _check_session(request, ctx)
     _describe_session(trace, session)
     if target.implied:
@@ -274,7 +339,8 @@ async def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
         if rule is None or not rule.read_only:
             raise locked
     gate.enforce(loaded, verdict, trace)
-    await gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace)
+    await gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace,
+                      tool=target.resource if target.action == core_mcp.CALL else None)
     await gate.consume(loaded, verdict, receipts, trace)
     return creds, verdict, session
 
@@ -292,11 +358,29 @@ def could_call(ctx: Context, creds: list[tokens.Credential], action: str, resour
     cap = ctx.loaded.capability
     every = frozenset(rule.name for rule in cap.rules)
     request = decision.Request(principal=ctx.loaded.principal, correlation=ctx.correlation, action=action,
-                               resource=resource, receipts=every, unconsumed=every, now=ctx.now)
+                               resource=resource, receipts=every, unconsumed=every, now=ctx.now,
+                               body=_probe(cap.limit_fields))
     # Each token on its own: decide() stops at the first refusal, and a base credential's
     # "needs arguments" must not hide the narrowed token's "not this tool at all".
     return all(decision.decide([cred], request, revoked=ctx.gate.revocations.revoked_ids).reason in _CALLABLE_REASONS
                for cred in creds)
+
+
+def _probe(fields: frozenset[str]) -> dict[str, object]:
+    """Arguments that pass every limit (0 is within any ``0..max``): a narrowed token's lowered
+    limit is a check that fails on missing arguments, which must not hide the tool from its list."""
+    probe: dict[str, object] = {}
+    for dotted in sorted(fields):
+        node = probe
+        *parents, last = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                break
+            node = child
+        else:
+            node.setdefault(last, 0)
+    return probe
 
 
 # -- forwarding --------------------------------------------------------------------------------
@@ -337,8 +421,15 @@ async def _send(request: web.Request, ctx: Context, body: bytes | None) -> aioht
 
 
 async def _plumbing(request: web.Request, ctx: Context) -> web.StreamResponse:
-    """The GET stream and DELETE of a session: implied by the upstream, still token-checked."""
-    creds = ctx.gate.credentials(ctx.loaded, facts.narrowed_token(request), ctx.trace, ctx.now)
+    """The GET stream and DELETE of a session: implied by the upstream, still token-checked (and
+    refused, like any request, for non-UTF-8 headers or ``_method`` in the query)."""
+    facts.check_headers(request)
+    try:
+        cap = ctx.loaded.capability
+        bodies.check_query(ctx.route.query, cap.limit_fields | cap.arg_fields)
+    except bodies.BodyError as exc:
+        raise errors.bad_request(exc.reason, exc.message) from None
+    creds = ctx.trace_creds = ctx.gate.credentials(ctx.loaded, facts.narrowed_token(request), ctx.trace, ctx.now)
     ctx.trace.mcp = {"kind": "stream" if request.method == "GET" else "session_end"}
     session = ctx.session = _check_session(request, ctx)
     _describe_session(ctx.trace, session)
@@ -357,7 +448,8 @@ async def _forward(request: web.Request, ctx: Context, body: bytes | None, excha
     trace.status = trace.upstream_status = upstream.status
     opened = upstream.headers.getall(SESSION_HEADER, [])
     if len(opened) == 1 and not request.headers.get(SESSION_HEADER):
-        ctx.sessions.bind(ctx.route.upstream.name, opened[0], _owner(trace))
+        ended, identity = _watch(ctx, exchange.creds)
+        ctx.sessions.bind(ctx.route.upstream.name, opened[0], _owner(trace), ended, _ender(ctx, opened[0]), identity)
     async with upstream:
         headers = proxy.incoming_headers(upstream.headers)
         headers[facts.DECISION_HEADER] = trace.decision_id
@@ -530,15 +622,29 @@ async def _guard(ctx: Context, creds: list[tokens.Credential], upstream: aiohttp
 
 
 def _stream_end(ctx: Context, creds: list[tokens.Credential]) -> str | None:
-    state = ctx.gate.revocations
+    return _ended(ctx.gate.revocations, creds, ctx.loaded.principal.partition("/")[0],
+                  ctx.loaded.capability.lockdown_after)
+
+
+def _ended(state: RevocationState, creds: list[tokens.Credential], namespace: str,
+           lockdown_after: timedelta) -> str | None:
+    """Why these tokens can no longer act here (revoked, expired, ..., lockdown), or None."""
     now = datetime.now(UTC)
     for cred in creds:
         try:
             decision.check_validity(cred, now, revoked=state.revoked_ids)
         except TokenError as exc:
             return exc.reason
-    namespace = ctx.loaded.principal.partition("/")[0]
-    return "lockdown" if state.lockdown_reason(namespace, ctx.loaded.capability.lockdown_after) else None
+    return "lockdown" if state.lockdown_reason(namespace, lockdown_after) else None
+
+
+def _watch(ctx: Context, creds: list[tokens.Credential]) -> tuple[Callable[[], str | None], Hashable]:
+    """How a session's end is told from its opening tokens alone (a session outlives its request,
+    so nothing of the request is kept), and those tokens' identity (their revocation ids)."""
+    state, kept = ctx.gate.revocations, list(creds)
+    namespace, lockdown_after = ctx.loaded.principal.partition("/")[0], ctx.loaded.capability.lockdown_after
+    identity = (namespace, lockdown_after, tuple(tuple(cred.revocation_ids) for cred in kept))
+    return (lambda: _ended(state, kept, namespace, lockdown_after)), identity
 
 
 async def _pump(outbox: asyncio.Queue[bytes], response: web.StreamResponse, lock: asyncio.Lock) -> None:
@@ -561,6 +667,8 @@ def _observe(ctx: Context, exchange: Exchange, data: bytes) -> bytes | None:
         return None
     exchange.answered = True
     verdict, target = exchange.verdict, exchange.target
+    if target is not None and target.method == "tools/list":
+        _learn_headers(ctx, answer.document)
     if target is not None and target.listing is not None and ctx.loaded.capability.mode == "enforce":
         return _filtered(ctx, exchange, answer)
     if not succeeded(answer.document) or verdict is None or not verdict.allowed or verdict.rule is None:
@@ -580,6 +688,17 @@ def _filtered(ctx: Context, exchange: Exchange, answer: core_mcp.Message) -> byt
     source = _check_pins(ctx, answer.document) if method == "tools/list" else answer.document
     document = core_mcp.filter_list(source, method, ctx.route.upstream.name, may)
     return None if document is None else json_bytes(document)
+
+
+def _learn_headers(ctx: Context, document: Mapping[str, object]) -> None:
+    """Remember the ``Mcp-Param-*`` headers each listed tool declares: the SDK's client mirrors
+    exactly those from a list's schemas, so they are all its calls may carry."""
+    result = document.get("result")
+    tools = result.get("tools") if isinstance(result, Mapping) else None
+    for tool in tools if isinstance(tools, list) else []:
+        name = tool.get("name") if isinstance(tool, Mapping) else None
+        if isinstance(tool, Mapping) and isinstance(name, str):
+            ctx.pending.declare_headers(ctx.route.upstream.name, name, core_mcp.param_headers(tool.get("inputSchema")))
 
 
 def _check_pins(ctx: Context, document: Mapping[str, object]) -> Mapping[str, object]:
@@ -673,7 +792,10 @@ class OldStream:
         sessions = parse_qs(urlsplit(path).query).get("session_id", [])
         if len(sessions) == 1:
             self.session = sessions[0]
-            self.ctx.sessions.bind(self.ctx.route.upstream.name, self.session, _owner(self.ctx.trace))
+            ctx = self.ctx
+            # The old transport's session is its stream: the stream guard ends it upstream.
+            ended, identity = _watch(ctx, ctx.trace_creds)
+            ctx.sessions.bind(ctx.route.upstream.name, self.session, _owner(ctx.trace), ended, tokens=identity)
             self.outbox = self.ctx.pending.open_outbox(self.ctx.route.upstream.name, self.session)
         return (self.prefix + path).encode("utf-8")
 
