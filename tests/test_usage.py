@@ -211,3 +211,67 @@ def test_the_usage_table_counts_an_ended_window_as_empty_and_marks_one_ahead() -
     assert budget.ahead and budget.remaining == 0
     rate, budget = usage.table(cap, status, 86400.0 + 5)
     assert (budget.spent, budget.remaining) == (10, 59990)
+
+
+# ------------------------------------------------------------------------------ response budgets
+
+TOKENS = usage.Meter("budget/llm/response:usage.total_tokens/86400s", 1000, 86400, "budget llm.usage.total_tokens")
+
+
+def _tokens_cap() -> spec.Capability:
+    return _cap(budgets=(spec.Budget("payments", "amount", 60000, timedelta(hours=24)),
+                         spec.Budget("llm", "usage.total_tokens", 1000, timedelta(hours=24), "response", 4096)))
+
+
+def test_a_response_budget_has_its_own_window_key_and_label() -> None:
+    _, amount, tokens = usage.meters(_tokens_cap())
+    assert amount.key == "budget/payments/amount/86400s"
+    assert tokens.key == TOKENS.key
+    assert tokens.label == "budget llm.usage.total_tokens (response)"
+
+
+def test_usage_within_the_lease_costs_no_write_and_an_unused_deposit_goes_back_to_it() -> None:
+    book = usage.LeaseBook({TOKENS.key: usage.Lease(0, 100, 100)})
+    assert book.spend_local([(TOKENS, usage.DEPOSIT)], 5.0)
+    assert book.adjust(TOKENS, 60 - usage.DEPOSIT, 5.0) == 0
+    assert book.balance(TOKENS, 5.0) == 40
+    assert book.spend_local([(TOKENS, usage.DEPOSIT)], 5.0)
+    assert book.adjust(TOKENS, 0 - usage.DEPOSIT, 5.0) == 0  # the call used nothing
+    assert book.balance(TOKENS, 5.0) == 40
+    assert book.debts == {}
+
+
+def test_usage_beyond_the_lease_is_owed_and_recorded_past_max_in_the_shared_window() -> None:
+    book = usage.LeaseBook({TOKENS.key: usage.Lease(0, 30, 30)})
+    assert book.adjust(TOKENS, 1200, 5.0) == 1170
+    assert book.balance(TOKENS, 5.0) == 0
+    stored = {TOKENS.key: usage.Window(0, 900)}
+    claim = book.settle(stored, 5.0)
+    assert claim.windows[TOKENS.key] == usage.Window(0, 2070), "what was used was used: spent passes max"
+    assert claim.grants == {}
+    assert transition_allowed(stored, {**stored, **claim.windows})
+    book.adjust(TOKENS, 5, 6.0)  # another call settled while the write was in flight
+    book.settled(claim)
+    assert book.debts == {TOKENS.key: (TOKENS, 5)}
+    refused = book.claim([(TOKENS, usage.DEPOSIT)], claim.windows, 6.0)
+    assert isinstance(refused, usage.Refusal) and refused.reason == "exhausted"
+
+
+def test_debt_goes_to_the_current_window_or_to_one_stored_ahead_never_backwards() -> None:
+    book = usage.LeaseBook()
+    book.adjust(TOKENS, 50, 86400.0 + 10)
+    ended = {TOKENS.key: usage.Window(0, 1000)}
+    assert book.settle(ended, 86400.0 + 10).windows[TOKENS.key] == usage.Window(86400, 50)
+    ahead = {TOKENS.key: usage.Window(2 * 86400, 7)}
+    claim = book.settle(ahead, 86400.0 + 10)
+    assert claim.windows[TOKENS.key] == usage.Window(2 * 86400, 57)
+    assert transition_allowed(ahead, claim.windows)
+
+
+def test_the_printer_column_summarizes_every_meter_as_spent_over_max() -> None:
+    status = {"windows": {"requests/3600s": {"start": 3600, "spent": 3},
+                          TOKENS.key: {"start": 0, "spent": 1200}}}
+    rows = usage.table(_tokens_cap(), status, 4000.0)
+    assert usage.summary(rows) == "requests 3/600, payments.amount 0/60000, llm.usage.total_tokens 1200/1000"
+    assert [r.remaining for r in rows] == [597, 60000, 0]
+    assert usage.summary([]) == "-"
