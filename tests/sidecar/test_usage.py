@@ -158,3 +158,17 @@ async def test_in_a_pod_without_api_access_rate_limited_calls_are_refused_not_un
     body = await response.json()
     assert (body["error"], body["reason"]) == ("rate_limited", "usage_unavailable")
     assert sc.upstream.seen == []
+
+
+async def test_usage_owed_is_recorded_before_a_new_lease_so_a_spent_window_refuses_at_once() -> None:
+    store = MemoryStore()
+    cap = spec.Capability(name="booking-agent", namespace="travel", service_account="booking-agent", upstreams=(),
+                          rules=(), budgets=(spec.Budget("llm", "usage.total_tokens", 800, timedelta(hours=24),
+                                                         "response", 500),))
+    charger = _charger(store)
+    assert await charger.charge(cap, "llm", None) is None  # the deposit leases 800 // 8 = 100
+    charger.settle(cap, [(cap.budgets[0], 900)])  # 801 owed; its background write has not run yet
+    refused = await charger.charge(cap, "llm", None)
+    assert refused is not None and refused.reason == "budget_exhausted"
+    assert store.status["windows"]["budget/llm/response:usage.total_tokens/86400s"]["spent"] == 900
+    await charger.close()
