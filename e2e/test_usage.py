@@ -360,6 +360,7 @@ class ThreadedLlm:
         asyncio.run_coroutine_threadsafe(self.llm.server.close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
 
 
 def test_openai_calls_through_a_pod_sidecar_are_charged_their_tokens_fleet_wide_and_shown(
@@ -378,12 +379,14 @@ def test_openai_calls_through_a_pod_sidecar_are_charged_their_tokens_fleet_wide_
     cluster.wait_ready("tokens")
     assert cluster.create_pod("fleet-tokens", "tokens", SA).returncode == 0
     server = ThreadedLlm()
+    stack = contextlib.ExitStack()
     sidecar = PodSidecar(cluster.plane, NAMESPACE, "fleet-tokens", {"flights": cluster.upstream.url,
                                                                     "payments": cluster.upstream.url,
                                                                     "llm": server.llm.url}, cluster.workdir)
     try:
         sidecar.start()
         client = openai.OpenAI(api_key="sk-agent-made-up", base_url=f"{sidecar.url}/llm/v1")
+        stack.callback(client.close)
         for used, stream in ((400, False), (350, True), (300, False)):
             server.llm.usage = used
             if stream:
@@ -405,5 +408,6 @@ def test_openai_calls_through_a_pod_sidecar_are_charged_their_tokens_fleet_wide_
         wait_for(lambda: _printed(cluster, "tokens").get("BUDGET") == "llm.usage.total_tokens 1050/1000", 30,
                  "kubectl get acap to show the tokens spent")
     finally:
+        stack.close()
         sidecar.stop()
         server.stop()
