@@ -188,12 +188,16 @@ class FleetLimits:
             self._settling = asyncio.create_task(self._settle_debts(), name="capgate-usage-settlement")
 
     async def _settle_debts(self) -> None:
+        """Write what is owed, retrying every :data:`RETRY_SECONDS` while the state is unreachable (an
+        idle agent's debt is recorded too; meanwhile any call needing a new lease retries it, and is refused)."""
         try:
-            async with self._lock:
-                refusal = await self._acquire([], spend=False)
-            if refusal is not None:  # the next budgeted call retries it and is refused while it fails
-                log.warning("usage of %s beyond the lease in hand is not yet recorded: %s", self.capability,
-                            refusal.message)
+            while self.book.debts:
+                async with self._lock:
+                    refusal = await self._acquire([], spend=False)
+                if refusal is not None:
+                    log.warning("usage of %s beyond the lease in hand is not yet recorded: %s", self.capability,
+                                refusal.message)
+                    await asyncio.sleep(RETRY_SECONDS)
         finally:
             self._settling = None
 
@@ -305,6 +309,7 @@ class FleetLimits:
 
     async def close(self) -> None:
         if self._settling is not None:
+            self._settling.cancel()
             await asyncio.gather(self._settling, return_exceptions=True)
         if self.book.debts:  # what the last calls used, once more before going away (a lost debt undercharges)
             self._retry_at = 0.0
