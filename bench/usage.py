@@ -24,20 +24,33 @@ to a call — the sidecar's :class:`capgate.sidecar.consumption.SingleUse` over 
 compare-and-swap write per call; in memory (standalone) as the baseline, alone (its last write's
 resourceVersion is current, so one write), and with a second sidecar consuming in between (every
 write first meets a 409, then reads and writes again).
+
+Response budgets (``from: response``, LLM tokens): the charger rows add a response-charged call with
+a warm lease (its one-unit deposit, then the settlement of its usage), and a second table compares,
+through a real ``capgate-sidecar`` process (standalone) in front of a loopback chat completions
+server (tests/sidecar/llm_server.py), a call whose budget reads the request body with one whose
+budget reads the answer — JSON, and a text/event-stream — by latency and by the sidecar's CPU per
+request from /proc (the figure that survives a shared machine's noise).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import harness
+from aiohttp import web
 
 from capgate import resources
 from capgate import usage as core_usage
@@ -45,8 +58,9 @@ from capgate.capabilities import spec
 from capgate.sidecar import consumption, usage
 from capgate.sidecar.limits import Limits
 from capgate.sidecar.metrics import Metrics
-from e2e.cluster import install_crds
+from e2e.cluster import free_port, install_crds
 from e2e.controlplane import ControlPlane
+from tests.sidecar.llm_server import LlmServer
 
 NAMESPACE = "bench"
 
@@ -120,6 +134,25 @@ async def run(kubeconfig: str, calls: int) -> tuple[list[list[object]], list[lis
         for charger in chargers:
             await charger.close()
 
+    # Response-charged: the deposit with the call, the settlement after it (both from the warm lease).
+    tokens = spec.Capability(name="tokens", namespace=NAMESPACE, service_account="agent", upstreams=(), rules=(),
+                             budgets=(spec.Budget("llm", "usage.total_tokens", 10_000_000_000, timedelta(hours=24),
+                                                  "response", 4096),))
+    store = Counting(usage.KubeUsageStore(kubeconfig, NAMESPACE, "tokens"))
+    charger = usage.FleetLimits(store, tokens.qualified_name, Metrics())
+    (budget,) = tokens.budgets
+    warm = timings.setdefault("response-charged, warm lease (deposit + settlement)", [])
+    for _ in range(calls):
+        before = store.writes
+        started = time.perf_counter()
+        refused = await charger.charge(tokens, "llm", None)
+        charger.settle(tokens, [(budget, 120)])
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(0)
+        if refused is None and store.writes == before:
+            warm.append(elapsed)
+    await charger.close()
+
     rows: list[list[object]] = []
     for case, samples in timings.items():
         if not samples:
@@ -170,10 +203,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="capgate-bench-"), ControlPlane(progress=harness._quiet) as plane:
         install_crds(plane)
         plane.create_namespace(NAMESPACE)
-        for name in ("far", "near", "shared", "receipts", "receipts-shared"):
+        for name in ("far", "near", "shared", "tokens", "receipts", "receipts-shared"):
             create_usage(plane, name)
         rows, writes = asyncio.run(run(str(plane.kubeconfig), calls))
         consumed = asyncio.run(consuming(str(plane.kubeconfig), calls // 40))
+    sidecar_rows = asyncio.run(through_sidecar(max(200, calls // 10)))
     print(f"fleet-wide budget charge latency — {calls} calls per budget, {harness.machine()}")
     print(harness.table(["case", "calls", "p50 ms", "p99 ms", "mean ms"], rows))
     print()
@@ -184,7 +218,94 @@ def main() -> int:
     print(f"\nwarm lease adds {added:.4f} ms p50 over the standalone charge (target <= 0.05 ms)")
     print(f"\nsingle-use receipts: recording one consumed receipt — {calls // 40} calls per row")
     print(harness.table(["case", "calls", "p50 ms", "p99 ms", "mean ms"], consumed))
+    print()
+    print(f"request- vs response-charged calls through a capgate-sidecar process — {sidecar_rows[0][1]} sequential "
+          "calls per row, a chat completion of 9 words")
+    print(harness.table(["case", "calls", "p50 ms", "p99 ms", "sidecar CPU ms/call"], sidecar_rows))
     return 0
+
+
+# ------------------------------------------------------------------------------ through a sidecar process
+
+def sidecar_capability(source: str) -> dict[str, Any]:
+    budget: dict[str, Any] = {"upstream": "llm", "max": 10_000_000_000, "per": "24h"}
+    if source == "response":
+        budget.update({"field": "usage.total_tokens", "from": "response", "worstCase": 4096})
+    else:
+        budget["field"] = "max_tokens"
+    return {"apiVersion": resources.API_VERSION, "kind": resources.CAPABILITY_KIND,
+            "metadata": {"name": f"llm-{source}", "namespace": NAMESPACE},
+            "spec": {"serviceAccountName": "agent", "upstreams": [{"name": "llm", "url": "http://llm.internal"}],
+                     "rules": [{"name": "chat", "effect": "allow", "upstream": "llm", "methods": ["POST"],
+                                "paths": ["/v1/chat/completions"]}],
+                     "budgets": [budget]}}
+
+
+async def through_sidecar(calls: int) -> list[list[object]]:
+    from capgate.capabilities import keys
+
+    llm = LlmServer()
+    runner = web.AppRunner(llm.app(), access_log=None)
+    await runner.setup()
+    upstream_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", upstream_port).start()
+    rows: list[list[object]] = []
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        with tempfile.TemporaryDirectory(prefix="capgate-bench-") as tmp:
+            keys.KeySet.generate().write(Path(tmp) / "keys")
+            for source, stream in (("request", False), ("response", False), ("request", True), ("response", True)):
+                cap = Path(tmp) / f"{source}.json"
+                cap.write_text(json.dumps(sidecar_capability(source)))
+                listen, admin = free_port(), free_port()
+                sidecar = subprocess.Popen(
+                    [sys.executable, "-m", "capgate.sidecar", "--capability", str(cap), "--root-key",
+                     str(Path(tmp) / "keys" / "root.key"), "--listen", f"127.0.0.1:{listen}", "--admin-listen",
+                     f"127.0.0.1:{admin}", "--upstream-url", f"llm=http://127.0.0.1:{upstream_port}",
+                     "--audit-log", str(Path(tmp) / f"audit-{source}-{stream}.jsonl"), "--log-level", "warning"],
+                    cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+                try:
+                    rows.append(await _calls(f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}/readyz",
+                                             sidecar.pid, calls, source, stream))
+                finally:
+                    sidecar.terminate()
+                    sidecar.wait(10)
+    finally:
+        await runner.cleanup()
+    return rows
+
+
+async def _calls(url: str, ready: str, pid: int, calls: int, source: str, stream: bool) -> list[object]:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+    if stream:
+        body.update({"stream": True, "stream_options": {"include_usage": True}})
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                async with session.get(ready) as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"sidecar not ready: {ready}")
+            await asyncio.sleep(0.05)  # polling another process: there is no event to await
+        latencies: list[float] = []
+        for index in range(calls + 50):  # the first 50 warm the pools and caches
+            if index == 50:
+                cpu_before = harness.cpu_seconds(pid)
+            started = time.perf_counter()
+            async with session.post(f"{url}/llm/v1/chat/completions", json=body) as response:
+                await response.read()
+                assert response.status == 200, response.status
+            if index >= 50:
+                latencies.append((time.perf_counter() - started) * 1000)
+        cpu_ms = (harness.cpu_seconds(pid) - cpu_before) * 1000 / calls
+    kind = "text/event-stream (10 events)" if stream else "JSON"
+    case = f"{source}-charged, {kind}" + (" (usage.total_tokens)" if source == "response" else " (max_tokens)")
+    return [case, calls, f"{harness.percentile(latencies, 50):.2f}", f"{harness.percentile(latencies, 99):.2f}",
+            f"{cpu_ms:.2f}"]
 
 
 if __name__ == "__main__":

@@ -325,6 +325,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         for name in spends:
             print(f"  consumes: the receipt of {name!r} (single-use: spent before forwarding; "
                   "a second call with it is refused, receipt_consumed)")
+        upstream = args.request.split()[1] if args.request and len(args.request.split()) > 1 else None
+        for budget in cap.budgets:
+            if result.allowed and budget.from_response and budget.upstream == upstream:
+                print(f"  after:  budget {budget.upstream}.{budget.field} ({budget.max} per "
+                      f"{spec.format_duration(budget.per)}) is charged from the response; {budget.worst_case} "
+                      "if its usage cannot be read; refused once spent")
     return EXIT_OK if result.allowed else EXIT_DENIED
 
 

@@ -106,11 +106,9 @@ class RateLimitSpec(TypedDict):
     per: str
 
 
-class BudgetSpec(TypedDict):
-    upstream: str
-    field: str
-    max: int
-    per: str
+BudgetSpec = TypedDict("BudgetSpec", {  # functional form: ``from`` is a Python keyword
+    "upstream": str, "field": str, "max": int, "per": str,
+    "from": NotRequired[Literal["request", "response"]], "worstCase": NotRequired[int]})
 
 
 class CredentialSpec(TypedDict, total=False):
@@ -165,6 +163,25 @@ class AgentCapabilityStatus(TypedDict, total=False):
     revocationIds: list[str]
     upstreams: int
     rules: int
+    usage: CapabilityUsageSummary
+
+
+class MeterUsage(TypedDict):
+    meter: str
+    """The window key in the AgentCapabilityUsage (``budget/payments/amount/86400s``)."""
+    label: str
+    windowStart: int
+    spent: int
+    max: int
+    remaining: int
+
+
+class CapabilityUsageSummary(TypedDict):
+    """``status.usage`` of an AgentCapability: its AgentCapabilityUsage summarized by the operator."""
+
+    meters: list[MeterUsage]
+    summary: str
+    """The printer column: ``payments.amount 1200/100000, requests 3/600``."""
 
 
 class RevokedEntry(TypedDict):

@@ -22,8 +22,17 @@ state"). Asking the API server on every call would put a write on every request 
   a window whose spending in *our* window is unknown: refused until our clock reaches it.
 
 Meters are keyed by what they count and their length (``requests/3600s``,
-``budget/payments/amount/86400s``; a per-tool budget appends ``/tool/<tool>``), so raising ``max``
-keeps the spending, while changing ``per`` starts a new meter.
+``budget/payments/amount/86400s``; a per-tool budget appends ``/tool/<tool>``; a budget read from
+responses is ``budget/llm/response:usage.total_tokens/86400s``), so raising ``max`` keeps the spending,
+while changing ``per`` starts a new meter.
+
+**Response budgets** (``from: response``, LLM token usage) cannot be charged before the call: its
+amount is in the answer. A call needs one unit of the window up front (the *deposit*: a call is
+refused once nothing is left) and is settled after the response with what it used less the deposit
+(:meth:`LeaseBook.adjust`). Usage beyond the lease in hand becomes *debt*, written to the shared
+window as a plain increment that may take ``spent`` past ``max`` (:meth:`LeaseBook.settle`): the
+window ends above ``max`` by at most the usage of the calls in flight when it ran out. Debt is
+written before any new lease is taken, so a sidecar that cannot record what was used takes no more.
 
 The same object records single-use receipts (``status.consumed``, ``status.horizon``; see the last
 section): a consumed id is only ever added, and pruned only once it expired, so the agent can spend
@@ -95,24 +104,31 @@ class Claim:
 
     windows: dict[str, Window]
     grants: dict[str, int]
+    debts: dict[str, int] = field(default_factory=dict)
+    """Response usage beyond the leases in hand that this write records (see :meth:`LeaseBook.settle`)."""
 
 
 Demand = tuple[Meter, int]
 
+DEPOSIT = 1
+"""What a call under a response budget takes up front: a window with nothing left refuses it."""
+
 
 def meters(cap: spec.Capability) -> tuple[Meter, ...]:
-    """The rate limit and the budgets of a capability, as fleet-wide meters."""
+    """The rate limit and the budgets of a capability, as fleet-wide meters (in that order)."""
     out: list[Meter] = []
     if cap.rate_limit is not None:
         per = _seconds(cap.rate_limit.per.total_seconds())
         out.append(Meter(f"requests/{per}s", cap.rate_limit.requests, per, "rate limit"))
     for budget in cap.budgets:
         per = _seconds(budget.per.total_seconds())
-        # A tool's budget is its own meter; its key keeps the upstream-wide form as its prefix.
+        # ':' is not in a field path, so a response budget never shares a request budget's window; a
+        # tool's budget is its own meter, its key keeping the upstream-wide form as its prefix.
+        counted = f"response:{budget.field}" if budget.from_response else budget.field
         tool = f"/tool/{budget.tool}" if budget.tool is not None else ""
-        label = f" (tool {budget.tool})" if budget.tool is not None else ""
-        out.append(Meter(f"budget/{budget.upstream}/{budget.field}/{per}s{tool}", budget.max, per,
-                         f"budget {budget.upstream}.{budget.field}{label}"))
+        label = (f"budget {budget.upstream}.{budget.field}" + (" (response)" if budget.from_response else "")
+                 + (f" (tool {budget.tool})" if budget.tool is not None else ""))
+        out.append(Meter(f"budget/{budget.upstream}/{counted}/{per}s{tool}", budget.max, per, label))
     return tuple(out)
 
 
@@ -164,6 +180,8 @@ class LeaseBook:
     """One sidecar's leases, one per meter, valid only in the window they were taken in."""
 
     leases: dict[str, Lease] = field(default_factory=dict)
+    debts: dict[str, tuple[Meter, int]] = field(default_factory=dict)
+    """Used but not yet recorded in the shared window: response usage beyond the lease in hand."""
 
     def balance(self, meter: Meter, now: float) -> int:
         lease = self.leases.get(meter.key)
@@ -208,6 +226,48 @@ class LeaseBook:
             windows[meter.key] = Window(current, spent + grant)
             grants[meter.key] = grant
         return Claim(windows, grants)
+
+    def adjust(self, meter: Meter, delta: int, now: float) -> int:
+        """Settle a response-charged call: ``delta`` (usage less the deposit) from the lease, the
+        rest as debt; a negative ``delta`` returns the unused deposit to the lease. Returns the debt added."""
+        lease = self.leases.get(meter.key)
+        current = lease is not None and lease.start == window_start(now, meter.per)
+        if delta <= 0:
+            if current and lease is not None:
+                lease.balance -= delta
+            return 0
+        covered = min(delta, lease.balance) if current and lease is not None else 0
+        if covered and lease is not None:
+            lease.balance -= covered
+        owed = delta - covered
+        if owed:
+            previous = self.debts.get(meter.key)
+            self.debts[meter.key] = (meter, owed + (previous[1] if previous else 0))
+        return owed
+
+    def settle(self, stored: Mapping[str, Window], now: float) -> Claim:
+        """The write that records every debt: each window's ``spent`` grows by it, past ``max`` if need be
+        (what was used was used). A window stored ahead of our clock takes it too: windows never move back."""
+        windows: dict[str, Window] = {}
+        debts: dict[str, int] = {}
+        for key, (meter, owed) in self.debts.items():
+            current = window_start(now, meter.per)
+            window = stored.get(key)
+            if window is not None and window.start >= current:
+                windows[key] = Window(window.start, window.spent + owed)
+            else:
+                windows[key] = Window(current, owed)
+            debts[key] = owed
+        return Claim(windows, {}, debts)
+
+    def settled(self, claim: Claim) -> None:
+        """Forget the debts a claim's accepted write recorded (more may have been added meanwhile)."""
+        for key, owed in claim.debts.items():
+            meter, total = self.debts[key]
+            if total > owed:
+                self.debts[key] = (meter, total - owed)
+            else:
+                del self.debts[key]
 
     def running_low(self, meter: Meter, now: float) -> bool:
         """Worth renewing ahead of need: a quarter of the last slice or less is left in this window."""
@@ -273,6 +333,18 @@ def table(cap: spec.Capability, status: object, now: float) -> list[Row]:
         spent = window.spent if window is not None and window.start == current else 0
         rows.append(Row(meter, current, spent, max(0, meter.max - spent)))
     return rows
+
+
+def short_label(meter: Meter) -> str:
+    """The meter in a printer column: ``requests``, ``payments.amount``, ``llm.usage.total_tokens``."""
+    if meter.key.startswith("requests/"):
+        return "requests"
+    return meter.label.removeprefix("budget ").removesuffix(" (response)")
+
+
+def summary(rows: Sequence[Row]) -> str:
+    """One line for ``kubectl get acap``: ``payments.amount 1200/100000, requests 3/600`` (``-`` with no meter)."""
+    return ", ".join(f"{short_label(r.meter)} {r.spent}/{r.meter.max}" for r in rows) or "-"
 
 
 # ------------------------------------------------------------------------------ single-use receipts

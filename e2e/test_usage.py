@@ -381,3 +381,120 @@ def test_with_the_api_server_stopped_consuming_calls_are_refused_and_ungated_cal
              "the unspent receipt to open the gate once the API server is back")
     assert _charge(sidecar, receipt, "trip-down", "down-once")[1]["reason"] == "receipt_consumed"
     assert _charged(cluster, "down-once") == 5
+
+
+# ------------------------------------------------------------------------------ kubectl get acap, token budgets
+
+def _printed(env: Environment, name: str) -> dict[str, str]:
+    """``kubectl get acap NAME`` as a user reads it: the real kubectl's table, column by header."""
+    lines = env.plane.kubectl("get", "acap", name, "-n", NAMESPACE).stdout.splitlines()
+    header, row = lines[0], lines[1]
+    starts = [header.index(column) for column in header.split()]
+    cells = [row[start:end].strip() for start, end in zip(starts, [*starts[1:], None], strict=True)]
+    return dict(zip(header.split(), cells, strict=True))
+
+
+def test_kubectl_get_acap_shows_what_the_fleet_spent_and_keeps_it_fresh(cluster: Environment) -> None:
+    cluster.apply(budget_capability("shown", 1000))
+    cluster.wait_ready("shown")
+    assert cluster.create_pod("fleet-shown", "shown", SA).returncode == 0
+    sidecar = cluster.sidecar("fleet-shown")
+    for amount, least in ((300, 300), (100, 400)):
+        assert call(sidecar, "POST", "/payments/v1/charges", {"amount": amount, "marker": "shown"})[0] == 200
+
+        def shown(least: int = least) -> bool:
+            spent = _stored(cluster, "shown")["status"]["windows"]["budget/payments/amount/86400s"]["spent"]
+            return spent >= least and _printed(cluster, "shown").get("BUDGET") == f"payments.amount {spent}/1000"
+
+        wait_for(shown, 30, f"kubectl get acap to show what the fleet leased (at least {least})")
+    meters = cluster.get_capability("shown")["status"]["usage"]["meters"]
+    shown = subprocess.run([sys.executable, "-m", "capgate.cli", "usage", "shown", "-n", NAMESPACE, "--json",
+                            "--kubeconfig", str(cluster.plane.kubeconfig)], capture_output=True, text=True, check=True)
+    (row,) = json.loads(shown.stdout)
+    assert [(m["meter"], m["spent"], m["max"], m["remaining"]) for m in meters] == [
+        (row["meter"], row["spent"], row["max"], row["remaining"])], "capgate usage and the status agree"
+
+
+class ThreadedLlm:
+    """tests/sidecar/llm_server.py's chat completions server, on loopback in its own thread."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        from aiohttp.test_utils import TestServer
+
+        from tests.sidecar.llm_server import LlmServer
+
+        self.llm = LlmServer()
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def start() -> None:
+            self.llm.server = TestServer(self.llm.app(), host="127.0.0.1")
+            await self.llm.server.start_server()
+            ready.set()
+
+        self.thread = threading.Thread(target=lambda: (self.loop.run_until_complete(start()), self.loop.run_forever()),
+                                       daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        import asyncio
+
+        assert self.llm.server is not None
+        asyncio.run_coroutine_threadsafe(self.llm.server.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_openai_calls_through_a_pod_sidecar_are_charged_their_tokens_fleet_wide_and_shown(
+        cluster: Environment) -> None:
+    import openai
+
+    from e2e.cluster import PodSidecar
+
+    obj = budget_capability("tokens", 1000)
+    obj["spec"]["upstreams"].append({"name": "llm", "url": "http://llm.example.internal"})
+    obj["spec"]["rules"].append({"name": "chat", "effect": "allow", "upstream": "llm", "methods": ["POST"],
+                                 "paths": ["/v1/chat/completions"]})
+    obj["spec"]["budgets"] = [{"upstream": "llm", "field": "usage.total_tokens", "max": 1000, "per": "24h",
+                               "from": "response", "worstCase": 4000}]
+    cluster.apply(obj)
+    cluster.wait_ready("tokens")
+    assert cluster.create_pod("fleet-tokens", "tokens", SA).returncode == 0
+    server = ThreadedLlm()
+    stack = contextlib.ExitStack()
+    sidecar = PodSidecar(cluster.plane, NAMESPACE, "fleet-tokens", {"flights": cluster.upstream.url,
+                                                                    "payments": cluster.upstream.url,
+                                                                    "llm": server.llm.url}, cluster.workdir)
+    try:
+        sidecar.start()
+        client = openai.OpenAI(api_key="sk-agent-made-up", base_url=f"{sidecar.url}/llm/v1")
+        stack.callback(client.close)
+        for used, stream in ((400, False), (350, True), (300, False)):
+            server.llm.usage = used
+            if stream:
+                chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                             stream=True, stream_options={"include_usage": True}))
+                assert [c.usage.total_tokens for c in chunks if c.usage] == [used]
+            else:
+                answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+                assert answer.usage is not None and answer.usage.total_tokens == used
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.body == "budget_exhausted"
+        assert len(server.llm.calls) == 3
+        key = "budget/llm/response:usage.total_tokens/86400s"
+        wait_for(lambda: _stored(cluster, "tokens")["status"]["windows"][key]["spent"] >= 1050, 10,
+                 "the tokens used to reach the shared window")
+        window = _stored(cluster, "tokens")["status"]["windows"][key]
+        assert window["spent"] == 1050, "one sidecar: every slice it leased was used, and the overshoot recorded"
+        wait_for(lambda: _printed(cluster, "tokens").get("BUDGET") == "llm.usage.total_tokens 1050/1000", 30,
+                 "kubectl get acap to show the tokens spent")
+    finally:
+        stack.close()
+        sidecar.stop()
+        server.stop()

@@ -122,6 +122,22 @@ def test_explain_exits_zero_when_allowed() -> None:
     assert result.stdout.startswith("ALLOWED")
 
 
+def test_explain_says_a_token_budget_is_charged_from_the_response_and_never_reads_the_request_for_it(
+        tmp_path: Path) -> None:
+    obj = yaml.safe_load(EXAMPLE.read_text())
+    obj["spec"]["budgets"] = [{"upstream": "payments", "field": "usage.total_tokens", "max": 60000, "per": "24h",
+                               "from": "response", "worstCase": 4096}]
+    cap = tmp_path / "tokens.yaml"
+    cap.write_text(yaml.safe_dump(obj))
+    result = run("explain", str(cap), "--request", "POST payments /v1/charges", "--body", '{"amount": 100}',
+                 "--receipt", "search", "--at", AT)
+    assert result.returncode == 0, result.stdout
+    assert "budget payments.usage.total_tokens (60000 per 1d) is charged from the response; 4096" in result.stdout
+    query = run("explain", str(cap), "--request", "POST payments /v1/charges?usage=1", "--body", '{"amount": 100}',
+                "--receipt", "search", "--at", AT)
+    assert query.returncode == 0, "a response field in the query is no ambiguity: the request is never read for it"
+
+
 @pytest.mark.parametrize(("resource", "reason"), [("mcp://payments/%72efund", "deny_rule"),
                                                    ("mcp://payments/../refund", "bad_request")])
 def test_explain_reads_resources_with_the_sidecars_reader(resource: str, reason: str) -> None:

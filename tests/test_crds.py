@@ -87,7 +87,7 @@ def test_capability_crd_names_match_resources_module() -> None:
     assert resources.CAPABILITY_SHORT_NAME in crd["spec"]["names"]["shortNames"]
     assert crd["spec"]["versions"][0]["name"] == resources.VERSION
     columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert columns[:5] == ["Ready", "Upstreams", "Rules", "Expires", "Reason"]
+    assert columns[:6] == ["Ready", "Upstreams", "Rules", "Expires", "Budget", "Reason"]
     assert "Age" in columns
 
 

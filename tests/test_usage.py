@@ -324,3 +324,165 @@ def test_the_consumed_capacity_is_the_crds() -> None:
 
     consumed = _schema()["properties"]["status"]["properties"]["consumed"]
     assert consumed["maxProperties"] == usage.MAX_CONSUMED
+
+
+# ------------------------------------------------------------------------------ response budgets
+
+TOKENS = usage.Meter("budget/llm/response:usage.total_tokens/86400s", 1000, 86400, "budget llm.usage.total_tokens")
+
+
+def _tokens_cap() -> spec.Capability:
+    return _cap(budgets=(spec.Budget("payments", "amount", 60000, timedelta(hours=24)),
+                         spec.Budget("llm", "usage.total_tokens", 1000, timedelta(hours=24), "response", 4096)))
+
+
+def test_a_response_budget_has_its_own_window_key_and_label() -> None:
+    _, amount, tokens = usage.meters(_tokens_cap())
+    assert amount.key == "budget/payments/amount/86400s"
+    assert tokens.key == TOKENS.key
+    assert tokens.label == "budget llm.usage.total_tokens (response)"
+
+
+def test_usage_within_the_lease_costs_no_write_and_an_unused_deposit_goes_back_to_it() -> None:
+    book = usage.LeaseBook({TOKENS.key: usage.Lease(0, 100, 100)})
+    assert book.spend_local([(TOKENS, usage.DEPOSIT)], 5.0)
+    assert book.adjust(TOKENS, 60 - usage.DEPOSIT, 5.0) == 0
+    assert book.balance(TOKENS, 5.0) == 40
+    assert book.spend_local([(TOKENS, usage.DEPOSIT)], 5.0)
+    assert book.adjust(TOKENS, 0 - usage.DEPOSIT, 5.0) == 0  # the call used nothing
+    assert book.balance(TOKENS, 5.0) == 40
+    assert book.debts == {}
+
+
+def test_usage_beyond_the_lease_is_owed_and_recorded_past_max_in_the_shared_window() -> None:
+    book = usage.LeaseBook({TOKENS.key: usage.Lease(0, 30, 30)})
+    assert book.adjust(TOKENS, 1200, 5.0) == 1170
+    assert book.balance(TOKENS, 5.0) == 0
+    stored = {TOKENS.key: usage.Window(0, 900)}
+    claim = book.settle(stored, 5.0)
+    assert claim.windows[TOKENS.key] == usage.Window(0, 2070), "what was used was used: spent passes max"
+    assert claim.grants == {}
+    assert transition_allowed(stored, {**stored, **claim.windows})
+    book.adjust(TOKENS, 5, 6.0)  # another call settled while the write was in flight
+    book.settled(claim)
+    assert book.debts == {TOKENS.key: (TOKENS, 5)}
+    refused = book.claim([(TOKENS, usage.DEPOSIT)], claim.windows, 6.0)
+    assert isinstance(refused, usage.Refusal) and refused.reason == "exhausted"
+
+
+def test_debt_goes_to_the_current_window_or_to_one_stored_ahead_never_backwards() -> None:
+    book = usage.LeaseBook()
+    book.adjust(TOKENS, 50, 86400.0 + 10)
+    ended = {TOKENS.key: usage.Window(0, 1000)}
+    assert book.settle(ended, 86400.0 + 10).windows[TOKENS.key] == usage.Window(86400, 50)
+    ahead = {TOKENS.key: usage.Window(2 * 86400, 7)}
+    claim = book.settle(ahead, 86400.0 + 10)
+    assert claim.windows[TOKENS.key] == usage.Window(2 * 86400, 57)
+    assert transition_allowed(ahead, claim.windows)
+
+
+def test_the_printer_column_summarizes_every_meter_as_spent_over_max() -> None:
+    status = {"windows": {"requests/3600s": {"start": 3600, "spent": 3},
+                          TOKENS.key: {"start": 0, "spent": 1200}}}
+    rows = usage.table(_tokens_cap(), status, 4000.0)
+    assert usage.summary(rows) == "requests 3/600, payments.amount 0/60000, llm.usage.total_tokens 1200/1000"
+    assert [r.remaining for r in rows] == [597, 60000, 0]
+    assert usage.summary([]) == "-"
+
+
+class TokenFleet(RuleBasedStateMachine):
+    """Response budgets: calls take a deposit, end later with any usage, and owe what the lease lacks.
+
+    Within one window (rollovers are the model above's), whatever interleaves: every token used is
+    recorded in the shared window or still owed (lost only with a crashed sidecar's debt), and the
+    slices leased up front never take the window past ``max`` — only recorded usage does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1_000_000.0
+        self.store = Store()
+        self.books = [usage.LeaseBook() for _ in range(SIDECARS)]
+        self.snapshots: list[tuple[int, dict[str, Any]] | None] = [None] * SIDECARS
+        self.in_flight: list[int] = []
+        self.used = self.lost = self.debt_written = self.agent_added = 0
+
+    @rule(sidecar=st.integers(0, SIDECARS - 1))
+    def read(self, sidecar: int) -> None:
+        self.snapshots[sidecar] = (self.store.version, dict(self.store.status))
+
+    def _write(self, sidecar: int, claim: usage.Claim) -> bool:
+        snapshot = self.snapshots[sidecar]
+        assert snapshot is not None
+        new_status = usage.apply(snapshot[1], claim)
+        if not self.store.write(snapshot[0], new_status):
+            self.snapshots[sidecar] = None
+            return False
+        self.snapshots[sidecar] = (self.store.version, new_status)
+        return True
+
+    @rule(sidecar=st.integers(0, SIDECARS - 1))
+    def start(self, sidecar: int) -> None:
+        book, demands = self.books[sidecar], [(TOKENS, usage.DEPOSIT)]
+        if not book.spend_local(demands, self.now):
+            if self.snapshots[sidecar] is None or book.debts:
+                return  # the adapter pays debts first (the pay rule)
+            claim = book.claim(demands, usage.parse_windows(self.snapshots[sidecar][1]), self.now)  # type: ignore[index]
+            if isinstance(claim, usage.Refusal) or not self._write(sidecar, claim):
+                return
+            book.granted(claim)
+            assert book.spend_local(demands, self.now)
+        self.in_flight.append(sidecar)
+        self.used += usage.DEPOSIT
+
+    @precondition(lambda self: self.in_flight)
+    @rule(index=st.integers(0, 10), tokens=st.integers(0, 3) | st.integers(0, 200))
+    def finish(self, index: int, tokens: int) -> None:
+        sidecar = self.in_flight.pop(index % len(self.in_flight))
+        self.books[sidecar].adjust(TOKENS, tokens - usage.DEPOSIT, self.now)
+        self.used += tokens - usage.DEPOSIT
+
+    @rule(sidecar=st.integers(0, SIDECARS - 1))
+    def pay(self, sidecar: int) -> None:
+        book, snapshot = self.books[sidecar], self.snapshots[sidecar]
+        if not book.debts or snapshot is None:
+            return
+        claim = book.settle(usage.parse_windows(snapshot[1]), self.now)
+        if self._write(sidecar, claim):
+            book.settled(claim)
+            self.debt_written += sum(claim.debts.values())
+
+    @rule(sidecar=st.integers(0, SIDECARS - 1))
+    def crash(self, sidecar: int) -> None:
+        self.lost += sum(owed for _, owed in self.books[sidecar].debts.values())
+        self.books[sidecar] = usage.LeaseBook()
+        self.snapshots[sidecar] = None
+
+    @rule(more=st.integers(0, 50))
+    def agent_writes(self, more: int) -> None:
+        window = self.store.windows().get(TOKENS.key)
+        start = usage.window_start(self.now, TOKENS.per)
+        status = dict(self.store.status)
+        status["windows"] = {**(status.get("windows") or {}),
+                             TOKENS.key: {"start": start, "spent": (window.spent if window else 0) + more}}
+        assert self.store.write(self.store.version, status)
+        self.agent_added += more
+
+    def _spent(self) -> int:
+        window = self.store.windows().get(TOKENS.key)
+        return window.spent if window else 0
+
+    @invariant()
+    def every_token_used_is_recorded_or_owed(self) -> None:
+        owed = sum(owed for book in self.books for _, owed in book.debts.values())
+        leased_unused = sum(book.balance(TOKENS, self.now) for book in self.books)
+        assert self.used <= self._spent() - self.agent_added - leased_unused + owed + self.lost
+
+    @invariant()
+    def slices_leased_up_front_never_pass_max(self) -> None:
+        assert self._spent() - self.debt_written - self.agent_added <= TOKENS.max
+
+
+TokenFleet.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None,
+                                        suppress_health_check=[HealthCheck.too_slow])
+test_no_interleaving_of_response_charged_calls_loses_a_token_or_leases_past_max = TokenFleet.TestCase

@@ -209,7 +209,7 @@ def parse(raw: bytes) -> object:
 def fields_for(cap: spec.Capability, upstream: str) -> frozenset[str]:
     """Body fields some limit or budget reads for requests to ``upstream``: the body must be read."""
     found = {lim.field for rule in cap.rules if rule.upstream in (None, upstream) for lim in rule.limits}
-    found.update(budget.field for budget in cap.budgets if budget.upstream == upstream)
+    found.update(budget.field for budget in cap.budgets if budget.upstream == upstream and not budget.from_response)
     return frozenset(found)
 
 

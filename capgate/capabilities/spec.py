@@ -50,6 +50,7 @@ MAX_TOOL = 128
 Effect = Literal["allow", "deny"]
 Mode = Literal["enforce", "audit"]
 EgressMode = Literal["enforce", "cooperative"]
+BudgetSource = Literal["request", "response"]
 
 
 @dataclass(frozen=True)
@@ -173,13 +174,25 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class Budget:
+    """``budgets[]``: the sum of a JSON field per window, read from the request body (charged before
+    forwarding) or from the upstream's response (``from: response``, charged after the call)."""
+
     upstream: str
     field: str
     max: int
     per: timedelta
+    source: BudgetSource = "request"
+    worst_case: int | None = None
+    """``worstCase`` (``from: response`` only, required there): what a call is charged when its usage
+    cannot be read (error status, no such field, not JSON, a truncated stream), so unreadable is never 0."""
+
     tool: str | None = None
     """``tool``: only MCP calls of this tool (a name or glob) count, each such budget on its own
     meter, instead of every message to the upstream."""
+
+    @property
+    def from_response(self) -> bool:
+        return self.source == "response"
 
     @cached_property
     def tool_resource(self) -> str | None:
@@ -249,7 +262,7 @@ class Capability:
     def limit_fields(self) -> frozenset[str]:
         """Body fields some rule or budget reads; only these are ever extracted from a body."""
         found = {lim.field for rule in self.rules for lim in rule.limits}
-        found.update(budget.field for budget in self.budgets)
+        found.update(budget.field for budget in self.budgets if not budget.from_response)
         return frozenset(found)
 
     @cached_property
@@ -640,7 +653,7 @@ def _parse_delegation(spec: _Reader, namespace: str) -> Delegation:
 def _parse_budgets(spec: _Reader, upstreams: tuple[Upstream, ...]) -> tuple[Budget, ...]:
     out = []
     for path, item in spec.items("budgets"):
-        reader = _Reader(item, path, ("upstream", "tool", "field", "max", "per"))
+        reader = _Reader(item, path, ("upstream", "tool", "field", "max", "per", "from", "worstCase"))
         upstream = reader.string("upstream", DNS_LABEL, max_len=63, what="an upstream name")
         declared = next((u for u in upstreams if u.name == upstream), None)
         if declared is None:
@@ -655,12 +668,29 @@ def _parse_budgets(spec: _Reader, upstreams: tuple[Upstream, ...]) -> tuple[Budg
             problem = problem or paths.validate_resource_glob(f"mcp://{upstream}/{tool}")
             if problem:
                 raise SpecError(reader.sub("tool"), problem)
+        source = reader.string("from", default="request")
+        if source not in ("request", "response"):
+            raise SpecError(reader.sub("from"), "must be 'request' or 'response'")
+        worst_case = None
+        if source == "response":
+            if not reader.has("worstCase"):
+                raise SpecError(reader.sub("worstCase"), "is required with from: response: what a call whose usage "
+                                                         "cannot be read is charged (never 0)")
+            worst_case = reader.integer("worstCase", minimum=1)
+            if declared.mcp is not None:
+                raise SpecError(reader.sub("from"), f"upstream {upstream!r} speaks MCP; from: response reads HTTP "
+                                                    "responses (JSON or text/event-stream), not JSON-RPC results")
+        elif reader.has("worstCase"):
+            raise SpecError(reader.sub("worstCase"), "only applies to from: response (a request budget reads its "
+                                                     "amount before the call)")
         out.append(Budget(
             tool=tool,
             upstream=upstream,
             field=reader.string("field", FIELD_PATH, max_len=256, what="a dotted JSON field path"),
             max=reader.integer("max"),
             per=reader.duration("per", timedelta(hours=24), minimum=timedelta(seconds=1), maximum=timedelta(days=31)),
+            source=cast(BudgetSource, source),
+            worst_case=worst_case,
         ))
     return tuple(out)
 
@@ -795,11 +825,18 @@ def to_spec(cap: Capability) -> dict[str, Any]:
     if cap.rate_limit:
         spec["rateLimit"] = {"requests": cap.rate_limit.requests, "per": format_duration(cap.rate_limit.per)}
     if cap.budgets:
-        spec["budgets"] = [{"upstream": b.upstream, **({"tool": b.tool} if b.tool is not None else {}),
-                            "field": b.field, "max": b.max, "per": format_duration(b.per)} for b in cap.budgets]
+        spec["budgets"] = [_budget_dict(b) for b in cap.budgets]
     if cap.datalog:
         spec["datalog"] = cap.datalog
     return spec
+
+
+def _budget_dict(budget: Budget) -> dict[str, Any]:
+    out: dict[str, Any] = {"upstream": budget.upstream, **({"tool": budget.tool} if budget.tool is not None else {}),
+                           "field": budget.field, "max": budget.max, "per": format_duration(budget.per)}
+    if budget.from_response:
+        out.update({"from": "response", "worstCase": budget.worst_case})
+    return out
 
 
 def numeric_field(body: object, dotted: str) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,8 +21,8 @@ from typing import Any
 import kopf
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from capgate import resources, revocation, timestamps
-from capgate.capabilities import compiler, keys
+from capgate import resources, revocation, timestamps, usage
+from capgate.capabilities import compiler, keys, spec
 from capgate.capabilities.errors import CapabilityError, SpecError
 from capgate.capabilities.spec import Capability
 from capgate.operator import certificates, manifests, minting
@@ -34,6 +35,7 @@ KEYSET_CACHE = timedelta(seconds=5)
 """How stale the operator's view of the root key Secret may be (``capgate keys rotate --cluster``)."""
 WEBHOOK_TLS_SECRET = "capgate-webhook-tls"
 CAPABILITY = (resources.GROUP, resources.VERSION, resources.CAPABILITY_PLURAL)
+USAGE = (resources.GROUP, resources.VERSION, resources.USAGE_PLURAL)
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Context:
     ready: ReadyFlag = field(default_factory=ReadyFlag)
     kube: Kube | None = None
     keyset_cache: tuple[datetime, keys.KeySet] | None = None
+    usage: dict[tuple[str, str], object] = field(default_factory=dict)
+    """The last status seen of each AgentCapabilityUsage, by (namespace, name), from the watch."""
 
     def client(self) -> Kube:
         if self.kube is None:
@@ -229,10 +233,58 @@ async def on_change(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, mem
         await reconcile(body, status, patch, memo, logger)
 
 
+@kopf.on.event(*USAGE)
+async def on_usage_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Remember each usage object's status as the watch delivers it (no API request, no write)."""
+    obj = event.get("object") or {}
+    meta = obj.get("metadata") or {}
+    key = (str(meta.get("namespace")), str(meta.get("name")))
+    if event.get("type") == "DELETED":
+        context(memo).usage.pop(key, None)
+    else:
+        context(memo).usage[key] = obj.get("status") or {}
+
+
+def usage_summary(cap: Capability, stored: object, now: float) -> resources.CapabilityUsageSummary | None:
+    """``status.usage`` from a usage object's status (the same table ``capgate usage`` prints);
+    None when the capability meters nothing or the stored state is malformed."""
+    try:
+        rows = usage.table(cap, stored, now)
+    except usage.UsageError:
+        return None
+    if not rows:
+        return None
+    return {"summary": usage.summary(rows),
+            "meters": [{"meter": r.meter.key, "label": r.meter.label, "windowStart": r.start, "spent": r.spent,
+                        "max": r.meter.max, "remaining": r.remaining} for r in rows]}
+
+
+def _report_usage(ctx: Context, body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    """Keep ``status.usage`` (the Budget printer column) fresh from the watched usage object: written
+    only when it changed, so at most one status patch per capability per tick while it is being spent."""
+    generation = int(body.meta.get("generation") or 1)
+    cached = memo.get("usage_spec")
+    if cached is None or cached[0] != generation:
+        try:
+            cached = (generation, spec.parse_capability(body))
+        except SpecError:
+            cached = (generation, None)
+        memo["usage_spec"] = cached
+    cap = cached[1]
+    stored = ctx.usage.get((str(body.meta.namespace), str(body.meta.name)))
+    if cap is None or stored is None:
+        return
+    summary = usage_summary(cap, stored, time.time())
+    if summary is not None and status.get("usage") != summary:
+        patch.status["usage"] = summary
+
+
 @kopf.timer(*CAPABILITY, interval=5.0, initial_delay=1.0)
 async def on_tick(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
                   logger: kopf.Logger, **_: Any) -> None:
-    """Rotation and session keys: cheap when nothing is due (an in-memory deadline check)."""
+    """Rotation and session keys: cheap when nothing is due (an in-memory deadline check); and the
+    spending summary, from the usage objects' watch."""
+    _report_usage(context(memo), body, status, patch, memo)
     due = memo.get("next_check")
     root_changed = memo.get("root_key_id") != (await context(memo).keyset()).active_id
     if due is not None and datetime.now(UTC) < due and not root_changed:

@@ -32,7 +32,7 @@ from capgate.sidecar import buffers, consumption, control, egress, errors, facts
 from capgate.sidecar.audit import AuditLog
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import CredentialStore, Loaded, UpstreamSecrets
-from capgate.sidecar.gate import Gate, Trace, new_decision_id
+from capgate.sidecar.gate import Gate, Receipts, ResponseTap, Trace, new_decision_id, response_budgets
 from capgate.sidecar.limits import Charger, Limits
 from capgate.sidecar.metrics import Metrics
 from capgate.sidecar.receipts import ReceiptBook, split_header
@@ -269,9 +269,9 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
         principal=loaded.principal, correlation=correlation, method=request.method, upstream=route.upstream.name,
         path=route.path, body=parsed, receipts=receipts.rules, unconsumed=receipts.unconsumed, now=now), trace)
     gate.enforce(loaded, verdict, trace)
-    await gate.charge(loaded, route.upstream.name, parsed, trace)
-    await gate.consume(loaded, verdict, receipts, trace)
-    return await _forward(request, gate, loaded, route, verdict, correlation, body.raw if body else None)
+    deposited = await gate.charge(loaded, route.upstream.name, parsed, trace)
+    return await _forward(request, gate, loaded, route, verdict, receipts, correlation, body.raw if body else None,
+                          deposited)
 
 
 async def _route(request: web.Request, cap: spec.Capability, settings: Settings, trace: Trace) -> routing.Route:
@@ -295,7 +295,24 @@ def _injection(request: web.Request, upstream: spec.Upstream) -> proxy.Injection
 
 
 async def _forward(request: web.Request, gate: Gate, loaded: Loaded, route: routing.Route,
-                   verdict: decision.Decision, correlation: str, body: bytes | None) -> web.StreamResponse:
+                   verdict: decision.Decision, receipts: Receipts, correlation: str, body: bytes | None,
+                   deposited: bool) -> web.StreamResponse:
+    trace: Trace = request[TRACE]
+    metered = response_budgets(loaded.capability, route.upstream.name)
+    tap = ResponseTap(metered) if metered else None
+    try:
+        # After charging, so a call its budget refuses spends no receipt; inside the try, so a call
+        # whose receipt is refused gets its deposit back (settled unforwarded: 0).
+        await gate.consume(loaded, verdict, receipts, trace)
+        return await _send(request, gate, loaded, route, verdict, correlation, body, tap)
+    finally:  # every way out — relayed, cut short, 502/504, the agent gone — is charged (sync: safe on cancel)
+        if tap is not None:
+            gate.settle(loaded, metered, tap, trace, deposited=deposited)
+
+
+async def _send(request: web.Request, gate: Gate, loaded: Loaded, route: routing.Route,
+                verdict: decision.Decision, correlation: str, body: bytes | None,
+                tap: ResponseTap | None) -> web.StreamResponse:
     trace: Trace = request[TRACE]
     injection = _injection(request, route.upstream)
     trust = request.app[TRUST].context(route.upstream)
@@ -312,7 +329,8 @@ async def _forward(request: web.Request, gate: Gate, loaded: Loaded, route: rout
         gate.metrics.upstream_time(route.upstream.name, seconds)
 
     response = await proxy.forward(request, route, client=request.app[CLIENT], body=body, injection=injection,
-                                   response_headers=extra_headers, observe=observe, record=trace, trust=trust)
+                                   response_headers=extra_headers, observe=observe, record=trace, trust=trust,
+                                   tap=tap)
     trace.status = response.status
     return response
 

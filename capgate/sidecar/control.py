@@ -280,8 +280,7 @@ async def whoami(request: web.Request, gate: Gate, trace: Trace) -> web.Response
         "rules": [_rule_summary(r) for r in cap.rules],
         "rateLimit": {"requests": cap.rate_limit.requests, "per": spec.format_duration(cap.rate_limit.per)}
         if cap.rate_limit else None,
-        "budgets": [{"upstream": b.upstream, "field": b.field, "max": b.max, "per": spec.format_duration(b.per)}
-                    for b in cap.budgets],
+        "budgets": spec.to_spec(cap).get("budgets", []),
         "receiptTtl": spec.format_duration(cap.receipt_ttl),
     }
     return web.json_response(body, dumps=lambda obj: json.dumps(obj, sort_keys=False))

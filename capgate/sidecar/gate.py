@@ -14,6 +14,9 @@ Order of the checks — each refusal is final, and the first one wins:
    when another call spent it first, 503 ``usage_unavailable`` when the state cannot be reached;
    audit mode only logs). Last, so a call refused for any other reason never spends a receipt.
 
+After forwarding, response budgets (``from: response``) are settled from what the relayed answer
+said (:class:`ResponseTap`, :meth:`Gate.settle`), whatever became of the call.
+
 Everything the request path does per call is CPU-bound and sub-millisecond (token verification is
 cached by the core's Verifier, receipt verification here), so it runs inline on the event loop
 rather than paying a thread hop.
@@ -30,8 +33,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from multidict import CIMultiDictProxy
+
 from capgate import usage
-from capgate.capabilities import decision, tokens
+from capgate.capabilities import decision, responses, spec, tokens
 from capgate.capabilities import receipts as core_receipts
 from capgate.capabilities.errors import TokenError
 from capgate.sidecar import consumption, errors, state
@@ -83,6 +88,8 @@ class Trace:
     """For an MCP message: its kind, JSON-RPC method, tool/URI, id and argument digest."""
     forwarded: bool = False
     """The request may have reached the upstream (and taken effect): never recorded as denied."""
+    usage: dict[str, dict[str, object]] | None = None
+    """Response budgets: per field, what was charged and, when it could not be read, why."""
     skip: bool = False
     """Not a decision (whoami, a refused CONNECT still counts); nothing is recorded."""
     recorded: bool = False
@@ -109,6 +116,8 @@ class Trace:
             out["mcp"] = self.mcp
         if self.forwarded:
             out["forwarded"] = True
+        if self.usage is not None:
+            out["usage"] = self.usage
         return out
 
 
@@ -123,6 +132,37 @@ class Receipts:
     """Rules with such a receipt not known to be consumed (what a consuming gate reads)."""
     candidates: Mapping[str, frozenset[usage.Candidate]]
     """Per rule, the receipts not known to be consumed: what a consuming gate may spend."""
+
+
+class ResponseTap:
+    """Reads what response budgets charge from a relayed answer (a :class:`~capgate.sidecar.proxy.Tap`)."""
+
+    def __init__(self, budgets: list[spec.Budget]) -> None:
+        self.budgets = budgets
+        self.reader: responses.UsageReader | None = None
+        self.completed = False
+
+    def start(self, status: int, headers: CIMultiDictProxy[str]) -> None:
+        self.reader = responses.UsageReader(sorted({b.field for b in self.budgets}), status=status,
+                                            content_type=headers.getall("Content-Type", []),
+                                            content_encoding=headers.getall("Content-Encoding", []))
+
+    def feed(self, chunk: bytes) -> None:
+        if self.reader is not None:
+            self.reader.feed(chunk)
+
+    def complete(self) -> None:
+        self.completed = True
+
+    def usage(self) -> dict[str, responses.Usage]:
+        """Per field; no answer relayed (a 502 after sending, a timeout) is unreadable too."""
+        if self.reader is None:
+            return {b.field: responses.Usage(None, "truncated") for b in self.budgets}
+        return self.reader.result(complete=self.completed)
+
+
+def response_budgets(cap: spec.Capability, upstream: str) -> list[spec.Budget]:
+    return [b for b in cap.budgets if b.upstream == upstream and b.from_response]
 
 
 def new_decision_id() -> str:
@@ -224,16 +264,39 @@ class Gate:
         raise errors.from_decision(verdict)
 
     async def charge(self, loaded: Loaded, upstream: str | None, body: object, trace: Trace,
-                     tool: str | None = None) -> None:
+                     tool: str | None = None) -> bool:
+        """Charge the rate limit and budgets (429 when they refuse); False when audit mode let a refusal pass."""
         refusal = await self.limits.charge(loaded.capability, upstream, body, tool)
         if refusal is None:
-            return
+            return True
         if loaded.capability.mode == "audit":
             if trace.outcome != "would_deny":  # the first would-be refusal is the one to report
                 trace.outcome, trace.reason = "would_deny", refusal.detail or refusal.reason
-            return
+            return False
+        headers = {"Retry-After": str(max(1, round(refusal.retry_after)))}
+        if refusal.reason == "budget_exhausted" and refusal.detail is None:
+            # Spent until the window ends: the retry hint the OpenAI/Anthropic clients obey (they would
+            # otherwise retry a 429 at once, and be refused again).
+            headers["X-Should-Retry"] = "false"
         raise errors.SidecarError(429, refusal.reason, refusal.detail or refusal.reason, refusal.message,
-                                  headers={"Retry-After": str(max(1, round(refusal.retry_after)))})
+                                  headers=headers)
+
+    def settle(self, loaded: Loaded, budgets: list[spec.Budget], tap: ResponseTap, trace: Trace,
+               *, deposited: bool) -> None:
+        """Charge response budgets after the call: the usage read, else the worst case; nothing if
+        the request never reached the upstream."""
+        found = tap.usage()
+        settlements: list[tuple[spec.Budget, int]] = []
+        trace.usage = {}
+        for budget in budgets:
+            assert budget.worst_case is not None  # required with from: response (spec)
+            read = found[budget.field]
+            amount = read.charge(budget.worst_case) if trace.forwarded else 0
+            settlements.append((budget, amount))
+            trace.usage[budget.field] = {"charged": amount} if read.why is None or not trace.forwarded else \
+                {"charged": amount, "unreadable": read.why}
+            self.metrics.response_charged.labels(f"{budget.upstream}.{budget.field}").inc(amount)
+        self.limits.settle(loaded.capability, settlements, deposited=deposited)
 
     async def consume(self, loaded: Loaded, verdict: decision.Decision, receipts: Receipts, trace: Trace) -> None:
         """Spend the receipts the allowing rule consumes, before forwarding (raise for a refusal)."""

@@ -12,6 +12,11 @@
   a missing field denies); a field that is present but not countable (``1e300``, ``"500"``) is
   refused, never counted as 0.
 
+* **Response budget** (``from: response``) — the same window, charged *after* the call with what the
+  upstream's answer says it used (:mod:`capgate.capabilities.responses`; the worst case when that
+  cannot be read). A call is refused once the window holds ``max``; the call that reaches it may
+  take the window past ``max`` by its own usage (and by that of calls still in flight).
+
 Both are charged only for requests that are about to be forwarded, so denied calls do not eat an
 agent's allowance. State is in memory, per sidecar: a restart resets it, which the short credential
 lifetime bounds. Memory is bounded by the number of capabilities × budget entries × requests per
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -89,12 +95,20 @@ def budget_amount(budget: spec.Budget, body: object) -> int | Refusal:
     return max(0, value or 0)
 
 
+Settlement = tuple[spec.Budget, int]
+"""A response budget and what one call used (read from its response, or the worst case)."""
+
+
 class Charger(Protocol):
-    """What the gate needs: refuse, or charge one request that is about to be forwarded."""
+    """What the gate needs: refuse, or charge one request that is about to be forwarded; after the
+    call, settle its response budgets (never fails: what was used is recorded, or owed)."""
 
     async def charge(self, cap: spec.Capability, upstream: str | None, body: object,
                      tool: str | None = None) -> Refusal | None:
         """``tool``: the ``mcp://<upstream>/<tool>`` resource when the request is an MCP tool call."""
+
+    def settle(self, cap: spec.Capability, settlements: Sequence[Settlement], *, deposited: bool = True) -> None:
+        """``deposited``: the call's charge took its deposits (False when audit mode forwarded a refusal)."""
 
 
 class Limits:
@@ -122,6 +136,14 @@ class Limits:
         for index, budget in enumerate(cap.budgets):
             if not budget.applies(upstream, tool):
                 continue
+            if budget.from_response:
+                window = self._budgets.setdefault((cap.qualified_name, index), BudgetWindow(budget))
+                window.expire(moment)
+                if window.total >= budget.max:
+                    return Refusal("budget_exhausted", f"budget {budget.upstream}.{budget.field}: {window.total} of "
+                                                       f"{budget.max} used in {spec.format_duration(budget.per)}",
+                                   window.retry_after(moment, 1))
+                continue
             amount = budget_amount(budget, body)
             if isinstance(amount, Refusal):
                 return amount
@@ -138,6 +160,17 @@ class Limits:
                 window.spent.append((moment, amount))
                 window.total += amount
         return None
+
+    def settle(self, cap: spec.Capability, settlements: Sequence[Settlement], *, deposited: bool = True,
+               now: float | None = None) -> None:
+        """Charge response budgets what their calls used (after the calls; may pass ``max``)."""
+        moment = time.monotonic() if now is None else now
+        for budget, amount in settlements:
+            index = cap.budgets.index(budget)
+            window = self._budgets.setdefault((cap.qualified_name, index), BudgetWindow(budget))
+            if amount > 0:
+                window.spent.append((moment, amount))
+                window.total += amount
 
     def _take_rate(self, cap: spec.Capability, now: float) -> float | None:
         limit = cap.rate_limit

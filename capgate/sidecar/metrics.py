@@ -44,6 +44,9 @@ class Metrics:
         # Fleet-wide usage (capgate.sidecar.usage); the meter label is a key built from the capability.
         self.leases_taken = Counter("capgate_usage_leases", "Slices of a fleet-wide window leased by this sidecar",
                                     ("meter",), registry=self.registry)
+        self.response_charged = Counter("capgate_usage_response_charged",
+                                        "Units response budgets charged after calls (read from responses, or their "
+                                        "worst case), by upstream.field", ("budget",), registry=self.registry)
         self.lease_remaining = Gauge("capgate_usage_lease_remaining", "Units left in this sidecar's current lease",
                                      ("meter",), registry=self.registry)
         self.usage_state_age = Gauge("capgate_usage_state_age_seconds",

@@ -70,6 +70,17 @@ TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCD
 """RFC 9110 §5.6.2 ``tchar``: what a header name may hold."""
 
 
+class Tap(Protocol):
+    """Sees the response as it is relayed (response budgets read usage from it); never changes it."""
+
+    def start(self, status: int, headers: CIMultiDictProxy[str]) -> None: ...
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def complete(self) -> None:
+        """The whole body reached the agent."""
+
+
 class Record(Protocol):
     """What forwarding tells the request's audit record (the sidecar's ``Trace`` is one)."""
 
@@ -151,11 +162,14 @@ async def _headers_sent(session: aiohttp.ClientSession, context: SimpleNamespace
 async def forward(request: web.Request, route: Route, *, client: aiohttp.ClientSession, body: bytes | None,
                   injection: Injection | None, response_headers: Callable[[int], Mapping[str, str]],
                   observe: Callable[[float], None], record: Record,
-                  trust: ssl.SSLContext | None = None) -> web.StreamResponse:
+                  trust: ssl.SSLContext | None = None, tap: Tap | None = None) -> web.StreamResponse:
     """Send the request upstream and stream the answer back, telling ``record`` what happened.
 
     ``trust`` verifies an https upstream that declares its own CA (:mod:`capgate.sidecar.trust`);
     None keeps the client's default verification. Verification is never turned off.
+    With a ``tap`` (a response budget reads this answer) the upstream is asked for
+    ``Accept-Encoding: identity``: the sidecar never decompresses, and a compressed answer's usage
+    could not be read (it would be charged its worst case).
     """
     data: bytes | io.BytesIO | aiohttp.StreamReader | None = body
     if body is not None and len(body) > LARGE_BYTES:
@@ -163,6 +177,8 @@ async def forward(request: web.Request, route: Route, *, client: aiohttp.ClientS
     if body is None and request.body_exists:
         data = request.content
     headers = outgoing_headers(request.headers, injection, body is not None)
+    if tap is not None:
+        headers["Accept-Encoding"] = "identity"
     started = time.perf_counter()
     try:
         upstream = await client.request(request.method, URL(route.target, encoded=True), headers=headers,
@@ -173,11 +189,11 @@ async def forward(request: web.Request, route: Route, *, client: aiohttp.ClientS
     observe(time.perf_counter() - started)
     async with upstream:
         record.upstream_status = upstream.status
-        return await _relay(request, route, upstream, response_headers(upstream.status), record)
+        return await _relay(request, route, upstream, response_headers(upstream.status), record, tap)
 
 
 async def _relay(request: web.Request, route: Route, upstream: aiohttp.ClientResponse,
-                 extra: Mapping[str, str], record: Record) -> web.StreamResponse:
+                 extra: Mapping[str, str], record: Record, tap: Tap | None) -> web.StreamResponse:
     bad = unrelayable(upstream)
     if bad is not None:
         log.warning("upstream %s answered %d with %s; refused with 502", route.upstream.name, upstream.status, bad)
@@ -200,10 +216,16 @@ async def _relay(request: web.Request, route: Route, upstream: aiohttp.ClientRes
         log.info("agent went away before the response of %s started (%s)", route.upstream.name, type(exc).__name__)
         return response
     record.status = response.status
+    if tap is not None:
+        tap.start(upstream.status, upstream.headers)
     try:
         async for chunk in upstream.content.iter_chunked(CHUNK):
+            if tap is not None:
+                tap.feed(chunk)
             await response.write(chunk)
         await response.write_eof()
+        if tap is not None:
+            tap.complete()
     except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
         # Writing to a gone agent raises ConnectionResetError (aiohttp's ClientConnectionResetError is
         # one); the upstream giving out surfaces as ClientPayloadError, ServerDisconnectedError or a timeout.

@@ -10,6 +10,11 @@ time), so in steady use no call waits for the API server. The grant counts only 
 server accepted the write, so a write that timed out either took effect (that slice is lost) or
 did not (nothing was taken) — never double-spent.
 
+Response budgets (``from: response``) take a one-unit deposit with the call and are settled after it
+(:meth:`FleetLimits.settle`): usage the lease in hand covers costs no I/O; the rest is debt, written
+in the background and always before this sidecar takes any new lease, so one that cannot record
+what its calls used refuses further budgeted calls instead of spending unrecorded.
+
 Fail closed: when the object cannot be read or written (API server down, object missing, a
 malformed status), a call that needs a new lease is refused with 429 and reason
 ``usage_unavailable``; after a failure, renewals wait :data:`RETRY_SECONDS` before asking again, so
@@ -23,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -32,7 +37,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from capgate import resources, usage
 from capgate.capabilities import spec
-from capgate.sidecar.limits import Refusal, budget_amount
+from capgate.sidecar.limits import Refusal, Settlement, budget_amount
 from capgate.sidecar.metrics import Metrics
 from capgate.sidecar.state import MAX_ATTEMPTS, RETRY_SECONDS, Conflict, StateUnavailable, UsageStore
 
@@ -129,6 +134,7 @@ class FleetLimits:
         self._lock = asyncio.Lock()
         self._retry_at = 0.0
         self._renewing: asyncio.Task[None] | None = None
+        self._settling: asyncio.Task[None] | None = None
         self.last_contact: float | None = None
         """Monotonic time of the last successful read or write (the state age metric)."""
         metrics.usage_state_age.set_function(lambda: -1.0 if self.last_contact is None else self.age() or 0.0)
@@ -152,8 +158,62 @@ class FleetLimits:
         self._observe(demands)
         return None
 
+    def settle(self, cap: spec.Capability, settlements: Sequence[Settlement], *, deposited: bool = True) -> None:
+        """After a response-charged call: what it used less its deposit, from the lease or as debt."""
+        if cap.qualified_name != self.capability:
+            return  # its call was refused up front (charge), so nothing was forwarded for it
+        by_budget = dict(zip(cap.budgets, usage.meters(cap)[1 if cap.rate_limit is not None else 0:], strict=True))
+        now = self.clock()
+        for budget, amount in settlements:
+            meter = by_budget[budget]
+            self.book.adjust(meter, amount - (usage.DEPOSIT if deposited else 0), now)
+            self.metrics.lease_remaining.labels(meter.key).set(self.book.balance(meter, now))
+        if self.book.debts and self._settling is None:
+            self._settling = asyncio.create_task(self._settle_debts(), name="capgate-usage-settlement")
+
+    async def _settle_debts(self) -> None:
+        """Write what is owed, retrying every :data:`RETRY_SECONDS` while the state is unreachable (an
+        idle agent's debt is recorded too; meanwhile any call needing a new lease retries it, and is refused)."""
+        try:
+            while self.book.debts:
+                async with self._lock:
+                    refusal = await self._acquire([], spend=False)
+                if refusal is not None:
+                    log.warning("usage of %s beyond the lease in hand is not yet recorded: %s", self.capability,
+                                refusal.message)
+                    await asyncio.sleep(RETRY_SECONDS)
+        finally:
+            self._settling = None
+
+    async def _pay_debts(self) -> None:
+        """Record response usage owed to the shared windows; raises like a lease write."""
+        for _ in range(MAX_ATTEMPTS):
+            if not self.book.debts:
+                return
+            version, status = await self._state()
+            claim = self.book.settle(usage.parse_windows(status), self.clock())
+            self._cached = None
+            try:
+                written = await self.store.write(version, usage.apply(status, claim))
+            except Conflict:
+                continue
+            self._remember(written)
+            self.book.settled(claim)
+            return
+        raise StateUnavailable(f"the shared usage state kept changing ({MAX_ATTEMPTS} conflicts in a row)")
+
     async def _acquire(self, demands: list[usage.Demand], *, spend: bool) -> Refusal | None:
-        """Lease enough for ``demands`` (and spend them, for a call); under the lock."""
+        """Lease enough for ``demands`` (and spend them, for a call), after recording any debt; under the lock."""
+        if self.book.debts:
+            if time.monotonic() < self._retry_at:
+                return _unavailable(demands, "the shared usage state was unreachable moments ago")
+            try:
+                await self._pay_debts()
+            except (StateUnavailable, usage.UsageError) as exc:
+                self._retry_at = time.monotonic() + RETRY_SECONDS
+                log.warning("fleet-wide usage of %s unavailable: %s; refusing calls that need a new lease",
+                            self.capability, exc)
+                return _unavailable(demands, f"the shared usage state cannot be reached: {exc}")
         for _ in range(MAX_ATTEMPTS):
             now = self.clock()
             if self.book.covers(demands, now):  # another call renewed while we waited for the lock
@@ -202,10 +262,10 @@ class FleetLimits:
             self._renewing = None
 
     async def idle(self) -> None:
-        """Wait for a background renewal in flight (tests and shutdown)."""
-        task = self._renewing
-        if task is not None:
-            await asyncio.gather(task, return_exceptions=True)
+        """Wait for a background renewal or settlement in flight (tests and shutdown)."""
+        for task in (self._renewing, self._settling):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _state(self) -> tuple[str, dict[str, Any]]:
         if self._cached is not None and time.monotonic() - self._cached_at < CACHE_SECONDS:
@@ -232,6 +292,13 @@ class FleetLimits:
         return None if self.last_contact is None else time.monotonic() - self.last_contact
 
     async def close(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
+            await asyncio.gather(self._settling, return_exceptions=True)
+        if self.book.debts:  # what the last calls used, once more before going away (a lost debt undercharges)
+            self._retry_at = 0.0
+            async with self._lock:
+                await self._acquire([], spend=False)
         if self._renewing is not None:
             self._renewing.cancel()
             await asyncio.gather(self._renewing, return_exceptions=True)
@@ -251,6 +318,9 @@ def _demands(cap: spec.Capability, upstream: str | None, body: object,
     for budget, meter in zip(cap.budgets, meters[index:], strict=True):
         if not budget.applies(upstream, tool):
             continue
+        if budget.from_response:
+            out.append((meter, usage.DEPOSIT))  # the rest is settled from the response
+            continue
         amount = budget_amount(budget, body)
         if isinstance(amount, Refusal):
             return amount
@@ -268,6 +338,8 @@ def _from_core(refusal: usage.Refusal) -> Refusal:
 
 
 def _unavailable(demands: list[usage.Demand], why: str) -> Refusal:
+    if not demands:  # a background settlement: nobody is refused, the message is logged
+        return Refusal("budget_exhausted", why, RETRY_SECONDS, "usage_unavailable")
     meter = demands[0][0]
     return Refusal(_error(meter), f"{meter.label}: {why}; refused rather than spent unmetered",
                    RETRY_SECONDS, "usage_unavailable")

@@ -16,6 +16,13 @@ from . import _support
 from ._support import Manifest
 
 
+def _both_set(*changes: tuple[object, ...]) -> Callable[[Manifest], None]:
+    def mutate(spec_: Manifest) -> None:
+        for *path, value in changes:
+            setter(*path, value=value)(spec_)  # type: ignore[arg-type]
+    return mutate
+
+
 def spec_error(mutate: Callable[[Manifest], object]) -> SpecError:
     with pytest.raises(SpecError) as info:
         _support.parse(mutate)
@@ -215,8 +222,33 @@ SPEC_ERRORS = [
     ("delegation-too-deep", setter("delegation", value={"maxDepth": 9}), "spec.delegation.maxDepth",
      "must be between 0 and 8"),
     ("rate-limit-zero", setter("rateLimit", "requests", value=0), "spec.rateLimit.requests", "must be between 1"),
+    ("response-budget-without-worst-case", setter("budgets", 0, "from", value="response"), "spec.budgets[0].worstCase",
+     "is required with from: response"),
+    ("response-budget-worst-case-zero", _both_set(("budgets", 0, "from", "response"), ("budgets", 0, "worstCase", 0)),
+     "spec.budgets[0].worstCase", "must be between 1"),
+    ("request-budget-with-worst-case", setter("budgets", 0, "worstCase", value=10), "spec.budgets[0].worstCase",
+     "only applies to from: response"),
+    ("budget-from-elsewhere", setter("budgets", 0, "from", value="headers"), "spec.budgets[0].from",
+     "must be 'request' or 'response'"),
+    ("response-budget-on-mcp", _both_set(("upstreams", 1, "mcp", {"path": "/mcp"}), ("budgets", 0, "from", "response"),
+                                         ("budgets", 0, "worstCase", 5)), "spec.budgets[0].from", "speaks MCP"),
     ("sa-missing", setter("serviceAccountName", value=None), "spec.serviceAccountName", "is required"),
 ]
+
+
+def test_a_response_budget_reads_back_and_never_makes_the_request_body_read() -> None:
+    def tokens(spec_: Manifest) -> None:
+        spec_["budgets"] = [{"upstream": "payments", "field": "usage.total_tokens", "max": 60000, "per": "24h",
+                             "from": "response", "worstCase": 4096}]
+
+    cap = _support.parse(tokens)
+    (budget,) = cap.budgets
+    assert (budget.from_response, budget.worst_case, budget.field) == (True, 4096, "usage.total_tokens")
+    assert "usage.total_tokens" not in cap.limit_fields, "a response field is never looked for in request bodies"
+    rendered = to_spec(cap)
+    assert rendered["budgets"][0]["from"] == "response" and rendered["budgets"][0]["worstCase"] == 4096
+    assert "from" not in to_spec(_support.parse())["budgets"][0]
+    assert parse_spec(rendered, name=cap.name, namespace=cap.namespace) == cap
 
 
 @pytest.mark.parametrize(("mutate", "path", "fragment"), [pytest.param(*case[1:], id=case[0]) for case in SPEC_ERRORS])

@@ -176,3 +176,34 @@ async def test_per_tool_budgets_are_meters_of_their_own_across_sidecars() -> Non
     assert await first.charge(cap, "booking", {"amount": 1}, None) is None  # not a call of either tool
     assert set(store.status["windows"]) == {"budget/booking/amount/86400s/tool/charge",
                                             "budget/booking/amount/86400s/tool/refund"}
+
+
+async def test_usage_owed_is_recorded_before_a_new_lease_so_a_spent_window_refuses_at_once() -> None:
+    store = MemoryStore()
+    cap = spec.Capability(name="booking-agent", namespace="travel", service_account="booking-agent", upstreams=(),
+                          rules=(), budgets=(spec.Budget("llm", "usage.total_tokens", 800, timedelta(hours=24),
+                                                         "response", 500),))
+    charger = _charger(store)
+    assert await charger.charge(cap, "llm", None) is None  # the deposit leases 800 // 8 = 100
+    charger.settle(cap, [(cap.budgets[0], 900)])  # 801 owed; its background write has not run yet
+    refused = await charger.charge(cap, "llm", None)
+    assert refused is not None and refused.reason == "budget_exhausted"
+    assert store.status["windows"]["budget/llm/response:usage.total_tokens/86400s"]["spent"] == 900
+    await charger.close()
+
+
+async def test_an_idle_sidecars_debt_is_written_once_the_state_is_back_without_another_call() -> None:
+    store = MemoryStore()
+    cap = spec.Capability(name="booking-agent", namespace="travel", service_account="booking-agent", upstreams=(),
+                          rules=(), budgets=(spec.Budget("llm", "usage.total_tokens", 800, timedelta(hours=24),
+                                                         "response", 500),))
+    charger = _charger(store)
+    assert await charger.charge(cap, "llm", None) is None
+    store.down = True
+    charger.settle(cap, [(cap.budgets[0], 300)])  # 200 owed beyond the lease of 100
+    await asyncio.sleep(0.05)  # the first attempt failed; the next is RETRY_SECONDS later
+    assert charger.book.debts
+    store.down = False
+    await asyncio.wait_for(charger.idle(), usage.RETRY_SECONDS * 3)
+    assert store.status["windows"]["budget/llm/response:usage.total_tokens/86400s"]["spent"] == 300
+    await charger.close()
