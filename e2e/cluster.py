@@ -391,8 +391,10 @@ def environment(plane: ControlPlane, workdir: Path, namespace: str, api_key: str
     install_crds(plane)
     plane.create_namespace(namespace)
     plane.kubectl("create", "serviceaccount", "booking-agent", "-n", namespace, check=False)
-    plane.kubectl("create", "secret", "generic", "payments-api-key", "-n", namespace,
-                  f"--from-literal=token={api_key}", check=False)
+    # Applied, not created: a Secret another module left in this namespace must not keep its key.
+    plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "payments-api-key"},
+         "stringData": {"token": api_key}}))
     operator = Operator(plane, workdir)
     operator.start()
     upstream = RecordingUpstream()

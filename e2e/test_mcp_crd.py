@@ -16,11 +16,14 @@ from e2e.cluster import Environment, environment
 from e2e.controlplane import ControlPlane
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mcp-booking-agent.yaml"
-NAMESPACE = "travel"
+# Its own namespace: the environment creates the upstream key Secret only where none exists, so sharing
+# "travel" would hand this module's key to test_operator.py's sidecars (or theirs to us).
+NAMESPACE = "mcp-crd"
 
 
 def example() -> dict[str, Any]:
     obj: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    obj["metadata"]["namespace"] = NAMESPACE
     return obj
 
 
