@@ -556,9 +556,9 @@ def test_removing_capgate_as_documented_leaves_only_the_root_key_and_webhook_sec
     plane = release.plane
     assert _bindings_for(plane, stack.namespace) != []
     # helm/capgate/README.md, "Uninstall": delete the capabilities while the operator runs, then uninstall.
-    stack.kubectl("delete", f"acap/{CAPABILITY}", "--wait=true", "--timeout=60s")
-    stack.kubectl("wait", "--for=delete", f"secret/{CAPABILITY}{resources.CREDENTIAL_SECRET_SUFFIX}",
-                  "--timeout=60s")
+    stack.kubectl("delete", "acap", "--all", "--wait=true", "--timeout=60s")
+    stack.kubectl("wait", "--for=delete", *[f"secret/{name}{resources.CREDENTIAL_SECRET_SUFFIX}"
+                                            for name in (CAPABILITY, STEADY)], "--timeout=60s")
     assert _bindings_for(plane, stack.namespace) == []
 
     release.uninstall()
