@@ -7,7 +7,7 @@ but still valid). Writing all of them in one Secret update is what makes minting
 sidecar either sees the old set or the new.
 
 A rotation leaves the previous credential valid until it expires, and a pod keeps presenting it
-until the kubelet syncs its Secret volume (up to about a minute). Revoking the capability must
+until the kubelet syncs its Secret volume (every 60-90 s). Revoking the capability must
 therefore cover every credential that can still verify, not just the current one: those are kept
 as ``retiredCredentials`` until they expire (found on real pods, where ``revoked: true`` right after
 a rotation left one replica working for a minute).
