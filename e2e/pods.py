@@ -12,6 +12,10 @@
   UID :data:`AGENT_UID` (non-root, not the sidecar's 65532), whose container only sleeps; tests act as
   the agent with ``kubectl exec`` running ``pod_scripts/agent.py`` (urllib and raw sockets).
 
+- steady-agent, a second capability (flights only, a credential valid for an hour) with a one-replica
+  Deployment, for session keys renewed under an unchanged credential; and, for one test, oom-agent, a
+  replica of booking-agent whose sidecar gets a memory limit a flood of large bodies crosses.
+
 Upstreams print one JSON line per thing they receive, so "what the upstream saw" is ``kubectl logs``.
 """
 

@@ -3,9 +3,13 @@
 One module-scoped stack (see :mod:`e2e.pods`): ``helm install`` of the chart with the image ``make image``
 built, imported into the node; flights (HTTP), payments (HTTPS with a private CA named by
 ``tls.caSecretRef``) and ledger (undeclared) as pods; the agent Deployment injected by the operator's
-webhook. Tests act as the agent with ``kubectl exec`` and read what the upstreams received from their
+webhook; a second capability, steady-agent, whose credential does not change while its session keys
+are renewed every 40 s (its agent calls from the start; the session-key test collects what it saw).
+Tests act as the agent with ``kubectl exec`` and read what the upstreams received from their
 logs. They run in file order: the revocation is terminal for the capability and comes after the
-upgrade, the uninstall comes last. The timings (pod starts, revocation across replicas) are printed
+upgrade, the uninstall comes last. With ``CAPGATE_E2E_KUBECONFIG`` they run on that cluster instead
+(e2e/external.py), except the SIGKILL test, which kills through the local node's containerd.
+The timings (pod starts, revocation across replicas, session keys) are printed
 and written to ``CAPGATE_CACHE/pods-timings.json``.
 """
 
