@@ -143,8 +143,8 @@ def _upstream(name: str, port: int, *, tls: bool) -> list[dict[str, Any]]:
     return [deployment, service]
 
 
-def agent_deployment(name: str = AGENT, capability: str = CAPABILITY, account: str = SERVICE_ACCOUNT,
-                     replicas: int = REPLICAS) -> dict[str, Any]:
+def agent_deployment(replicas: int = REPLICAS, *, name: str = AGENT, capability: str = CAPABILITY,
+                     account: str = SERVICE_ACCOUNT) -> dict[str, Any]:
     """An ordinary Deployment: nothing capgate-specific but the label (and the ServiceAccount it is bound to)."""
     labels = {"app": name, resources.CAPABILITY_LABEL: capability}
     container = {"name": "agent", "image": "IMAGE", "imagePullPolicy": "Never", "command": ["python", "-c", IDLE],
@@ -248,7 +248,7 @@ class Stack:
         """The steady-agent capability and its one-replica Deployment (see :func:`steady_capability`)."""
         self.apply([steady_capability(self.namespace)])
         self.kubectl("wait", f"acap/{STEADY}", "--for=condition=Ready", "--timeout=60s")
-        self.apply([agent_deployment(STEADY, STEADY, STEADY, replicas=1)])
+        self.apply([agent_deployment(1, name=STEADY, capability=STEADY, account=STEADY)])
         self.rollout(STEADY)
 
     def agent_pods(self, app: str = AGENT) -> list[dict[str, Any]]:

@@ -431,7 +431,7 @@ def test_an_oom_killed_sidecar_fails_closed_and_comes_back_with_the_fleet_budget
     release.plane.helm("upgrade", RELEASE, str(CHART), "--namespace", release.namespace, "--reuse-values",
                        "--set", f"sidecar.resources.limits.memory={OOM_MEMORY_LIMIT}", "--wait", "--timeout", "300s",
                        *release.image_values())
-    stack.apply([agent_deployment(OOM_AGENT, replicas=1)])
+    stack.apply([agent_deployment(1, name=OOM_AGENT)])
     stack.rollout(OOM_AGENT)
     try:
         (pod,) = names(stack, OOM_AGENT)
