@@ -144,15 +144,25 @@ def _upstream(name: str, port: int, *, tls: bool) -> list[dict[str, Any]]:
 
 
 def agent_deployment(replicas: int = REPLICAS, *, name: str = AGENT, capability: str = CAPABILITY,
-                     account: str = SERVICE_ACCOUNT) -> dict[str, Any]:
-    """An ordinary Deployment: nothing capgate-specific but the label (and the ServiceAccount it is bound to)."""
+                     account: str = SERVICE_ACCOUNT, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An ordinary Deployment: nothing capgate-specific but the label (and the ServiceAccount it is bound to).
+
+    Its container idles (tests ``kubectl exec`` the agent script), or with ``calls`` runs the agent script
+    on them from the start, as its own command.
+    """
     labels = {"app": name, resources.CAPABILITY_LABEL: capability}
-    container = {"name": "agent", "image": "IMAGE", "imagePullPolicy": "Never", "command": ["python", "-c", IDLE],
-                 "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID, "runAsNonRoot": True}}
+    container: dict[str, Any] = {
+        "name": "agent", "image": "IMAGE", "imagePullPolicy": "Never", "command": ["python", "-c", IDLE],
+        "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID, "runAsNonRoot": True}}
+    volumes: list[dict[str, Any]] = []
+    if calls is not None:
+        container["command"] = ["python", "/app/agent.py", json.dumps(calls)]
+        container["volumeMounts"] = [{"name": "script", "mountPath": "/app", "readOnly": True}]
+        volumes.append({"name": "script", "configMap": {"name": "upstream-script"}})
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
             "spec": {"replicas": replicas, "selector": {"matchLabels": labels}, "template": {
                 "metadata": {"labels": labels},
-                "spec": {"serviceAccountName": account, "containers": [container],
+                "spec": {"serviceAccountName": account, "containers": [container], "volumes": volumes,
                          "terminationGracePeriodSeconds": 1}}}}
 
 
@@ -169,7 +179,7 @@ def upstream_objects(namespace: str) -> list[dict[str, Any]]:
                         "ca.crt": tls.ca_pem.decode()}},
     ]
     config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "upstream-script"},
-              "data": {"upstream.py": UPSTREAM_SCRIPT.read_text()}}
+              "data": {"upstream.py": UPSTREAM_SCRIPT.read_text(), "agent.py": AGENT_SCRIPT.read_text()}}
     accounts = [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}
                 for name in (SERVICE_ACCOUNT, STEADY)]
     return [*secrets, config, *accounts, *_upstream("flights", HTTP_PORT, tls=False),
@@ -244,12 +254,18 @@ class Stack:
         self.apply([agent_deployment()])
         self.timings["agent deployment ready s"] = self.rollout(AGENT)
 
-    def start_steady(self) -> None:
-        """The steady-agent capability and its one-replica Deployment (see :func:`steady_capability`)."""
+    def start_steady(self, calls: list[dict[str, Any]]) -> None:
+        """The steady-agent capability and its one-replica Deployment (see :func:`steady_capability`),
+        whose agent makes ``calls`` from the moment the pod starts."""
         self.apply([steady_capability(self.namespace)])
         self.kubectl("wait", f"acap/{STEADY}", "--for=condition=Ready", "--timeout=60s")
-        self.apply([agent_deployment(1, name=STEADY, capability=STEADY, account=STEADY)])
+        self.apply([agent_deployment(1, name=STEADY, capability=STEADY, account=STEADY, calls=calls)])
         self.rollout(STEADY)
+
+    def agent_log(self, app: str) -> list[dict[str, Any]]:
+        """The JSON lines the agent container of Deployment ``app`` printed."""
+        lines = self.kubectl("logs", f"deployment/{app}", "-c", "agent", "--tail=-1").stdout.splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
 
     def agent_pods(self, app: str = AGENT) -> list[dict[str, Any]]:
         pods = self.get("pods", "-l", f"app={app}")["items"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -91,8 +90,8 @@ class LocalRelease(Release):
 class Deployed:
     stack: Stack
     release: LocalRelease
-    steady: subprocess.Popen[str]
-    """The steady agent, calling search then book over and over from the start (see the session-key test)."""
+    started: float = 0.0
+    """When the steady agent began calling (time.monotonic())."""
 
 
 @pytest.fixture(scope="module")
@@ -117,27 +116,20 @@ def deployed(cluster: Cluster, pulled: tuple[str, str]) -> Iterator[Deployed]:
     image, pull_policy = pulled
     release = LocalRelease(cluster, f"capgate-pods-{uuid.uuid4().hex[:6]}", image=image, pull_policy=pull_policy)
     stack = Stack(cluster, f"travel-pods-{uuid.uuid4().hex[:6]}", image, pull_policy)
-    steady: subprocess.Popen[str] | None = None
     try:
         release.prepare()
         started = time.monotonic()
         release.install()
         TIMINGS_SEEN["helm install --wait (operator pod Ready) s"] = time.monotonic() - started
         stack.start()
-        stack.start_steady()
-        TIMINGS_SEEN.update(stack.timings)
-        # Started now so that the renewals it must see happen while the other tests run.
-        (steady_pod,) = names(stack, STEADY)
-        steady = stack.agent_process(steady_pod, [{
+        # Its agent calls from the start, so that the renewals it must see happen while the other tests run;
+        # as the container's own command (read back with kubectl logs), not over a minutes-long kubectl exec.
+        stack.start_steady([{
             "receipts": ["$CAPGATE_UPSTREAM_FLIGHTS_URL/search", "$CAPGATE_UPSTREAM_FLIGHTS_URL/book"],
             "keys": SESSION_KEYS_SEEN, "seconds": SESSION_KEYS_WAIT_S}])
-        assert steady.stdout is not None
-        assert steady.stdout.readline().strip() == "ready", steady.stderr.read() if steady.stderr else ""
-        yield Deployed(stack, release, steady)
+        TIMINGS_SEEN.update(stack.timings)
+        yield Deployed(stack, release, time.monotonic())
     finally:
-        if steady is not None and steady.poll() is None:
-            steady.kill()
-            steady.wait()
         try:
             cluster.kubectl("delete", "namespace", stack.namespace, "--wait=false", "--ignore-not-found")
             if cluster.helm("status", RELEASE, "-n", release.namespace, check=False).returncode == 0:
@@ -490,10 +482,15 @@ def test_session_keys_are_renewed_through_the_kubelet_without_a_failed_call_or_a
     """steady-agent's credential stays for an hour; its session key is renewed every 40 s (lifetime 150 s)
     and reaches the pod when the kubelet syncs the Secret volume. The agent called search, then book (which
     requires search's 5 s receipt), since the stack came up."""
-    out, err = deployed.steady.communicate(timeout=SESSION_KEYS_WAIT_S + 60)
-    assert deployed.steady.returncode == 0, err
-    (result,) = json.loads(out.strip().splitlines()[-1])
-    calls = result["calls"]
+    stack = deployed.stack
+    deadline = deployed.started + SESSION_KEYS_WAIT_S + 60
+    while not any("done" in line for line in stack.agent_log(STEADY)) and time.monotonic() < deadline:
+        time.sleep(2)
+    (pod,) = stack.agent_pods(STEADY)
+    assert {s["name"]: s["restartCount"] for s in pod["status"]["containerStatuses"]} == {"agent": 0}
+    log = stack.agent_log(STEADY)
+    assert any("done" in line for line in log), log[-3:]
+    calls = [line["call"] for line in log if "call" in line]
     keys = list(dict.fromkeys(c["key"] for c in calls))
     assert None not in keys, [c for c in calls if c["key"] is None][:5]  # every allowed call got a receipt
     assert [(c["step"], c["status"], c["reason"]) for c in calls if c["status"] != 200] == []

@@ -13,11 +13,13 @@
   whoami reports has changed, and 10 calls more -> ``{"calls": [{"at", "credential", "status", "receipt"}]}``.
 - ``{"watch": [HTTP CALLS], "seconds": N}``: prints ``ready``, then makes the calls over and over for N s
   -> ``{"outcomes": [{"at", "status", "decided", "error"}]}`` (``decided``: the sidecar's decision id came back).
-- ``{"receipts": [SEARCH URL, BOOK URL], "keys": K, "seconds": N}``: prints ``ready``, then GET search and
-  POST book (a rule that requires search's receipt) over and over, until the receipts have been signed by
-  K session keys and 5 rounds more, or N s -> ``{"calls": [{"at", "step", "status", "reason", "key",
-  "credential", "sign_until"}]}``: the session key id and credential the receipt names, and the end of
-  the key's endorsement (``signUntil``).
+- ``{"receipts": [SEARCH URL, BOOK URL], "keys": K, "seconds": N}``: GET search and POST book (a rule that
+  requires search's receipt) over and over, until the receipts have been signed by K session keys and 5
+  rounds more, or N s. It is an agent container's own command (a Deployment's, from the start of the
+  pod), not a ``kubectl exec``: each call is printed at once as ``{"call": {"at", "step", "status",
+  "reason", "key", "credential", "sign_until"}}`` (the session key id and credential the receipt names,
+  and the end of the key's endorsement), then ``{"done": true}``, and the process idles (the test reads
+  ``kubectl logs``).
 - ``{"memory": URL, "bodies": N, "kib": K, "amount": A, "seconds": S}``: N threads POST JSON bodies of K KiB that are
   large once parsed, over and over for S s or until one gets no answer
   -> ``{"answers": {status: count}, "stopped": {"at", "error"} or None}``.
@@ -138,7 +140,6 @@ def receipt_keys(call: dict[str, Any]) -> dict[str, Any]:
     calls: list[dict[str, Any]] = []
     keys: list[str] = []
     after = 0
-    print("ready", flush=True)
     while time.monotonic() < deadline and after < 5:
         for step, url, method in (("search", search, "GET"), ("book", book, "POST")):
             result = http({"http": url, "method": method, "json": {}, "timeout": 5})
@@ -150,12 +151,16 @@ def receipt_keys(call: dict[str, Any]) -> dict[str, Any]:
                 key, credential, sign_until = payload.get("sid"), payload.get("cred"), _part(parts[3]).get("signUntil")
                 if key not in keys:
                     keys.append(key)
-            calls.append({"at": time.time(), "step": step, "status": result.get("status"),
-                          "reason": (result.get("body") or {}).get("reason"), "key": key, "credential": credential,
-                          "sign_until": sign_until, "error": result.get("error")})
+            record = {"at": time.time(), "step": step, "status": result.get("status"),
+                      "reason": (result.get("body") or {}).get("reason"), "key": key, "credential": credential,
+                      "sign_until": sign_until, "error": result.get("error")}
+            calls.append(record)
+            print(json.dumps({"call": record}), flush=True)
         after += len(keys) >= call["keys"]
         time.sleep(0.5)
-    return {"calls": calls}
+    print(json.dumps({"done": True}), flush=True)
+    while True:  # a Deployment's container: exiting would restart it and call again
+        time.sleep(3600)
 
 
 def memory(call: dict[str, Any]) -> dict[str, Any]:
