@@ -32,9 +32,9 @@ JITTER_FRACTION = 0.1
 SESSION_KEY_LIFETIME = timedelta(minutes=5)
 SESSION_KEY_RENEW_BEFORE = timedelta(seconds=150)
 """A new session key is written this long before the current one stops signing. The pod sees it when the
-kubelet next syncs the Secret volume: every 60-90 s (``syncFrequency`` 1 m plus up to 50 % jitter; measured
-on real pods, README "Verified on real pods"), and the sidecar may sign for ``receipts.SKEW`` more. 150 s is
-that worst case with 90 s to spare for a busy node or an operator restart."""
+kubelet next syncs the Secret volume: every 60-90 s (``syncFrequency`` 1 m plus up to 50 % jitter), measured
+63-92 s on real pods (README "Verified on real pods"); the sidecar may sign for ``receipts.SKEW`` more. 150 s
+is the worst seen with about a minute to spare for a busy node or an operator restart."""
 
 
 def secret_name(capability_name: str) -> str:
