@@ -571,6 +571,10 @@ class ControlPlane:
         argv = [str(self.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         return self._run(argv, input=input, check=check)
 
+    def kubectl_command(self, *args: str) -> list[str]:
+        """The admin kubectl argv, for a process a test keeps running (``kubectl exec`` of a long call)."""
+        return [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args]
+
     def helm(self, *args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run helm against this control plane, with helm's cache/config/data kept in the workdir."""
         work = self._require_workdir()

@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from e2e import images
+from e2e import external
 from e2e.controlplane import ControlPlane
+from e2e.external import Cluster
 from e2e.pods import CAPABILITY, HTTP_PORT, REPLICAS, Stack, local_image_values
 from e2e.test_helm_install import CHART
 
@@ -112,17 +113,17 @@ def revoke_and_time(stack: Stack, pods: list[str]) -> tuple[list[float], list[st
                 poller.wait()
 
 
-def run_on(plane: ControlPlane, *, namespace: str = NAMESPACE, operator_namespace: str = OPERATOR_NAMESPACE,
+def run_on(plane: Cluster, *, namespace: str = NAMESPACE, operator_namespace: str = OPERATOR_NAMESPACE,
            show: Say = say) -> int:
-    """The story on ``plane`` (which has a node); everything it creates is removed again. 0 = as expected."""
+    """The story on ``plane`` (a local one with its node, or CAPGATE_E2E_KUBECONFIG's); everything it creates
+    is removed again. 0 = as expected."""
     started = time.monotonic()
-    ref = images.build().images["capgate"].ref
-    plane.node.import_docker_image(ref)
-    show(f"image {ref} built and imported into the node ({time.monotonic() - started:.0f} s)")
+    ref, pull_policy = external.capgate_image(plane)
+    show(f"image {ref} ready on the node ({time.monotonic() - started:.0f} s)")
     plane.helm("install", RELEASE, str(CHART), "--namespace", operator_namespace, "--create-namespace", "--wait",
-               "--timeout", "300s", *local_image_values(ref))
+               "--timeout", "300s", *local_image_values(ref, pull_policy))
     show(f"helm install {RELEASE}: the operator runs in a pod from that image")
-    stack = Stack(plane, namespace, ref)
+    stack = Stack(plane, namespace, ref, pull_policy)
     try:
         stack.start()
         show(f"upstreams, the capability and a {REPLICAS}-replica agent Deployment are running:")
@@ -162,6 +163,14 @@ def run_on(plane: ControlPlane, *, namespace: str = NAMESPACE, operator_namespac
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.parse_args()
+    target = external.from_env()
+    if target is not None:  # CAPGATE_E2E_KUBECONFIG (+ CAPGATE_E2E_IMAGE): a cluster that already runs
+        try:
+            target.check()
+            say(f"cluster of {target.kubeconfig}")
+            return run_on(target)
+        finally:
+            target.stop()
     with ControlPlane(node=True) as plane:
         say(f"cluster up: {plane.server}, node Ready")
         code = run_on(plane)

@@ -12,6 +12,10 @@
   UID :data:`AGENT_UID` (non-root, not the sidecar's 65532), whose container only sleeps; tests act as
   the agent with ``kubectl exec`` running ``pod_scripts/agent.py`` (urllib and raw sockets).
 
+- steady-agent, a second capability (flights only, a credential valid for an hour) with a one-replica
+  Deployment, for session keys renewed under an unchanged credential; and, for one test, oom-agent, a
+  replica of booking-agent whose sidecar gets a memory limit a flood of large bodies crosses.
+
 Upstreams print one JSON line per thing they receive, so "what the upstream saw" is ``kubectl logs``.
 """
 
@@ -28,7 +32,7 @@ import yaml
 
 from capgate import resources
 from capgate.operator import certificates
-from e2e.controlplane import ControlPlane
+from e2e.external import Cluster
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -50,13 +54,30 @@ READY_TIMEOUT_S = 180
 CREDENTIAL_TTL, ROTATE_BEFORE = "2m", "110s"
 WEBHOOK_REACHABLE_S = 30  # kube-proxy programs a new endpoint within a second or two; generous on 2 shared cores
 IDLE = "import time\nwhile True:\n    time.sleep(3600)\n"
+# A capability whose credential does not change while the suite runs (1 h): its session keys are renewed on
+# their own, every 40 s in this suite (lifetime - renewal lead, see session_key_values).
+STEADY = "steady-agent"  # the capability, its ServiceAccount and its Deployment (1 replica)
+SESSION_KEY_LIFETIME_S, SESSION_KEY_RENEW_BEFORE_S = 150, 110
+# An agent whose sidecar gets a memory limit its normal work fits in and a flood of large bodies does not.
+OOM_AGENT = "oom-agent"
+OOM_MEMORY_LIMIT = "80Mi"
 
 
-def local_image_values(ref: str) -> list[str]:
-    """``helm --set`` flags for an image already on the node: the operator and the sidecar, never pulled."""
+def local_image_values(ref: str, pull_policy: str = "Never") -> list[str]:
+    """``helm --set`` flags for the operator's and the sidecar's image: by default one already on the node."""
     repository, _, tag = ref.rpartition(":")
     return ["--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
-            "--set", "image.pullPolicy=Never", "--set", "sidecar.image.pullPolicy=Never"]
+            "--set", f"image.pullPolicy={pull_policy}", "--set", f"sidecar.image.pullPolicy={pull_policy}"]
+
+
+def session_key_values() -> list[str]:
+    """``helm --set`` flags for session keys renewed every 40 s, each signing for 150 s.
+
+    The lead (110 s, plus the 30 s a sidecar may sign past the end) covers the kubelet's Secret sync
+    (60-90 s) with time to spare for the operator restarts of the upgrade tests.
+    """
+    return ["--set", f"sessionKeys.lifetime={SESSION_KEY_LIFETIME_S}s",
+            "--set", f"sessionKeys.renewBefore={SESSION_KEY_RENEW_BEFORE_S}s"]
 
 
 # ---------------------------------------------------------------------------------------------- manifests
@@ -77,6 +98,22 @@ def capability(namespace: str) -> dict[str, Any]:
     payments["url"] = f"https://payments.{namespace}.svc:{TLS_PORT}"
     payments["tls"] = {"caSecretRef": {"name": "payments-tls", "key": "ca.crt"}}
     return obj
+
+
+def steady_capability(namespace: str) -> dict[str, Any]:
+    """search, and book which requires search's receipt: every round needs a freshly signed receipt."""
+    flights = f"http://flights.{namespace}.svc:{HTTP_PORT}"
+    return {"apiVersion": f"{resources.GROUP}/{resources.VERSION}", "kind": "AgentCapability",
+            "metadata": {"name": STEADY, "namespace": namespace},
+            "spec": {"serviceAccountName": STEADY, "upstreams": [{"name": "flights", "url": flights}],
+                     "rules": [{"name": "search", "effect": "allow", "upstream": "flights", "methods": ["GET"],
+                                "paths": ["/search"]},
+                               {"name": "book", "effect": "allow", "upstream": "flights", "methods": ["POST"],
+                                "paths": ["/book"], "requires": ["search"]}],
+                     "rateLimit": {"requests": 100000, "per": "1h"},
+                     "credential": {"ttl": "1h", "rotateBefore": "10m"},
+                     # Short-lived: a held search receipt opens book for 5 s (+30 s skew), not for minutes.
+                     "receipts": {"ttl": "5s"}}}
 
 
 def _upstream(name: str, port: int, *, tls: bool) -> list[dict[str, Any]]:
@@ -106,15 +143,26 @@ def _upstream(name: str, port: int, *, tls: bool) -> list[dict[str, Any]]:
     return [deployment, service]
 
 
-def agent_deployment() -> dict[str, Any]:
-    """An ordinary Deployment: nothing capgate-specific but the label (and the ServiceAccount it is bound to)."""
-    labels = {"app": AGENT, resources.CAPABILITY_LABEL: CAPABILITY}
-    container = {"name": "agent", "image": "IMAGE", "imagePullPolicy": "Never", "command": ["python", "-c", IDLE],
-                 "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID, "runAsNonRoot": True}}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": AGENT},
-            "spec": {"replicas": REPLICAS, "selector": {"matchLabels": labels}, "template": {
+def agent_deployment(replicas: int = REPLICAS, *, name: str = AGENT, capability: str = CAPABILITY,
+                     account: str = SERVICE_ACCOUNT, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An ordinary Deployment: nothing capgate-specific but the label (and the ServiceAccount it is bound to).
+
+    Its container idles (tests ``kubectl exec`` the agent script), or with ``calls`` runs the agent script
+    on them from the start, as its own command.
+    """
+    labels = {"app": name, resources.CAPABILITY_LABEL: capability}
+    container: dict[str, Any] = {
+        "name": "agent", "image": "IMAGE", "imagePullPolicy": "Never", "command": ["python", "-c", IDLE],
+        "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID, "runAsNonRoot": True}}
+    volumes: list[dict[str, Any]] = []
+    if calls is not None:
+        container["command"] = ["python", "/app/agent.py", json.dumps(calls)]
+        container["volumeMounts"] = [{"name": "script", "mountPath": "/app", "readOnly": True}]
+        volumes.append({"name": "script", "configMap": {"name": "upstream-script"}})
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": labels}, "template": {
                 "metadata": {"labels": labels},
-                "spec": {"serviceAccountName": SERVICE_ACCOUNT, "containers": [container],
+                "spec": {"serviceAccountName": account, "containers": [container], "volumes": volumes,
                          "terminationGracePeriodSeconds": 1}}}}
 
 
@@ -131,19 +179,20 @@ def upstream_objects(namespace: str) -> list[dict[str, Any]]:
                         "ca.crt": tls.ca_pem.decode()}},
     ]
     config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "upstream-script"},
-              "data": {"upstream.py": UPSTREAM_SCRIPT.read_text()}}
-    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVICE_ACCOUNT}}
-    return [*secrets, config, account, *_upstream("flights", HTTP_PORT, tls=False),
+              "data": {"upstream.py": UPSTREAM_SCRIPT.read_text(), "agent.py": AGENT_SCRIPT.read_text()}}
+    accounts = [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}
+                for name in (SERVICE_ACCOUNT, STEADY)]
+    return [*secrets, config, *accounts, *_upstream("flights", HTTP_PORT, tls=False),
             *_upstream("payments", TLS_PORT, tls=True), *_upstream("ledger", HTTP_PORT, tls=False)]
 
 
-def with_image(objects: list[dict[str, Any]], image: str) -> list[dict[str, Any]]:
+def with_image(objects: list[dict[str, Any]], image: str, pull_policy: str = "Never") -> list[dict[str, Any]]:
     """The objects with every Deployment container's image set to ``image`` (written ``IMAGE`` above)."""
     out = json.loads(json.dumps(objects))
     for obj in out:
         if obj["kind"] == "Deployment":
             for container in obj["spec"]["template"]["spec"]["containers"]:
-                container["image"] = image
+                container["image"], container["imagePullPolicy"] = image, pull_policy
     return list(out)
 
 
@@ -151,9 +200,10 @@ def with_image(objects: list[dict[str, Any]], image: str) -> list[dict[str, Any]
 
 @dataclass
 class Stack:
-    plane: ControlPlane
+    plane: Cluster
     namespace: str
     image: str
+    pull_policy: str = "Never"
     timings: dict[str, float] = field(default_factory=dict)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -166,7 +216,8 @@ class Stack:
         "connection refused" until it is), so a failed call of the webhook is retried for a while;
         any other error, or one that lasts, fails the test.
         """
-        manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": with_image(objects, self.image)})
+        items = with_image(objects, self.image, self.pull_policy)
+        manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
         deadline = time.monotonic() + WEBHOOK_REACHABLE_S
         while True:
             result = self.kubectl("apply", "-f", "-", input=manifest, check=False)
@@ -203,8 +254,21 @@ class Stack:
         self.apply([agent_deployment()])
         self.timings["agent deployment ready s"] = self.rollout(AGENT)
 
-    def agent_pods(self) -> list[dict[str, Any]]:
-        pods = self.get("pods", "-l", f"app={AGENT}")["items"]
+    def start_steady(self, calls: list[dict[str, Any]]) -> None:
+        """The steady-agent capability and its one-replica Deployment (see :func:`steady_capability`),
+        whose agent makes ``calls`` from the moment the pod starts."""
+        self.apply([steady_capability(self.namespace)])
+        self.kubectl("wait", f"acap/{STEADY}", "--for=condition=Ready", "--timeout=60s")
+        self.apply([agent_deployment(1, name=STEADY, capability=STEADY, account=STEADY, calls=calls)])
+        self.rollout(STEADY)
+
+    def agent_log(self, app: str) -> list[dict[str, Any]]:
+        """The JSON lines the agent container of Deployment ``app`` printed."""
+        lines = self.kubectl("logs", f"deployment/{app}", "-c", "agent", "--tail=-1").stdout.splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def agent_pods(self, app: str = AGENT) -> list[dict[str, Any]]:
+        pods = self.get("pods", "-l", f"app={app}")["items"]
         return [p for p in pods if p["metadata"].get("deletionTimestamp") is None]
 
     def pod_ip(self, app: str) -> str:
@@ -219,8 +283,8 @@ class Stack:
 
     def agent_process(self, pod: str, calls: list[dict[str, Any]]) -> subprocess.Popen[str]:
         """:meth:`agent`, left running (for calls that wait for something, such as a revocation)."""
-        argv = [str(self.plane.bin_dir / "kubectl"), f"--kubeconfig={self.plane.kubeconfig}", "-n", self.namespace,
-                "exec", pod, "-c", "agent", "--", "python", "-c", AGENT_SCRIPT.read_text(), json.dumps(calls)]
+        argv = self.plane.kubectl_command("-n", self.namespace, "exec", pod, "-c", "agent", "--", "python", "-c",
+                                          AGENT_SCRIPT.read_text(), json.dumps(calls))
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def seen(self, app: str) -> list[dict[str, Any]]:

@@ -12,16 +12,15 @@ import uuid
 import pytest
 
 from e2e import demo
-from e2e.controlplane import ControlPlane
+from e2e.external import Cluster
 from e2e.test_helm_install import Release
 
 
-def test_the_demo_plays_the_whole_story_on_real_pods(control_plane: ControlPlane,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    release = Release(control_plane, f"capgate-demo-{uuid.uuid4().hex[:6]}")
+def test_the_demo_plays_the_whole_story_on_real_pods(cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    release = Release(cluster, f"capgate-demo-{uuid.uuid4().hex[:6]}")
     release.prepare()
     try:
-        code = demo.run_on(control_plane, namespace=f"travel-demo-{uuid.uuid4().hex[:6]}",
+        code = demo.run_on(cluster, namespace=f"travel-demo-{uuid.uuid4().hex[:6]}",
                            operator_namespace=release.namespace)
     finally:
         release.restore()

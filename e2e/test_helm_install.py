@@ -6,6 +6,9 @@ allows. Nothing of the release may outlive this module: its webhook configuratio
 share their (fixed) names with those an e2e operator process creates, so objects of those names that
 exist before the install are set aside and put back afterwards, and the CRDs (which other tests'
 AgentCapabilities live in) are adopted by the release rather than replaced.
+
+With ``CAPGATE_E2E_KUBECONFIG`` (e2e/external.py) the release goes to that cluster; the last test,
+which runs the operator as a local process against an API server of its own, still starts one.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from kubernetes import client as k8s
 from capgate import resources
 from capgate.operator import manifests
 from e2e.controlplane import ControlPlane
+from e2e.external import Cluster
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "capgate"
@@ -48,7 +52,7 @@ KEEP_METADATA = ("name", "labels", "annotations")
 
 @dataclass
 class Release:
-    plane: ControlPlane
+    plane: Cluster
     namespace: str
     installed: bool = False
     notes: str = ""
@@ -91,16 +95,16 @@ class Release:
 
 
 @pytest.fixture(scope="module")
-def release(control_plane: ControlPlane) -> Iterator[Release]:
+def release(cluster: Cluster) -> Iterator[Release]:
     """The chart installed into a namespace of its own; uninstalled, and shared objects restored, at the end."""
-    the_release = Release(control_plane, f"capgate-helm-{uuid.uuid4().hex[:8]}")
+    the_release = Release(cluster, f"capgate-helm-{uuid.uuid4().hex[:8]}")
     try:
         the_release.prepare()
         the_release.install()
         yield the_release
     finally:
         try:
-            if control_plane.helm("status", RELEASE, "-n", the_release.namespace, check=False).returncode == 0:
+            if cluster.helm("status", RELEASE, "-n", the_release.namespace, check=False).returncode == 0:
                 the_release.uninstall()
         finally:
             the_release.restore()
@@ -113,8 +117,8 @@ def installed(release: Release) -> Release:
 
 
 @pytest.fixture(scope="module")
-def api(control_plane: ControlPlane) -> Iterator[k8s.ApiClient]:
-    with control_plane.client() as client:
+def api(cluster: Cluster) -> Iterator[k8s.ApiClient]:
+    with cluster.client() as client:
         yield client
 
 

@@ -3,9 +3,13 @@
 One module-scoped stack (see :mod:`e2e.pods`): ``helm install`` of the chart with the image ``make image``
 built, imported into the node; flights (HTTP), payments (HTTPS with a private CA named by
 ``tls.caSecretRef``) and ledger (undeclared) as pods; the agent Deployment injected by the operator's
-webhook. Tests act as the agent with ``kubectl exec`` and read what the upstreams received from their
+webhook; a second capability, steady-agent, whose credential does not change while its session keys
+are renewed every 40 s (its agent calls from the start; the session-key test collects what it saw).
+Tests act as the agent with ``kubectl exec`` and read what the upstreams received from their
 logs. They run in file order: the revocation is terminal for the capability and comes after the
-upgrade, the uninstall comes last. The timings (pod starts, revocation across replicas) are printed
+upgrade, the uninstall comes last. With ``CAPGATE_E2E_KUBECONFIG`` they run on that cluster instead
+(e2e/external.py), except the SIGKILL test, which kills through the local node's containerd.
+The timings (pod starts, revocation across replicas, session keys) are printed
 and written to ``CAPGATE_CACHE/pods-timings.json``.
 """
 
@@ -25,8 +29,8 @@ from typing import Any
 import pytest
 
 from capgate import injection, resources
-from e2e import images
-from e2e.controlplane import ControlPlane
+from e2e import external
+from e2e.external import Cluster
 from e2e.node import Node
 from e2e.pods import (
     AGENT,
@@ -35,11 +39,17 @@ from e2e.pods import (
     API_KEY,
     CAPABILITY,
     HTTP_PORT,
+    OOM_AGENT,
+    OOM_MEMORY_LIMIT,
     RAW_PORT,
     REPLICAS,
+    SESSION_KEY_LIFETIME_S,
+    STEADY,
     TLS_PORT,
     Stack,
+    agent_deployment,
     local_image_values,
+    session_key_values,
 )
 from e2e.test_helm_install import CHART, RELEASE, Release
 
@@ -52,17 +62,27 @@ TIMINGS = Path(os.environ.get("CAPGATE_CACHE", Path.home() / ".cache" / "capgate
 TIMINGS_SEEN: dict[str, Any] = {}
 
 
+SESSION_KEYS_SEEN = 3  # the first one and two renewals, all for the same credential
+SESSION_KEYS_WAIT_S = 330  # two kubelet syncs (60-90 s apart) after a renewal, with room for a slow node
+# 16 bodies in flight, what --max-inflight-bytes (16 MiB) admits; each over the charge limit, so refused once read.
+OOM_FLOOD = {"bodies": 16, "kib": 1000, "amount": 500000, "seconds": 60}
+
+
 @dataclass
 class LocalRelease(Release):
-    """The chart with the local image; ``helm install --wait``: the operator pod must become Ready."""
+    """The chart with the suite's image; ``helm install --wait``: the operator pod must become Ready."""
 
     image: str = ""
+    pull_policy: str = "Never"
+
+    def image_values(self) -> list[str]:
+        return local_image_values(self.image, self.pull_policy)
 
     def install(self) -> None:
         if not self.installed:
             self.notes = self.plane.helm("install", RELEASE, str(CHART), "--namespace", self.namespace,
                                          "--create-namespace", "--wait", "--timeout", "300s",
-                                         *local_image_values(self.image)).stdout
+                                         *self.image_values(), *session_key_values()).stdout
             self.installed = True
 
 
@@ -70,36 +90,51 @@ class LocalRelease(Release):
 class Deployed:
     stack: Stack
     release: LocalRelease
+    started: float = 0.0
+    """When the steady agent began calling (time.monotonic())."""
 
 
 @pytest.fixture(scope="module")
-def image(node: Node) -> str:
-    """The capgate image, built if its inputs changed, imported into the node's containerd."""
+def pulled(cluster: Cluster) -> tuple[str, str]:
+    """(image, pull policy): locally the image ``make image`` built, imported into the node; else CAPGATE_E2E_IMAGE."""
     started = time.monotonic()
-    ref = images.build().images["capgate"].ref
-    node.import_docker_image(ref)
+    try:
+        found = external.capgate_image(cluster)
+    except external.ExternalClusterError as error:
+        pytest.fail(str(error), pytrace=False)
     TIMINGS_SEEN["image build+import s"] = time.monotonic() - started
-    return ref
+    return found
 
 
 @pytest.fixture(scope="module")
-def deployed(control_plane: ControlPlane, image: str) -> Iterator[Deployed]:
-    release = LocalRelease(control_plane, f"capgate-pods-{uuid.uuid4().hex[:6]}", image=image)
-    stack = Stack(control_plane, f"travel-pods-{uuid.uuid4().hex[:6]}", image)
+def image(pulled: tuple[str, str]) -> str:
+    return pulled[0]
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster: Cluster, pulled: tuple[str, str]) -> Iterator[Deployed]:
+    image, pull_policy = pulled
+    release = LocalRelease(cluster, f"capgate-pods-{uuid.uuid4().hex[:6]}", image=image, pull_policy=pull_policy)
+    stack = Stack(cluster, f"travel-pods-{uuid.uuid4().hex[:6]}", image, pull_policy)
     try:
         release.prepare()
         started = time.monotonic()
         release.install()
         TIMINGS_SEEN["helm install --wait (operator pod Ready) s"] = time.monotonic() - started
         stack.start()
+        # Its agent calls from the start, so that the renewals it must see happen while the other tests run;
+        # as the container's own command (read back with kubectl logs), not over a minutes-long kubectl exec.
+        stack.start_steady([{
+            "receipts": ["$CAPGATE_UPSTREAM_FLIGHTS_URL/search", "$CAPGATE_UPSTREAM_FLIGHTS_URL/book"],
+            "keys": SESSION_KEYS_SEEN, "seconds": SESSION_KEYS_WAIT_S}])
         TIMINGS_SEEN.update(stack.timings)
-        yield Deployed(stack, release)
+        yield Deployed(stack, release, time.monotonic())
     finally:
         try:
-            control_plane.kubectl("delete", "namespace", stack.namespace, "--wait=false", "--ignore-not-found")
-            if control_plane.helm("status", RELEASE, "-n", release.namespace, check=False).returncode == 0:
+            cluster.kubectl("delete", "namespace", stack.namespace, "--wait=false", "--ignore-not-found")
+            if cluster.helm("status", RELEASE, "-n", release.namespace, check=False).returncode == 0:
                 release.uninstall()
-            control_plane.kubectl("delete", "namespace", release.namespace, "--wait=false", "--ignore-not-found")
+            cluster.kubectl("delete", "namespace", release.namespace, "--wait=false", "--ignore-not-found")
         finally:
             release.restore()
             TIMINGS.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +147,8 @@ def stack(deployed: Deployed) -> Stack:
     return deployed.stack
 
 
-def names(stack: Stack) -> list[str]:
-    return [str(p["metadata"]["name"]) for p in stack.agent_pods()]
+def names(stack: Stack, app: str = AGENT) -> list[str]:
+    return [str(p["metadata"]["name"]) for p in stack.agent_pods(app)]
 
 
 def demo_calls() -> list[dict[str, Any]]:
@@ -145,7 +180,7 @@ def test_the_operator_runs_in_a_pod_from_the_local_image(deployed: Deployed, ima
                                     "-o", "json").stdout)["items"]
     (pod,) = pods
     (container,) = pod["spec"]["containers"]
-    assert (container["image"], container["imagePullPolicy"]) == (image, "Never")
+    assert (container["image"], container["imagePullPolicy"]) == (image, deployed.release.pull_policy)
     assert pod["status"]["phase"] == "Running"
     assert all(status["ready"] for status in pod["status"]["containerStatuses"])
     assert f"--sidecar-image={image}" in container["args"]
@@ -202,7 +237,8 @@ def test_the_demo_story_on_every_replica(stack: Stack) -> None:
 
 def test_kubectl_debug_may_not_target_the_sidecar(stack: Stack, image: str) -> None:
     pod = names(stack)[0]
-    result = stack.kubectl("debug", pod, f"--image={image}", "--image-pull-policy=Never", "--profile=restricted",
+    result = stack.kubectl("debug", pod, f"--image={image}", f"--image-pull-policy={stack.pull_policy}",
+                           "--profile=restricted",
                            f"--target={SIDECAR}", "-c", "peek", "--", "python", "-c", "pass", check=False)
     assert result.returncode != 0
     assert "may not target the capgate sidecar" in result.stderr
@@ -285,7 +321,7 @@ def test_helm_upgrade_replaces_the_operator_and_new_replicas_are_still_injected(
     before = operator_pods()
     release.plane.helm("upgrade", RELEASE, str(CHART), "--namespace", release.namespace, "--reuse-values",
                        "--set", "podAnnotations.capgate\\.dev/e2e-upgraded=yes", "--wait", "--timeout", "300s",
-                       *local_image_values(image))
+                       *release.image_values())
     release.plane.kubectl("rollout", "status", "-n", release.namespace, f"deployment/{RELEASE}", "--timeout=120s")
     release.plane.kubectl("wait", "-n", release.namespace, "--for=delete", *before, "--timeout=60s")
     assert operator_pods() and operator_pods().isdisjoint(before)
@@ -356,6 +392,125 @@ def test_a_killed_sidecar_fails_closed_and_the_kubelet_brings_it_back(stack: Sta
     assert arrived and AGENT_AUTHORIZATION not in {r["authorization"] for r in arrived}, err
 
 
+# ------------------------------------------------------------------------------------------ OOM-killed
+
+def _sidecar_status(stack: Stack, pod: str) -> dict[str, Any]:
+    return {s["name"]: s for s in stack.get("pod", pod)["status"]["initContainerStatuses"]}[SIDECAR]
+
+
+def _budget_spent(stack: Stack) -> int:
+    usage = stack.get(f"{resources.USAGE_PLURAL}.{resources.GROUP}", CAPABILITY)
+    windows = (usage.get("status") or {}).get("windows") or {}
+    return sum(int(w.get("spent", 0)) for key, w in windows.items() if key.startswith("budget/payments/amount/"))
+
+
+def _wait_ready_again(stack: Stack, pod: str, restarts: int, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _sidecar_status(stack, pod)
+        if status["restartCount"] > restarts and status["ready"]:
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the sidecar did not come back: {status}\n{stack.describe()}")
+        time.sleep(0.5)
+
+
+def test_an_oom_killed_sidecar_fails_closed_and_comes_back_with_the_fleet_budget_still_spent(
+        deployed: Deployed) -> None:
+    """A sidecar memory limit its normal work fits in (Helm sidecar.resources), crossed by legitimate but
+    heavy calls: JSON bodies within --max-body-bytes, 16 in flight, each about ten times larger once parsed."""
+    release, stack = deployed.release, deployed.stack
+    release.plane.helm("upgrade", RELEASE, str(CHART), "--namespace", release.namespace, "--reuse-values",
+                       "--set", f"sidecar.resources.limits.memory={OOM_MEMORY_LIMIT}", "--wait", "--timeout", "300s",
+                       *release.image_values())
+    stack.apply([agent_deployment(1, name=OOM_AGENT)])
+    stack.rollout(OOM_AGENT)
+    try:
+        (pod,) = names(stack, OOM_AGENT)
+        sidecar = next(c for c in stack.get("pod", pod)["spec"]["initContainers"] if c["name"] == SIDECAR)
+        assert sidecar["resources"]["limits"]["memory"] == OOM_MEMORY_LIMIT
+        restarts = _sidecar_status(stack, pod)["restartCount"]
+        # Spend the fleet-wide budget (100000 a day, 40000 a charge) until it refuses, on any replica's account.
+        exhausted = stack.agent(pod, [demo_calls()[0], *[{"http": "$CAPGATE_UPSTREAM_PAYMENTS_URL/v1/charges",
+                                                           "method": "POST", "json": {"amount": 40000}}] * 4])
+        assert outcome(exhausted[-1]) == (429, "budget_exhausted"), exhausted
+        spent = _budget_spent(stack)
+        assert spent > 100000 - 40000, spent
+
+        flights = f"http://flights.{stack.namespace}.svc:{HTTP_PORT}/search"
+        watcher = stack.agent_process(pod, [{"watch": [{"http": "$CAPGATE_UPSTREAM_FLIGHTS_URL/search"},
+                                                       {"http": flights, "proxy": False}], "seconds": 45}])
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline().strip() == "ready"
+        before = len([r for r in stack.seen("flights") if r.get("method")])
+        # Over the limit per charge (403 limit_exceeded), so nothing is forwarded and nothing spent: only read.
+        (flood,) = stack.agent(pod, [{"memory": "$CAPGATE_UPSTREAM_PAYMENTS_URL/v1/charges", **OOM_FLOOD}])
+        assert flood["stopped"] is not None, f"the sidecar survived the flood: {flood}"
+        killed_at = flood["stopped"]["at"]
+        status = _wait_ready_again(stack, pod, restarts)
+        assert status["lastState"]["terminated"]["reason"] == "OOMKilled", status
+        TIMINGS_SEEN["OOM flood answers before the kill"] = flood["answers"]
+        out, err = watcher.communicate(timeout=90)
+        assert watcher.returncode == 0, err
+        (watched,) = json.loads(out.strip().splitlines()[-1])
+        outcomes = watched["outcomes"]
+        after = [o for o in outcomes if o["at"] >= killed_at]
+        failed = [o for o in after if o["status"] is None]
+        assert failed, "no call failed: the sidecar was never seen down"
+        assert all(o["decided"] for o in outcomes if o["status"] is not None)  # every answer was the sidecar's
+        back = max(o["at"] for o in failed)
+        assert [o["status"] for o in after if o["at"] > back] != [] and all(
+            o["status"] == 200 for o in after if o["at"] > back)
+        TIMINGS_SEEN["sidecar outage after OOM kill s"] = round(back - killed_at, 1)
+        arrived = [r for r in stack.seen("flights") if r.get("method")][before:]
+        assert AGENT_AUTHORIZATION not in {r["authorization"] for r in arrived}  # nothing went around it
+
+        # The restarted sidecar starts from the fleet's usage object, not from a fresh budget.
+        search, charge = stack.agent(pod, [demo_calls()[0], {"http": "$CAPGATE_UPSTREAM_PAYMENTS_URL/v1/charges",
+                                                              "method": "POST", "json": {"amount": 40000}}])
+        assert outcome(search) == (200, None)
+        assert outcome(charge) == (429, "budget_exhausted")
+        assert _budget_spent(stack) >= spent
+    finally:
+        stack.kubectl("delete", "deployment", OOM_AGENT, "--wait=false")
+
+
+# ------------------------------------------------------------------------------------------ session keys
+
+def test_session_keys_are_renewed_through_the_kubelet_without_a_failed_call_or_an_unsigned_receipt(
+        deployed: Deployed) -> None:
+    """steady-agent's credential stays for an hour; its session key is renewed every 40 s (lifetime 150 s)
+    and reaches the pod when the kubelet syncs the Secret volume. The agent called search, then book (which
+    requires search's 5 s receipt), since the stack came up."""
+    stack = deployed.stack
+    deadline = deployed.started + SESSION_KEYS_WAIT_S + 60
+    while not any("done" in line for line in stack.agent_log(STEADY)) and time.monotonic() < deadline:
+        time.sleep(2)
+    (pod,) = stack.agent_pods(STEADY)
+    assert {s["name"]: s["restartCount"] for s in pod["status"]["containerStatuses"]} == {"agent": 0}
+    log = stack.agent_log(STEADY)
+    assert any("done" in line for line in log), log[-3:]
+    calls = [line["call"] for line in log if "call" in line]
+    keys = list(dict.fromkeys(c["key"] for c in calls))
+    assert None not in keys, [c for c in calls if c["key"] is None][:5]  # every allowed call got a receipt
+    assert [(c["step"], c["status"], c["reason"]) for c in calls if c["status"] != 200] == []
+    assert len(keys) >= SESSION_KEYS_SEEN, f"{len(keys)} session keys in {calls[-1]['at'] - calls[0]['at']:.0f} s"
+    assert len({c["credential"] for c in calls}) == 1  # renewed for an unchanged credential
+
+    first_seen = {c["key"]: c["at"] for c in reversed(calls)}
+    sign_until = {c["key"]: c["sign_until"] for c in calls}
+    ages = [first_seen[k] - (sign_until[k] - SESSION_KEY_LIFETIME_S) for k in keys[1:]]
+    # The kubelet's sync period on this node (each change the pod saw), and how old a key was when replaced.
+    syncs = [first_seen[b] - first_seen[a] for a, b in itertools.pairwise(keys)]
+    replaced_at_age = [first_seen[b] - (sign_until[a] - SESSION_KEY_LIFETIME_S) for a, b in itertools.pairwise(keys)]
+    TIMINGS_SEEN["session keys: new key seen by the pod after its write s"] = [round(a, 1) for a in ages]
+    TIMINGS_SEEN["session keys: between the pod's key changes (kubelet sync) s"] = [round(s, 1) for s in syncs]
+    TIMINGS_SEEN["session keys: a key's age when the pod replaced it s (signs 150 s)"] = [
+        round(a, 1) for a in replaced_at_age]
+    TIMINGS_SEEN["session keys: calls, seconds"] = [len(calls), round(calls[-1]["at"] - calls[0]["at"])]
+    assert max(replaced_at_age) < SESSION_KEY_LIFETIME_S
+
+
 # ------------------------------------------------------------------------------------------- revocation
 
 def test_revocation_refuses_every_replica_within_a_second(stack: Stack) -> None:
@@ -389,7 +544,7 @@ def test_revocation_refuses_every_replica_within_a_second(stack: Stack) -> None:
 
 # --------------------------------------------------------------------------------------------- uninstall
 
-def _bindings_for(plane: ControlPlane, namespace: str) -> list[str]:
+def _bindings_for(plane: Cluster, namespace: str) -> list[str]:
     """The ClusterRoleBindings the operator made for ServiceAccounts of ``namespace`` (revocation readers)."""
     listed = json.loads(plane.kubectl("get", "clusterrolebindings", "-l", "app.kubernetes.io/managed-by=capgate",
                                       "-o", "json").stdout)["items"]
@@ -402,9 +557,9 @@ def test_removing_capgate_as_documented_leaves_only_the_root_key_and_webhook_sec
     plane = release.plane
     assert _bindings_for(plane, stack.namespace) != []
     # helm/capgate/README.md, "Uninstall": delete the capabilities while the operator runs, then uninstall.
-    stack.kubectl("delete", f"acap/{CAPABILITY}", "--wait=true", "--timeout=60s")
-    stack.kubectl("wait", "--for=delete", f"secret/{CAPABILITY}{resources.CREDENTIAL_SECRET_SUFFIX}",
-                  "--timeout=60s")
+    stack.kubectl("delete", "acap", "--all", "--wait=true", "--timeout=60s")
+    stack.kubectl("wait", "--for=delete", *[f"secret/{name}{resources.CREDENTIAL_SECRET_SUFFIX}"
+                                            for name in (CAPABILITY, STEADY)], "--timeout=60s")
     assert _bindings_for(plane, stack.namespace) == []
 
     release.uninstall()

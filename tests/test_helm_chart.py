@@ -515,3 +515,17 @@ def test_readme_documents_every_value() -> None:
     missing = sorted(k for k in leaves if not any(k == t or fnmatch.fnmatch(k, f"{t}.*") for t in table_keys))
     assert not missing, f"helm/capgate/README.md values table lacks: {missing}"
     assert not sorted(t for t in table_keys if t not in keys), "README documents values that do not exist"
+
+
+def test_session_key_timing_reaches_the_operator(helm: Helm, rendered: list[dict[str, Any]],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("CAPGATE_")]:
+        monkeypatch.delenv(name)
+    defaults = config.parse(operator_container(rendered)["args"])
+    assert (defaults.session_key_lifetime, defaults.session_key_renew_before) == (
+        config.OperatorConfig.session_key_lifetime, config.OperatorConfig.session_key_renew_before)
+    docs = helm.template("--set", "sessionKeys.lifetime=2m", "--set", "sessionKeys.renewBefore=80s")
+    parsed = config.parse(operator_container(docs)["args"])
+    assert (parsed.session_key_lifetime.total_seconds(), parsed.session_key_renew_before.total_seconds()) == (120, 80)
+    refused = helm.run("template", RELEASE, str(CHART), "--set", "sessionKeys.lifetime=5 minutes", check=False)
+    assert refused.returncode != 0 and "sessionKeys" in refused.stderr

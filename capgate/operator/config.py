@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal, cast
 
+from capgate.capabilities.errors import SpecError
+from capgate.capabilities.spec import format_duration, parse_duration
 from capgate.injection import SidecarSettings
+from capgate.operator.minting import SESSION_KEY_LIFETIME, SESSION_KEY_RENEW_BEFORE
 
 WebhookConfigs = Literal["create", "patch-ca", "none"]
 
@@ -33,7 +36,11 @@ class OperatorConfig:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 8080
     timer_interval: float = 5.0
-    session_key_lifetime: timedelta = timedelta(minutes=5)
+    session_key_lifetime: timedelta = SESSION_KEY_LIFETIME
+    """How long a receipt-signing session key signs (its endorsement lasts a receipt TTL longer)."""
+    session_key_renew_before: timedelta = SESSION_KEY_RENEW_BEFORE
+    """A new session key is written this long before the current one stops signing: more than the
+    kubelet's Secret volume sync (60-90 s), or receipts go unsigned until the pod sees the new key."""
     root_key_overlap: timedelta = timedelta(days=31)
     sidecar: SidecarSettings = field(default_factory=SidecarSettings)
 
@@ -56,7 +63,22 @@ def parse(argv: Sequence[str] | None = None) -> OperatorConfig:
     parser.add_argument("--timer-interval", type=float, default=float(_env("TIMER_INTERVAL", "5") or 5))
     parser.add_argument("--sidecar-image", default=_env("SIDECAR_IMAGE", SidecarSettings.image))
     parser.add_argument("--sidecar-image-pull-policy", default=_env("SIDECAR_IMAGE_PULL_POLICY", "IfNotPresent"))
+    parser.add_argument("--session-key-lifetime", default=_env("SESSION_KEY_LIFETIME",
+                                                               format_duration(SESSION_KEY_LIFETIME)),
+                        help="how long a receipt-signing session key signs, e.g. 5m")
+    parser.add_argument("--session-key-renew-before", default=_env("SESSION_KEY_RENEW_BEFORE",
+                                                                   format_duration(SESSION_KEY_RENEW_BEFORE)),
+                        help="write its successor this long before it stops signing (> the kubelet's "
+                             "Secret sync, 60-90 s), e.g. 150s")
     args = parser.parse_args(argv)
+    try:
+        lifetime = parse_duration(args.session_key_lifetime, "--session-key-lifetime")
+        renew_before = parse_duration(args.session_key_renew_before, "--session-key-renew-before")
+    except SpecError as exc:
+        parser.error(str(exc))
+    if not timedelta(0) < renew_before < lifetime:
+        parser.error("--session-key-renew-before must be above 0s and below --session-key-lifetime (else "
+                     "keys are renewed only once expired, or on every reconcile)")
     if not args.webhook_url and not args.webhook_service:
         parser.error("one of --webhook-url (development) or --webhook-service (in a cluster) is required")
     host, _, port = str(args.webhook_listen).rpartition(":")
@@ -75,6 +97,8 @@ def parse(argv: Sequence[str] | None = None) -> OperatorConfig:
         metrics_host=metrics_host or "0.0.0.0",
         metrics_port=int(metrics_port),
         timer_interval=args.timer_interval,
+        session_key_lifetime=lifetime,
+        session_key_renew_before=renew_before,
         sidecar=_sidecar_settings(args.sidecar_image, args.sidecar_image_pull_policy),
     )
 

@@ -330,7 +330,7 @@ async def _reconcile_valid(ctx: Context, cap: Capability, body: kopf.Body, statu
         memo["next_check"] = now + timedelta(seconds=30)
         return
     keyset = await ctx.keyset()
-    plan = minting.plan(cap, generation, stored, keyset.active_id, now)
+    plan = minting.plan(cap, generation, stored, keyset.active_id, now, ctx.config.session_key_renew_before)
     if plan.mint or plan.new_session_key or stored.pending:
         minted = minting.build(cap, generation, stored, plan, keyset, now, ctx.config.session_key_lifetime)
         await kube.write_secret(cap.namespace, name, minted.data, owner=owner_reference(body))
@@ -356,7 +356,7 @@ async def _reconcile_valid(ctx: Context, cap: Capability, body: kopf.Body, statu
     await _ensure_usage(kube, cap, body, memo)
     _set_ready(cap, stored, status, patch, generation, name, plan.mint or "Current")
     _report_insecure_injection(cap, body, status, patch, generation)
-    memo["next_check"] = _next_check(cap, stored, now)
+    memo["next_check"] = _next_check(cap, stored, now, ctx.config.session_key_renew_before)
     memo["root_key_id"] = keyset.active_id
 
 
@@ -396,13 +396,13 @@ RECHECK = timedelta(seconds=30)
 Secret. (Watching Secrets instead would need list/watch on every Secret in the cluster.)"""
 
 
-def _next_check(cap: Capability, stored: minting.Stored, now: datetime) -> datetime:
+def _next_check(cap: Capability, stored: minting.Stored, now: datetime, renew_before: timedelta) -> datetime:
     candidates = [now + RECHECK]
     rotation = minting.rotate_at(cap, stored)
     if rotation is not None:
         candidates.append(rotation)
     if stored.session is not None:
-        candidates.append(stored.session.not_after - minting.SESSION_KEY_RENEW_BEFORE)
+        candidates.append(stored.session.not_after - renew_before)
     return min(candidates)
 
 

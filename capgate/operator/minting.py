@@ -7,7 +7,7 @@ but still valid). Writing all of them in one Secret update is what makes minting
 sidecar either sees the old set or the new.
 
 A rotation leaves the previous credential valid until it expires, and a pod keeps presenting it
-until the kubelet syncs its Secret volume (up to about a minute). Revoking the capability must
+until the kubelet syncs its Secret volume (every 60-90 s). Revoking the capability must
 therefore cover every credential that can still verify, not just the current one: those are kept
 as ``retiredCredentials`` until they expire (found on real pods, where ``revoked: true`` right after
 a rotation left one replica working for a minute).
@@ -29,7 +29,12 @@ from capgate.capabilities.spec import Capability
 MintReason = Literal["Issued", "Rotated", "SpecChanged", "RootKeyRotated"]
 JITTER_FRACTION = 0.1
 """Rotation is spread over the last 10% of the rotateBefore window so a fleet does not re-mint at once."""
-SESSION_KEY_RENEW_BEFORE = timedelta(seconds=90)
+SESSION_KEY_LIFETIME = timedelta(minutes=5)
+SESSION_KEY_RENEW_BEFORE = timedelta(seconds=150)
+"""A new session key is written this long before the current one stops signing. The pod sees it when the
+kubelet next syncs the Secret volume: every 60-90 s (``syncFrequency`` 1 m plus up to 50 % jitter), measured
+63-92 s on real pods (README "Verified on real pods"); the sidecar may sign for ``receipts.SKEW`` more. 150 s
+is the worst seen with about a minute to spare for a busy node or an operator restart."""
 
 
 def secret_name(capability_name: str) -> str:
@@ -103,13 +108,15 @@ class Plan:
     new_session_key: bool
 
 
-def plan(cap: Capability, generation: int, stored: Stored, active_root_key: int, now: datetime) -> Plan:
+def plan(cap: Capability, generation: int, stored: Stored, active_root_key: int, now: datetime,
+         renew_before: timedelta = SESSION_KEY_RENEW_BEFORE) -> Plan:
     """Decide what to change. A spec change revokes the old credential; a rotation does not.
 
-    A session key is endorsed for one credential, so every new credential gets a new session key.
+    A session key is endorsed for one credential, so every new credential gets a new session key; an
+    unchanged credential gets one ``renew_before`` its current key stops signing.
     """
     session = stored.session
-    session_due = (session is None or session.not_after - SESSION_KEY_RENEW_BEFORE <= now
+    session_due = (session is None or session.not_after - renew_before <= now
                    or not session.signs_for(cap.qualified_name, stored.credential_id or ""))
     if stored.token is None or stored.expires_at is None:
         return Plan("Issued", False, True)

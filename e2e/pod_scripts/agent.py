@@ -13,14 +13,27 @@
   whoami reports has changed, and 10 calls more -> ``{"calls": [{"at", "credential", "status", "receipt"}]}``.
 - ``{"watch": [HTTP CALLS], "seconds": N}``: prints ``ready``, then makes the calls over and over for N s
   -> ``{"outcomes": [{"at", "status", "decided", "error"}]}`` (``decided``: the sidecar's decision id came back).
+- ``{"receipts": [SEARCH URL, BOOK URL], "keys": K, "seconds": N}``: GET search and POST book (a rule that
+  requires search's receipt) over and over, until the receipts have been signed by K session keys and 5
+  rounds more, or N s. It is an agent container's own command (a Deployment's, from the start of the
+  pod), not a ``kubectl exec``: each call is printed at once as ``{"call": {"at", "step", "status",
+  "reason", "key", "credential", "sign_until"}}`` (the session key id and credential the receipt names,
+  and the end of the key's endorsement), then ``{"done": true}``, and the process idles (the test reads
+  ``kubectl logs``).
+- ``{"memory": URL, "bodies": N, "kib": K, "amount": A, "seconds": S}``: N threads POST JSON bodies of K KiB that are
+  large once parsed, over and over for S s or until one gets no answer
+  -> ``{"answers": {status: count}, "stopped": {"at", "error"} or None}``.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import json
 import os
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -117,8 +130,68 @@ def until_rotated(call: dict[str, Any]) -> dict[str, Any]:
     return {"calls": calls}
 
 
+def _part(text: str) -> dict[str, Any]:
+    return dict(json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))))
+
+
+def receipt_keys(call: dict[str, Any]) -> dict[str, Any]:
+    search, book = call["receipts"]
+    deadline = time.monotonic() + call["seconds"]
+    calls: list[dict[str, Any]] = []
+    keys: list[str] = []
+    after = 0
+    while time.monotonic() < deadline and after < 5:
+        for step, url, method in (("search", search, "GET"), ("book", book, "POST")):
+            result = http({"http": url, "method": method, "json": {}, "timeout": 5})
+            receipt = result.get("headers", {}).get("x-capgate-receipt", "")
+            parts = receipt.split(".")
+            key, sign_until, credential = None, None, None
+            if len(parts) == 5:  # v1.<payload>.<signature>.<endorsement>.<endorsement signature>
+                payload = _part(parts[1])
+                key, credential, sign_until = payload.get("sid"), payload.get("cred"), _part(parts[3]).get("signUntil")
+                if key not in keys:
+                    keys.append(key)
+            record = {"at": time.time(), "step": step, "status": result.get("status"),
+                      "reason": (result.get("body") or {}).get("reason"), "key": key, "credential": credential,
+                      "sign_until": sign_until, "error": result.get("error")}
+            calls.append(record)
+            print(json.dumps({"call": record}), flush=True)
+        after += len(keys) >= call["keys"]
+        time.sleep(0.5)
+    print(json.dumps({"done": True}), flush=True)
+    while True:  # a Deployment's container: exiting would restart it and call again
+        time.sleep(3600)
+
+
+def memory(call: dict[str, Any]) -> dict[str, Any]:
+    """Bodies small on the wire and large once parsed (``"k0000001": {}, `` is 16 bytes, a string and a dict
+    in the sidecar's JSON reader: about 10 times that). Stops at the first call that got no answer (the
+    timeout is long enough that only a dead sidecar gives none)."""
+    deadline = time.monotonic() + call["seconds"]
+    answers: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    stopped: list[dict[str, Any]] = []
+    body: dict[str, Any] = {f"k{i:07d}": {} for i in range(call["kib"] * 1024 // 16)}
+    body["amount"] = call.get("amount", 100)
+
+    def post() -> None:
+        while time.monotonic() < deadline and not stopped:
+            result = http({"http": call["memory"], "method": "POST", "json": body, "timeout": 60})
+            with lock:
+                answers[str(result.get("status", "no answer"))] += 1
+                if "status" not in result and not stopped:
+                    stopped.append({"at": time.time(), "error": result["error"][:120]})
+
+    threads = [threading.Thread(target=post) for _ in range(call["bodies"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"answers": dict(answers), "stopped": stopped[0] if stopped else None}
+
+
 CALLS = {"http": http, "tcp": tcp, "udp": udp, "until_refused": until_refused, "watch": watch,
-         "until_rotated": until_rotated}
+         "until_rotated": until_rotated, "receipts": receipt_keys, "memory": memory}
 
 
 def main() -> None:

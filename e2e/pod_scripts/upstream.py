@@ -20,8 +20,13 @@ PORT = int(os.environ.get("PORT", "8080"))
 RAW_PORT = int(os.environ.get("RAW_PORT", "9000"))
 
 
+PRINTING = threading.Lock()
+
+
 def seen(**fields: object) -> None:
-    print(json.dumps({"seen": NAME, **fields}), flush=True)
+    line = json.dumps({"seen": NAME, **fields})
+    with PRINTING:  # one line per request, even when the threaded server answers several at once
+        print(line, flush=True)
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -103,3 +103,19 @@ def test_a_rotated_out_credential_stays_revocable_until_it_expires() -> None:
     assert minting.still_valid(rotated.retired, gone) == ()
     renewed = minting.Stored.read(issue(rotated, now=gone, lifetime=timedelta(hours=1)).data)
     assert stored.credential_id not in {e.id for e in renewed.retired}
+
+
+def test_a_session_key_is_renewed_as_long_before_its_end_as_the_operator_is_told() -> None:
+    """--session-key-renew-before: the successor must reach the pod before the kubelet's next Secret sync."""
+    first = issue(minting.Stored(), lifetime=timedelta(seconds=120))
+    stored = minting.Stored.read(first.data)
+    assert stored.session is not None
+    cap, root = _support.parse(), _support.keyset().active_id
+    just_before = stored.session.not_after - timedelta(seconds=81)
+
+    assert not minting.plan(cap, 1, stored, root, just_before, timedelta(seconds=80)).new_session_key
+    assert minting.plan(cap, 1, stored, root, just_before + timedelta(seconds=1), timedelta(seconds=80)).new_session_key
+    # The default alone outlasts the kubelet's worst-case sync (90 s: syncFrequency 1m + 50 % jitter) by a minute.
+    assert timedelta(seconds=150) <= minting.SESSION_KEY_RENEW_BEFORE
+    default_due = stored.session.not_after - minting.SESSION_KEY_RENEW_BEFORE
+    assert minting.plan(cap, 1, stored, root, default_due).new_session_key
