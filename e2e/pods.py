@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,13 +107,13 @@ def _upstream(name: str, port: int, *, tls: bool) -> list[dict[str, Any]]:
     return [deployment, service]
 
 
-def agent_deployment() -> dict[str, Any]:
+def agent_deployment(replicas: int = REPLICAS) -> dict[str, Any]:
     """An ordinary Deployment: nothing capgate-specific but the label (and the ServiceAccount it is bound to)."""
     labels = {"app": AGENT, resources.CAPABILITY_LABEL: CAPABILITY}
     container = {"name": "agent", "image": "IMAGE", "imagePullPolicy": "Never", "command": ["python", "-c", IDLE],
                  "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID, "runAsNonRoot": True}}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": AGENT},
-            "spec": {"replicas": REPLICAS, "selector": {"matchLabels": labels}, "template": {
+            "spec": {"replicas": replicas, "selector": {"matchLabels": labels}, "template": {
                 "metadata": {"labels": labels},
                 "spec": {"serviceAccountName": SERVICE_ACCOUNT, "containers": [container],
                          "terminationGracePeriodSeconds": 1}}}}
@@ -155,6 +156,9 @@ class Stack:
     namespace: str
     image: str
     timings: dict[str, float] = field(default_factory=dict)
+    replicas: int = REPLICAS
+    tweak: Callable[[dict[str, Any]], None] | None = None
+    """Changes :func:`capability`'s object in place before it is applied (another module's own rules)."""
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.plane.kubectl("-n", self.namespace, *args, input=input, check=check)
@@ -196,11 +200,14 @@ class Stack:
     def start(self) -> None:
         self.plane.create_namespace(self.namespace)
         self.apply(upstream_objects(self.namespace))
-        self.apply([capability(self.namespace)])
+        cap = capability(self.namespace)
+        if self.tweak is not None:
+            self.tweak(cap)
+        self.apply([cap])
         self.kubectl("wait", f"acap/{CAPABILITY}", "--for=condition=Ready", "--timeout=60s")
         for name in ("flights", "payments", "ledger"):
             self.timings[f"upstream {name} ready s"] = self.rollout(name)
-        self.apply([agent_deployment()])
+        self.apply([agent_deployment(self.replicas)])
         self.timings["agent deployment ready s"] = self.rollout(AGENT)
 
     def agent_pods(self) -> list[dict[str, Any]]:
@@ -211,16 +218,17 @@ class Stack:
         (pod,) = self.get("pods", "-l", f"app={app}")["items"]
         return str(pod["status"]["podIP"])
 
-    def agent(self, pod: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def agent(self, pod: str, calls: list[dict[str, Any]], script: Path = AGENT_SCRIPT) -> list[dict[str, Any]]:
         """Run the calls inside the agent container of ``pod``, as the agent's own process."""
-        result = self.kubectl("exec", pod, "-c", "agent", "--", "python", "-c", AGENT_SCRIPT.read_text(),
+        result = self.kubectl("exec", pod, "-c", "agent", "--", "python", "-c", script.read_text(),
                               json.dumps(calls))
         return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
-    def agent_process(self, pod: str, calls: list[dict[str, Any]]) -> subprocess.Popen[str]:
+    def agent_process(self, pod: str, calls: list[dict[str, Any]],
+                      script: Path = AGENT_SCRIPT) -> subprocess.Popen[str]:
         """:meth:`agent`, left running (for calls that wait for something, such as a revocation)."""
         argv = [str(self.plane.bin_dir / "kubectl"), f"--kubeconfig={self.plane.kubeconfig}", "-n", self.namespace,
-                "exec", pod, "-c", "agent", "--", "python", "-c", AGENT_SCRIPT.read_text(), json.dumps(calls)]
+                "exec", pod, "-c", "agent", "--", "python", "-c", script.read_text(), json.dumps(calls)]
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def seen(self, app: str) -> list[dict[str, Any]]:
