@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import ssl
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,8 +21,14 @@ PORT = int(os.environ.get("PORT", "8080"))
 RAW_PORT = int(os.environ.get("RAW_PORT", "9000"))
 
 
+PRINTING = threading.Lock()
+
+
 def seen(**fields: object) -> None:
-    print(json.dumps({"seen": NAME, **fields}), flush=True)
+    line = json.dumps({"seen": NAME, **fields}) + "\n"
+    with PRINTING:  # print() writes the line and its newline apart: requests at once would share a line
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 class Handler(BaseHTTPRequestHandler):
