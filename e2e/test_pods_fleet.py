@@ -180,8 +180,9 @@ def charged(stack: Stack, field: str, marker: str) -> int:
 
 
 def window(stack: Stack, key: str) -> dict[str, int]:
-    usage = stack.get("agentcapabilityusages", CAPABILITY)
-    return dict(usage["status"]["windows"][key])
+    windows = (stack.get("agentcapabilityusages", CAPABILITY).get("status") or {}).get("windows") or {}
+    assert key in windows, f"no fleet-wide window {key} stored: the sidecars did not share the budget"
+    return dict(windows[key])
 
 
 def samples(stack: Stack, pod: str) -> dict[str, float]:
@@ -235,6 +236,7 @@ def test_three_replicas_hammering_one_budget_never_overspend_and_nearly_exhaust_
     SEEN["amount: API-server status writes by code"] = delta(usage_writes(stack), writes)
 
     spent = charged(stack, "amount", "fleet-amount")
+    assert spent <= MAX, f"{spent} charged of a {MAX} budget"
     stored = window(stack, AMOUNT)["spent"]
     holding = {pod: held(stack, pod, AMOUNT) for pod in pods}
     SEEN["amount: leases per sidecar"] = [leases(stack, pod, AMOUNT) for pod in pods]
@@ -277,6 +279,7 @@ def test_a_sidecar_killed_holding_a_lease_loses_its_slice_and_the_restarted_one_
     assert leases(stack, victim, UNITS) >= 1
 
     spent = charged(stack, "units", "fleet-units")
+    assert spent <= MAX, f"{spent} charged of a {MAX} budget"
     stored = window(stack, UNITS)["spent"]
     assert stored >= stored_before
     holding = {pod: held(stack, pod, UNITS) for pod in pods}
@@ -305,6 +308,7 @@ def test_a_rollout_restart_of_the_deployment_does_not_refill_the_budgets(stack: 
         more = accepted(calls)
         total = charged(stack, field, f"fleet-{field}")
         assert total == spent[field] + more
+        assert total <= MAX, f"{field}: {total} charged of a {MAX} budget ({more} after the rollout)"
         # New sidecars start with no lease: whatever they spend comes out of what the old ones left.
         assert total <= window(stack, key)["spent"] <= MAX, (field, total)
         assert more <= MAX - stored[key], f"{field}: {more} spent after the rollout, {MAX - stored[key]} was left"
