@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,9 @@ class Stack:
     image: str
     pull_policy: str = "Never"
     timings: dict[str, float] = field(default_factory=dict)
+    replicas: int = REPLICAS
+    tweak: Callable[[dict[str, Any]], None] | None = None
+    """Changes :func:`capability`'s object in place before it is applied (another module's own rules)."""
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.plane.kubectl("-n", self.namespace, *args, input=input, check=check)
@@ -247,11 +251,14 @@ class Stack:
     def start(self) -> None:
         self.plane.create_namespace(self.namespace)
         self.apply(upstream_objects(self.namespace))
-        self.apply([capability(self.namespace)])
+        cap = capability(self.namespace)
+        if self.tweak is not None:
+            self.tweak(cap)
+        self.apply([cap])
         self.kubectl("wait", f"acap/{CAPABILITY}", "--for=condition=Ready", "--timeout=60s")
         for name in ("flights", "payments", "ledger"):
             self.timings[f"upstream {name} ready s"] = self.rollout(name)
-        self.apply([agent_deployment()])
+        self.apply([agent_deployment(self.replicas)])
         self.timings["agent deployment ready s"] = self.rollout(AGENT)
 
     def start_steady(self, calls: list[dict[str, Any]]) -> None:
@@ -275,16 +282,17 @@ class Stack:
         (pod,) = self.get("pods", "-l", f"app={app}")["items"]
         return str(pod["status"]["podIP"])
 
-    def agent(self, pod: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def agent(self, pod: str, calls: list[dict[str, Any]], script: Path = AGENT_SCRIPT) -> list[dict[str, Any]]:
         """Run the calls inside the agent container of ``pod``, as the agent's own process."""
-        result = self.kubectl("exec", pod, "-c", "agent", "--", "python", "-c", AGENT_SCRIPT.read_text(),
+        result = self.kubectl("exec", pod, "-c", "agent", "--", "python", "-c", script.read_text(),
                               json.dumps(calls))
         return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
-    def agent_process(self, pod: str, calls: list[dict[str, Any]]) -> subprocess.Popen[str]:
+    def agent_process(self, pod: str, calls: list[dict[str, Any]],
+                      script: Path = AGENT_SCRIPT) -> subprocess.Popen[str]:
         """:meth:`agent`, left running (for calls that wait for something, such as a revocation)."""
         argv = self.plane.kubectl_command("-n", self.namespace, "exec", pod, "-c", "agent", "--", "python", "-c",
-                                          AGENT_SCRIPT.read_text(), json.dumps(calls))
+                                          script.read_text(), json.dumps(calls))
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def seen(self, app: str) -> list[dict[str, Any]]:

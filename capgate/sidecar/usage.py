@@ -238,8 +238,10 @@ class FleetLimits:
                 return _unavailable(demands, f"the shared usage state cannot be reached: {exc}")
             self._remember(written)
             self.book.granted(claim)
-            for key in claim.grants:
-                self.metrics.leases_taken.labels(key).inc()
+            for meter, _ in demands:  # a background renewal has no call to update the gauge after it
+                if meter.key in claim.grants:
+                    self.metrics.leases_taken.labels(meter.key).inc()
+                    self.metrics.lease_remaining.labels(meter.key).set(self.book.balance(meter, now))
             if not spend or self.book.spend_local(demands, now):
                 return None
         return _unavailable(demands, f"the shared usage state kept changing ({MAX_ATTEMPTS} conflicts in a row)")

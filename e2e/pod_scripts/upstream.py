@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import ssl
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -24,9 +25,10 @@ PRINTING = threading.Lock()
 
 
 def seen(**fields: object) -> None:
-    line = json.dumps({"seen": NAME, **fields})
-    with PRINTING:  # one line per request, even when the threaded server answers several at once
-        print(line, flush=True)
+    line = json.dumps({"seen": NAME, **fields}) + "\n"
+    with PRINTING:  # print() writes the line and its newline apart: requests at once would share a line
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -147,6 +147,17 @@ async def test_leases_and_remaining_are_exported_as_metrics() -> None:
     assert b"capgate_usage_state_age_seconds" in body
 
 
+async def test_the_remaining_gauge_counts_a_slice_renewed_in_the_background() -> None:
+    store, metrics = MemoryStore(), Metrics()
+    charger, cap = _charger(store, metrics), _cap(budget=800)
+    for _ in range(75):  # the first call leases 100; at 25 left a renewal of 700 // 8 runs in the background
+        assert await charger.charge(cap, "payments", {"amount": 1}) is None
+    await charger.idle()
+    key = "budget/payments/amount/86400s"
+    # What a scrape says this sidecar holds is what it can still spend without the API server.
+    assert metrics.lease_remaining.labels(key)._value.get() == 25 + 700 // 8
+
+
 async def test_in_a_pod_without_api_access_rate_limited_calls_are_refused_not_unmetered(
         sidecar: MakeSidecar, keyset: keys.KeySet, tmp_path: Path) -> None:
     folder = tmp_path / "credential"
