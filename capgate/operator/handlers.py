@@ -350,29 +350,44 @@ async def _reconcile_valid(ctx: Context, cap: Capability, body: kopf.Body, statu
             logger.info("minted credential %s… for %s (%s)", minted.credential_id[:16], cap.qualified_name,
                         plan.mint)
         stored = minting.Stored.read(minted.data)
-    if not memo.get("rbac"):
+    if _access_due(memo, "rbac", cap.service_account, now):
         await kube.apply_cluster_role_binding(manifests.revocation_reader_binding(cap.namespace, cap.service_account))
-        memo["rbac"] = True
-    await _ensure_usage(kube, cap, body, memo)
+        memo["rbac"] = (cap.service_account, now)
+    await _ensure_usage(kube, cap, body, memo, now)
     _set_ready(cap, stored, status, patch, generation, name, plan.mint or "Current")
     _report_insecure_injection(cap, body, status, patch, generation)
     memo["next_check"] = _next_check(cap, stored, now, ctx.config.session_key_renew_before)
     memo["root_key_id"] = keyset.active_id
 
 
-async def _ensure_usage(kube: Kube, cap: Capability, body: kopf.Body, memo: kopf.Memo) -> None:
+async def _ensure_usage(kube: Kube, cap: Capability, body: kopf.Body, memo: kopf.Memo, now: datetime) -> None:
     """The fleet-wide usage object and its sidecars' access to it (DESIGN.md, "Fleet-wide state").
 
     Created before the capability reports Ready, so no sidecar of it starts without a place to lease from.
-    Redone when the ServiceAccount changes; the object itself is never rewritten (it keeps the spending).
+    The Role and RoleBinding are redone when the ServiceAccount changes and every :data:`ACCESS_REFRESH`;
+    the object itself is never rewritten (it keeps the spending).
     """
     owner = owner_reference(body)
     await kube.create_usage_if_absent(manifests.usage_object(cap.name, cap.namespace, owner))  # a reset recreates it
-    if memo.get("usage") == cap.service_account:
+    if not _access_due(memo, "usage", cap.service_account, now):
         return
     await kube.apply_role(manifests.usage_role(cap.name, cap.namespace, owner))
     await kube.apply_role_binding(manifests.usage_role_binding(cap.name, cap.namespace, cap.service_account, owner))
-    memo["usage"] = cap.service_account
+    memo["usage"] = (cap.service_account, now)
+
+
+ACCESS_REFRESH = timedelta(minutes=5)
+"""How often the sidecars' bindings (the RevocationList reader, the usage Role) are applied again
+although this process applied them already: one deleted by hand is back within this (plus a
+:data:`RECHECK`), not only after an operator restart. Meanwhile its sidecars fail closed (lockdown,
+``usage_unavailable``); an unchanged object costs the API server no etcd write."""
+
+
+def _access_due(memo: kopf.Memo, key: str, account: str, now: datetime) -> bool:
+    """Apply ``key``'s bindings now: never applied by this process, for another ServiceAccount, or stale
+    (the caller notes ``(account, now)`` once they are applied, so a failed apply is retried next time)."""
+    applied = memo.get(key)
+    return applied is None or applied[0] != account or now - applied[1] >= ACCESS_REFRESH
 
 
 def _set_ready(cap: Capability, stored: minting.Stored, status: kopf.Status, patch: kopf.Patch, generation: int,

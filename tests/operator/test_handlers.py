@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -35,3 +36,14 @@ def test_the_condition_keeps_its_transition_time_while_it_lasts() -> None:
 
 def test_tls_upstreams_carry_no_insecure_injection_condition() -> None:
     assert handlers.insecure_injection(_support.parse(), kopf.Status({}), 1) is None
+
+
+def test_the_sidecars_bindings_are_applied_again_when_stale_or_for_another_account() -> None:
+    """A RoleBinding deleted by hand must come back without an operator restart (its sidecars fail closed meanwhile)."""
+    memo = kopf.Memo()
+    start = datetime(2026, 12, 2, tzinfo=UTC)
+    assert handlers._access_due(memo, "usage", "booking-agent", start)
+    memo["usage"] = ("booking-agent", start)
+    assert not handlers._access_due(memo, "usage", "booking-agent", start + handlers.RECHECK)
+    assert handlers._access_due(memo, "usage", "other-account", start + handlers.RECHECK)
+    assert handlers._access_due(memo, "usage", "booking-agent", start + handlers.ACCESS_REFRESH)
