@@ -201,8 +201,7 @@ def _document(raw: bytes, fields: Sequence[str]) -> dict[str, int] | Unreadable:
         return "ambiguous" if exc.reason == "ambiguous_body" else "not_json"
     found: dict[str, int] = {}
     for name in fields:
-        value = _lookup(document, name)
-        if value is None:
+        if spec.field_value(document, name)[1] is None:
             continue
         amount = spec.numeric_field(document, name)
         if amount is None or amount < 0:  # "57", 1e300, -5: a client may read something else, or nothing
@@ -210,11 +209,3 @@ def _document(raw: bytes, fields: Sequence[str]) -> dict[str, int] | Unreadable:
         found[name] = amount
     return found
 
-
-def _lookup(document: object, dotted: str) -> object:
-    value = document
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value

@@ -845,11 +845,7 @@ def numeric_field(body: object, dotted: str) -> int | None:
     Non-integral numbers round away from zero, so ``400.01`` never passes a ``max: 400`` limit and
     ``-0.5`` stays negative (negative amounts never pass a limit).
     """
-    value: object = body
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
+    _, value = field_value(body, dotted)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     if isinstance(value, float):
@@ -863,9 +859,16 @@ def numeric_field(body: object, dotted: str) -> int | None:
 
 def string_field(body: object, dotted: str) -> str | None:
     """The string an ``args`` constraint compares, or None when missing or not a string."""
+    _, value = field_value(body, dotted)
+    return value if isinstance(value, str) else None
+
+
+def field_value(body: object, dotted: str) -> tuple[bool, object]:
+    """``(present, value)`` of a dotted field path in a parsed JSON body: the one walk every limit,
+    budget, ``args`` constraint and response budget reads a field with (value None when absent)."""
     value: object = body
     for part in dotted.split("."):
         if not isinstance(value, Mapping) or part not in value:
-            return None
+            return False, None
         value = value[part]
-    return value if isinstance(value, str) else None
+    return True, value

@@ -87,7 +87,7 @@ class Refusal:
 def budget_amount(budget: spec.Budget, body: object) -> int | Refusal:
     """What one request charges a budget (shared by these in-memory windows and the fleet-wide leases)."""
     value = spec.numeric_field(body, budget.field)
-    if value is None and _present(body, budget.field):
+    if value is None and spec.field_value(body, budget.field)[0]:
         # 1e300, 2**64, "500", NaN: not countable here, yet an upstream may read it as a big charge.
         return Refusal("budget_exhausted", f"budget {budget.upstream}.{budget.field}: the body's "
                                            f"{budget.field} is not a number the budget can count",
@@ -184,12 +184,3 @@ class Limits:
             self._buckets[cap.qualified_name] = bucket
         return bucket.take(now)
 
-
-def _present(body: object, dotted: str) -> bool:
-    """Whether the dotted field exists at all (a budget counts a missing field as 0, never a present one)."""
-    value = body
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return False
-        value = value[part]
-    return True
