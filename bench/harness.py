@@ -8,6 +8,7 @@ the benchmark, also when it fails or is interrupted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -20,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -151,3 +154,19 @@ def cpu_seconds(pid: int) -> float:
 
 def machine() -> str:
     return f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
+
+
+async def wait_answering(url: str, timeout: float = 30.0) -> None:
+    """Until ``url`` answers 200 (another process starting up), or exit naming it."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"not ready: {url}")
+            await asyncio.sleep(0.05)  # polling a separate process: there is no event to await

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 CAPABILITY = {
@@ -94,21 +95,6 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def wait_ready(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"not ready: {url}")
-            await asyncio.sleep(0.05)  # polling a separate process: there is no event to await
-
-
 async def load(url: str, total: int, concurrency: int) -> dict[str, float]:
     latencies: list[float] = []
     errors = 0
@@ -159,9 +145,9 @@ async def bench(total: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sidecar = start_sidecar(Path(tmp), upstream_port, listen, admin)
         try:
-            await wait_ready(f"http://127.0.0.1:{upstream_port}/search")
-            await wait_ready(f"http://127.0.0.1:{admin}/readyz")
-            await wait_ready(f"http://127.0.0.1:{bare_port}/flights/search")
+            await harness.wait_answering(f"http://127.0.0.1:{upstream_port}/search")
+            await harness.wait_answering(f"http://127.0.0.1:{admin}/readyz")
+            await harness.wait_answering(f"http://127.0.0.1:{bare_port}/flights/search")
             idle = rss_mb(sidecar.pid)
             rows = []
             for concurrency in (1, 64):

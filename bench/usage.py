@@ -279,18 +279,8 @@ async def _calls(url: str, ready: str, pid: int, calls: int, source: str, stream
     body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
     if stream:
         body.update({"stream": True, "stream_options": {"include_usage": True}})
+    await harness.wait_answering(ready)
     async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                async with session.get(ready) as response:
-                    if response.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"sidecar not ready: {ready}")
-            await asyncio.sleep(0.05)  # polling another process: there is no event to await
         latencies: list[float] = []
         for index in range(calls + 50):  # the first 50 warm the pools and caches
             if index == 50:
