@@ -96,6 +96,18 @@ def server(booking: Booking) -> MCPServer:
         return "done"
 
     @srv.tool()
+    async def pay(amount: int, ctx: Context) -> str | types.InputRequiredResult:
+        """The 2026-07-28 multi-round trip: the first round asks (input_required), the retry pays."""
+        answer = (ctx.input_responses or {}).get("confirm")
+        if not isinstance(answer, types.ElicitResult):
+            return types.InputRequiredResult(request_state=f"asked:{amount}", input_requests={
+                "confirm": types.ElicitRequest(params=types.ElicitRequestFormParams(
+                    message=f"Pay {amount}?", requested_schema={"type": "object", "properties": {
+                        "ok": {"type": "boolean"}}, "required": ["ok"]}))})
+        booking.calls.append(("pay", {"amount": amount, "answer": answer.action}))
+        return f"paid {amount}" if answer.action == "accept" else "not paid"
+
+    @srv.tool()
     def transfer_funds(to: str) -> str:
         booking.calls.append(("transfer_funds", {"to": to}))
         return "sent"

@@ -794,3 +794,51 @@ async def test_a_credential_rotated_in_after_a_revocation_does_not_inherit_the_r
         alive = await server_knows(url, session)
     assert again.status == 404 and body["error"]["data"]["reason"] == "session_closed"
     assert not alive, "the upstream still holds the revoked credential's session"
+
+
+PAY = {"name": "pay", "effect": "allow", "actions": ["mcp.call"], "resources": ["mcp://booking/pay"],
+       "requires": ["search"], "limits": [{"field": "amount", "max": 400}]}
+
+
+async def accept(context: Any, params: Any) -> Any:
+    return mcp_types.ElicitResult(action="accept", content={"ok": True})
+
+
+async def test_a_multi_round_trip_call_is_decided_each_round_and_mints_one_receipt(
+        sidecar: MakeSidecar, booking: Booking) -> None:
+    async with running(booking) as url:
+        side = await sidecar(spec_with(PAY), upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        with anyio.fail_after(20):
+            async with Client(url_of(side), elicitation_callback=accept) as client:  # 2026-07-28: input_required
+                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+                result = await client.call_tool("pay", {"amount": 300})
+    assert not result.is_error and booking.calls[1:] == [("pay", {"amount": 300, "answer": "accept"})]
+    rounds = [r for r in mcp_records(side) if r["mcp"].get("name") == "pay"]
+    assert [(r["outcome"], r["rule"]) for r in rounds] == [("allowed", "pay"), ("allowed", "pay")]
+    assert rounds[0]["mcp"]["id"] != rounds[1]["mcp"]["id"], "one record per message, the retry is a new request"
+    assert [bool(r.get("receipt_minted")) for r in rounds] == [False, True], "no receipt for the interim result"
+
+
+@pytest.mark.parametrize(("retry", "reason"), [({"amount": 5000}, "limit_exceeded"), ({}, "limit_missing")])
+async def test_the_retry_of_an_input_required_call_cannot_change_its_arguments_past_a_limit(
+        sidecar: MakeSidecar, booking: Booking, retry: dict[str, object], reason: str) -> None:
+    async with running(booking) as url:
+        side = await sidecar(spec_with(PAY), upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        with anyio.fail_after(20):
+            async with Client(url_of(side)) as client:
+                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+                first = await client.session.call_tool("pay", {"amount": 300}, allow_input_required=True)
+                assert isinstance(first, mcp_types.InputRequiredResult) and first.request_state
+                answers: mcp_types.InputResponses = {"confirm": mcp_types.ElicitResult(action="accept",
+                                                                                        content={"ok": True})}
+                with pytest.raises(MCPError) as caught:
+                    await client.session.call_tool("pay", retry, input_responses=answers,
+                                                   request_state=first.request_state)
+                done = await client.session.call_tool("pay", {"amount": 300}, input_responses=answers,
+                                                      request_state=first.request_state)
+    assert caught.value.data["reason"] == reason
+    assert isinstance(done, mcp_types.CallToolResult) and not done.is_error
+    assert [call for call in booking.calls if call[0] == "pay"] == [("pay", {"amount": 300, "answer": "accept"})]
+    rounds = [r for r in mcp_records(side) if r["mcp"].get("name") == "pay"]
+    assert [r["outcome"] for r in rounds] == ["allowed", "denied", "allowed"]
+    assert [bool(r.get("receipt_minted")) for r in rounds] == [False, False, True]
