@@ -45,7 +45,7 @@ from capgate.sidecar import errors, facts, proxy
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import Loaded
 from capgate.sidecar.gate import Gate, Trace
-from capgate.sidecar.mcp.sse import Event, SseEvents
+from capgate.sidecar.mcp.sse import EOL, Event, SseEvents
 from capgate.sidecar.mcp.state import SESSION_HEADER, Binding, Pending, Sessions
 from capgate.sidecar.receipts import split_header
 from capgate.sidecar.routing import Route
@@ -515,10 +515,21 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
         guard.cancel()
         if pump is not None:
             pump.cancel()
+        _await_resumption(ctx, exchange)
         if stream is not None and stream.session is not None:
             ctx.pending.close_outbox(ctx.route.upstream.name, stream.session)
     await response.write_eof()
     return response
+
+
+def _await_resumption(ctx: Context, exchange: Exchange) -> None:
+    """A request's answer stream that ended before its answer may be resumed on the session's GET
+    stream (``Last-Event-ID``): its answer is awaited there."""
+    message = exchange.message
+    if (message is None or message.kind != "request" or exchange.answered or ctx.session is None
+            or ctx.old_transport is not None):
+        return
+    ctx.pending.add((ctx.route.upstream.name, ctx.session, json.dumps(message.id)), ctx, exchange)
 
 
 def _relay(ctx: Context, exchange: Exchange, stream: OldStream | None, event: Event) -> bytes:
@@ -529,8 +540,38 @@ def _relay(ctx: Context, exchange: Exchange, stream: OldStream | None, event: Ev
     replaced = None
     if stream is not None:
         replaced = stream.event(event)
+    elif event.data is not None and exchange.message is None:
+        return _resumed(ctx, event)
     elif event.data is not None:
         replaced = _observe(ctx, exchange, event.data.encode("utf-8", "surrogatepass"))
+    return event.raw if replaced is None else event.with_data(replaced)
+
+
+def _resumed(ctx: Context, event: Event) -> bytes:
+    """An event on a streamable HTTP GET stream. An answer there is a resumed (``Last-Event-ID``)
+    answer stream's: judged as its request's own stream would have (a list filtered, a receipt
+    minted), once. An answer to nothing still waiting — delivered already, or never asked here —
+    is dropped (its ``id:`` kept, so the client resumes after it): a replay must neither mint a
+    second receipt nor carry an unfiltered list."""
+    assert event.data is not None
+    data = event.data.encode("utf-8", "surrogatepass")
+    try:
+        answer = core_mcp.parse(data)
+    except core_mcp.McpError:
+        return event.raw
+    if answer.kind != "response":
+        return event.raw
+    found = None
+    if ctx.session is not None:
+        found = ctx.pending.pop((ctx.route.upstream.name, ctx.session, json.dumps(answer.id)))
+    if found is None:
+        kept = [line for line in EOL.split(event.raw) if line.startswith(b"id:")]
+        return b"".join(line + b"\n" for line in kept) + b": capgate dropped an answer already delivered\n\n"
+    replaced = _observe(found[0], found[1], data)
+    if ctx.trace.mcp is not None:
+        ctx.trace.mcp["resumed"] = answer.id
+    if found[1].receipt is not None:
+        ctx.trace.receipt_minted = True
     return event.raw if replaced is None else event.with_data(replaced)
 
 
