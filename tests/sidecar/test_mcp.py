@@ -819,11 +819,17 @@ async def test_a_multi_round_trip_call_is_decided_each_round_and_mints_one_recei
     assert [bool(r.get("receipt_minted")) for r in rounds] == [False, True], "no receipt for the interim result"
 
 
-@pytest.mark.parametrize(("retry", "reason"), [({"amount": 5000}, "limit_exceeded"), ({}, "limit_missing")])
-async def test_the_retry_of_an_input_required_call_cannot_change_its_arguments_past_a_limit(
+NO_VIP_PAY = {"name": "no-vip-pay", "effect": "deny", "actions": ["mcp.call"], "resources": ["mcp://booking/pay"],
+              "args": [{"field": "memo", "glob": "vip*"}]}
+
+
+@pytest.mark.parametrize(("retry", "reason"), [
+    ({"amount": 5000}, "limit_exceeded"), ({}, "limit_missing"), ({"amount": 300, "memo": "vip-7"}, "deny_rule")])
+async def test_the_retry_of_an_input_required_call_cannot_change_its_arguments_past_a_rule(
         sidecar: MakeSidecar, booking: Booking, retry: dict[str, object], reason: str) -> None:
     async with running(booking) as url:
-        side = await sidecar(spec_with(PAY), upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        side = await sidecar(spec_with(PAY, NO_VIP_PAY), upstream_urls={"booking": url}, read_timeout=5.0,
+                             total_timeout=10.0)
         with anyio.fail_after(20):
             async with Client(url_of(side)) as client:
                 await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
