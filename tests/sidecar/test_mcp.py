@@ -888,17 +888,17 @@ async def resumable_call(side: Sidecar, session: str, call: dict[str, Any]) -> l
 
 
 async def resume(side: Sidecar, session: str, last: str, until: str, token: str | None = None) -> tuple[int, str]:
-    """GET the session's stream from ``last`` on and read it until ``until`` shows (a resumed
-    stream stays open after its replay)."""
+    """GET the session's stream from ``last`` on and read it until the event where ``until`` shows
+    ends (a resumed stream stays open after its replay)."""
     headers = {"Accept": "text/event-stream", "Mcp-Session-Id": session, "Mcp-Protocol-Version": "2025-11-25",
                "Last-Event-ID": last, **({"X-Capgate-Token": token} if token else {})}
     response = await side.client.get("/booking/mcp", headers=headers)
     text = ""
     with anyio.fail_after(5):  # a hang guard
-        while response.status == 200 and until not in text:
+        while response.status == 200 and not (until in text and text.endswith("\n\n")):  # to the event's end
             line = await response.content.readline()
             assert line, f"the stream ended before {until!r}: {text}"
-            text += line.decode()
+            text += line.decode().replace("\r\n", "\n")  # the SDK server ends lines with CRLF
     if response.status != 200:
         text = await response.text()
     response.close()
@@ -962,3 +962,18 @@ async def test_a_replayed_server_request_cannot_be_answered_twice(sidecar: MakeS
     assert status == 200 and "elicitation/create" in replayed, "the replay carried the server's request again"
     assert twice.status == 403 and body["error"]["data"]["reason"] == "unknown_request_id"
     assert booking.calls == [("confirm_booking", {"booking_id": "b1", "answer": "accept"})]
+
+
+async def test_a_replayed_list_answer_never_reaches_the_agent_unfiltered(sidecar: MakeSidecar,
+                                                                         booking: Booking) -> None:
+    async with running(booking, events=Events()) as url:
+        side = await sidecar(example_spec(), upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        session = await opened_session(side)
+        response = await side.client.post("/booking/mcp", json={"jsonrpc": "2.0", "id": 4, "method": "tools/list"},
+                                          headers={**HEADERS, "Mcp-Session-Id": session,
+                                                   "Mcp-Protocol-Version": "2025-11-25"})
+        listed = await response.text()
+        ids = event_ids(listed)
+        status, replayed = await resume(side, session, ids[0], f"id: {ids[-1]}\n")
+    assert "search_flights" in listed and "delete_booking" not in listed
+    assert status == 200 and "delete_booking" not in replayed
