@@ -977,3 +977,26 @@ async def test_a_replayed_list_answer_never_reaches_the_agent_unfiltered(sidecar
         status, replayed = await resume(side, session, ids[0], f"id: {ids[-1]}\n")
     assert "search_flights" in listed and "delete_booking" not in listed
     assert status == 200 and "delete_booking" not in replayed
+
+
+@pytest.mark.parametrize("charged", ["consumed-receipt", "budget"])
+async def test_a_multi_round_trip_call_is_charged_once(sidecar: MakeSidecar, booking: Booking, charged: str) -> None:
+    if charged == "budget":
+        spec = spec_with(PAY)
+        spec["budgets"] = [{"upstream": "booking", "tool": "pay", "field": "amount", "max": 500, "per": "1h"}]
+    else:
+        spec = spec_with({**PAY, "requires": [{"rule": "search", "consume": True}]})
+    async with running(booking) as url:
+        side = await sidecar(spec, upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        with anyio.fail_after(20):
+            async with Client(url_of(side), elicitation_callback=accept) as client:
+                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+                paid = await client.call_tool("pay", {"amount": 300})
+                with pytest.raises(MCPError) as caught:  # a second payment: the search was spent / 600 > 500
+                    await client.call_tool("pay", {"amount": 300})
+    assert not paid.is_error
+    assert caught.value.data["reason"] == ("receipt_consumed" if charged == "consumed-receipt" else "budget_exhausted")
+    assert [call for call in booking.calls if call[0] == "pay"] == [("pay", {"amount": 300, "answer": "accept"})]
+    rounds = [r for r in mcp_records(side) if r["mcp"].get("name") == "pay"]
+    assert [(r["outcome"], r["mcp"].get("continues", False)) for r in rounds] == [
+        ("allowed", False), ("allowed", True), ("denied", False)]

@@ -125,6 +125,20 @@ class Pending:
         self._tasks: set[asyncio.Task[None]] = set()
         self._definitions: dict[tuple[str, str], bool] = {}
         self._param_headers: OrderedDict[tuple[str, str], Mapping[tuple[str, ...], str]] = OrderedDict()
+        self._rounds: OrderedDict[Hashable, str] = OrderedDict()
+
+    def paid_round(self, key: Hashable, rule: str) -> None:
+        """A call allowed by ``rule`` (its budgets charged, its receipts spent) was answered
+        ``input_required``: its retry — ``key`` names the same tool, arguments and ``requestState``
+        — continues that call, already paid for, once."""
+        self._rounds[key] = rule
+        self._rounds.move_to_end(key)
+        while len(self._rounds) > self._limit:
+            self._rounds.popitem(last=False)
+
+    def retry_of(self, key: Hashable) -> str | None:
+        """The rule that paid for the call this retry continues (forgotten as it is asked), or None."""
+        return self._rounds.pop(key, None)
 
     def open_outbox(self, upstream: str, session: str) -> asyncio.Queue[bytes]:
         """Events the sidecar itself must deliver on a session's stream (its refusals)."""
