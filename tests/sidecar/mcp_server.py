@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import mcp_types as types
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from pydantic import BaseModel, Field
 
 
@@ -28,6 +29,26 @@ class Booking:
 
     def tools(self) -> list[str]:
         return [name for name, _ in self.calls]
+
+
+class Events(EventStore):
+    """The SDK's resumability interface, in memory: every event of every stream, replayable by id."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, types.JSONRPCMessage | None]] = []
+
+    async def store_event(self, stream_id: str, message: types.JSONRPCMessage | None) -> str:
+        self.events.append((stream_id, message))
+        return str(len(self.events))
+
+    async def replay_events_after(self, last_event_id: str, send_callback: EventCallback) -> str | None:
+        if not last_event_id.isdigit() or not 0 < int(last_event_id) <= len(self.events):
+            return None
+        stream = self.events[int(last_event_id) - 1][0]
+        for number, (stream_id, message) in enumerate(self.events[int(last_event_id):], int(last_event_id) + 1):
+            if stream_id == stream and message is not None:
+                await send_callback(EventMessage(message, str(number)))
+        return stream
 
 
 def server(booking: Booking) -> MCPServer:
@@ -96,6 +117,26 @@ def server(booking: Booking) -> MCPServer:
         return "done"
 
     @srv.tool()
+    async def pay(amount: int, ctx: Context) -> str | types.InputRequiredResult:
+        """The 2026-07-28 multi-round trip: the first round asks (input_required), the retry pays."""
+        answer = (ctx.input_responses or {}).get("confirm")
+        if not isinstance(answer, types.ElicitResult):
+            return types.InputRequiredResult(request_state=f"asked:{amount}", input_requests={
+                "confirm": types.ElicitRequest(params=types.ElicitRequestFormParams(
+                    message=f"Pay {amount}?", requested_schema={"type": "object", "properties": {
+                        "ok": {"type": "boolean"}}, "required": ["ok"]}))})
+        booking.calls.append(("pay", {"amount": amount, "answer": answer.action}))
+        return f"paid {amount}" if answer.action == "accept" else "not paid"
+
+    @srv.tool()
+    async def slow_search(origin: str, ctx: Context) -> str:
+        """Cuts its own answer stream (the SDK's polling pattern): the result comes on the resumed stream."""
+        await ctx.close_sse_stream()
+        await asyncio.sleep(0.3)
+        booking.calls.append(("slow_search", {"origin": origin}))
+        return f"{origin}: LH123"
+
+    @srv.tool()
     def transfer_funds(to: str) -> str:
         booking.calls.append(("transfer_funds", {"to": to}))
         return "sent"
@@ -104,9 +145,12 @@ def server(booking: Booking) -> MCPServer:
 
 
 @asynccontextmanager
-async def running(booking: Booking, *, json_response: bool = False, stateless: bool = False) -> AsyncIterator[str]:
-    """The server's base URL (``http://127.0.0.1:<port>``) while it runs; its MCP path is ``/mcp``."""
-    app = server(booking).streamable_http_app(json_response=json_response, stateless_http=stateless)
+async def running(booking: Booking, *, json_response: bool = False, stateless: bool = False,
+                  events: EventStore | None = None) -> AsyncIterator[str]:
+    """The server's base URL (``http://127.0.0.1:<port>``) while it runs; its MCP path is ``/mcp``.
+    With ``events`` its streams are resumable (``Last-Event-ID``)."""
+    app = server(booking).streamable_http_app(json_response=json_response, stateless_http=stateless,
+                                              event_store=events, retry_interval=100 if events else None)
     async with _serve(app) as url:
         yield url
 

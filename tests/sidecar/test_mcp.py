@@ -28,7 +28,7 @@ from capgate.sidecar import app as sidecar_app
 from capgate.sidecar.limits import Limits
 from capgate.sidecar.watch import FileSource
 from tests.sidecar.conftest import MakeSidecar, Sidecar
-from tests.sidecar.mcp_server import Booking, running, running_sse
+from tests.sidecar.mcp_server import Booking, Events, running, running_sse
 from tests.sidecar.test_credentials import HeardOnce, write_credential_dir
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mcp-booking-agent.yaml"
@@ -794,3 +794,209 @@ async def test_a_credential_rotated_in_after_a_revocation_does_not_inherit_the_r
         alive = await server_knows(url, session)
     assert again.status == 404 and body["error"]["data"]["reason"] == "session_closed"
     assert not alive, "the upstream still holds the revoked credential's session"
+
+
+PAY = {"name": "pay", "effect": "allow", "actions": ["mcp.call"], "resources": ["mcp://booking/pay"],
+       "requires": ["search"], "limits": [{"field": "amount", "max": 400}]}
+
+
+async def accept(context: Any, params: Any) -> Any:
+    return mcp_types.ElicitResult(action="accept", content={"ok": True})
+
+
+async def test_a_multi_round_trip_call_is_decided_each_round_and_mints_one_receipt(
+        sidecar: MakeSidecar, booking: Booking) -> None:
+    async with running(booking) as url:
+        side = await sidecar(spec_with(PAY), upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        with anyio.fail_after(20):
+            async with Client(url_of(side), elicitation_callback=accept) as client:  # 2026-07-28: input_required
+                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+                result = await client.call_tool("pay", {"amount": 300})
+    assert not result.is_error and booking.calls[1:] == [("pay", {"amount": 300, "answer": "accept"})]
+    rounds = [r for r in mcp_records(side) if r["mcp"].get("name") == "pay"]
+    assert [(r["outcome"], r["rule"]) for r in rounds] == [("allowed", "pay"), ("allowed", "pay")]
+    assert rounds[0]["mcp"]["id"] != rounds[1]["mcp"]["id"], "one record per message, the retry is a new request"
+    assert [bool(r.get("receipt_minted")) for r in rounds] == [False, True], "no receipt for the interim result"
+
+
+NO_VIP_PAY = {"name": "no-vip-pay", "effect": "deny", "actions": ["mcp.call"], "resources": ["mcp://booking/pay"],
+              "args": [{"field": "memo", "glob": "vip*"}]}
+
+
+@pytest.mark.parametrize(("retry", "reason"), [
+    ({"amount": 5000}, "limit_exceeded"), ({}, "limit_missing"), ({"amount": 300, "memo": "vip-7"}, "deny_rule")])
+async def test_the_retry_of_an_input_required_call_cannot_change_its_arguments_past_a_rule(
+        sidecar: MakeSidecar, booking: Booking, retry: dict[str, object], reason: str) -> None:
+    async with running(booking) as url:
+        side = await sidecar(spec_with(PAY, NO_VIP_PAY), upstream_urls={"booking": url}, read_timeout=5.0,
+                             total_timeout=10.0)
+        with anyio.fail_after(20):
+            async with Client(url_of(side)) as client:
+                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+                first = await client.session.call_tool("pay", {"amount": 300}, allow_input_required=True)
+                assert isinstance(first, mcp_types.InputRequiredResult) and first.request_state
+                answers: mcp_types.InputResponses = {"confirm": mcp_types.ElicitResult(action="accept",
+                                                                                        content={"ok": True})}
+                with pytest.raises(MCPError) as caught:
+                    await client.session.call_tool("pay", retry, input_responses=answers,
+                                                   request_state=first.request_state)
+                done = await client.session.call_tool("pay", {"amount": 300}, input_responses=answers,
+                                                      request_state=first.request_state)
+    assert caught.value.data["reason"] == reason
+    assert isinstance(done, mcp_types.CallToolResult) and not done.is_error
+    assert [call for call in booking.calls if call[0] == "pay"] == [("pay", {"amount": 300, "answer": "accept"})]
+    rounds = [r for r in mcp_records(side) if r["mcp"].get("name") == "pay"]
+    assert [r["outcome"] for r in rounds] == ["allowed", "denied", "allowed"]
+    assert [bool(r.get("receipt_minted")) for r in rounds] == [False, False, True]
+
+
+def resumable_spec() -> dict[str, Any]:
+    spec = example_spec()
+    spec["rules"][0]["resources"].append("mcp://booking/slow_search")  # the search rule: charge requires it
+    return spec
+
+
+async def test_a_cut_answer_stream_resumed_with_last_event_id_delivers_the_result_and_its_receipt(
+        sidecar: MakeSidecar, booking: Booking) -> None:
+    async with running(booking, events=Events()) as url:
+        side = await sidecar(resumable_spec(), upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        resumed: list[str] = []
+
+        async def remember(request: httpx2.Request) -> None:
+            if request.method == "GET" and "last-event-id" in request.headers:
+                resumed.append(request.headers["last-event-id"])
+        http = httpx2.AsyncClient(timeout=30, event_hooks={"request": [remember]})
+        with anyio.fail_after(20):
+            async with http, Client(streamable_http_client(url_of(side), http_client=http), mode="legacy") as client:
+                result = await client.call_tool("slow_search", {"origin": "LHR"})
+                charged = await client.call_tool("charge", {"amount": 100, "currency": "EUR"})  # requires search
+            await wait_for_record(side, '"resumed":')
+    assert resumed, "the SDK client resumed the cut stream"
+    assert not result.is_error and not charged.is_error
+    assert booking.tools() == ["slow_search", "charge"]
+    minted = [r for r in mcp_records(side) if r.get("receipt_minted")]
+    assert sorted(r["mcp"]["kind"] for r in minted) == ["request", "stream"], "the resumed stream's answer minted it"
+
+
+async def resumable_call(side: Sidecar, session: str, call: dict[str, Any]) -> list[str]:
+    """Post ``call`` on ``session`` and read its answer stream to the end: the event ids it carried."""
+    response = await side.client.post("/booking/mcp", json=call, headers={
+        **HEADERS, "Mcp-Session-Id": session, "Mcp-Protocol-Version": "2025-11-25"})
+    assert response.status == 200
+    text = await response.text()
+    return [line[3:].strip() for line in text.splitlines() if line.startswith("id:")]
+
+
+async def resume(side: Sidecar, session: str, last: str, until: str, token: str | None = None) -> tuple[int, str]:
+    """GET the session's stream from ``last`` on and read it until the event where ``until`` shows
+    ends (a resumed stream stays open after its replay)."""
+    headers = {"Accept": "text/event-stream", "Mcp-Session-Id": session, "Mcp-Protocol-Version": "2025-11-25",
+               "Last-Event-ID": last, **({"X-Capgate-Token": token} if token else {})}
+    response = await side.client.get("/booking/mcp", headers=headers)
+    text = ""
+    with anyio.fail_after(5):  # a hang guard
+        while response.status == 200 and not (until in text and text.endswith("\n\n")):  # to the event's end
+            line = await response.content.readline()
+            assert line, f"the stream ended before {until!r}: {text}"
+            text += line.decode().replace("\r\n", "\n")  # the SDK server ends lines with CRLF
+    if response.status != 200:
+        text = await response.text()
+    response.close()
+    return response.status, text
+
+
+def event_ids(text: str) -> list[str]:
+    return [line[3:].strip() for line in text.splitlines() if line.startswith("id:")]
+
+
+async def opened_session(side: Sidecar) -> str:
+    session = await initialize(side)
+    await side.client.post("/booking/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                           headers={**HEADERS, "Mcp-Session-Id": session, "Mcp-Protocol-Version": "2025-11-25"})
+    return session
+
+
+async def test_a_replayed_answer_mints_no_second_receipt_and_another_token_cannot_resume(
+        sidecar: MakeSidecar, booking: Booking) -> None:
+    async with running(booking, events=Events()) as url:
+        side = await sidecar(resumable_spec(), upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        session = await opened_session(side)
+        ids = await resumable_call(side, session, tool_call("slow_search", 8, origin="LHR"))
+        assert ids, "the cut stream carried a priming event id"
+        token = await narrowed(side, rules=["search"], ttl="5m")
+        other = await resume(side, session, ids[0], "", token)
+        first = await resume(side, session, ids[0], "LH123")
+        again = await resume(side, session, ids[0], f"id: {event_ids(first[1])[-1]}\n")
+        await wait_for_record(side, '"resumed":8')
+    assert other[0] == 404 and "unknown_session" in other[1]
+    assert first[0] == 200 and '"id":8' in first[1].replace(" ", "")
+    assert "LH123" not in again[1], "an answer already delivered is not delivered again"
+    assert [r["mcp"].get("kind") for r in mcp_records(side) if r.get("receipt_minted")] == ["stream"]
+    metrics = await (await side.admin.get("/metrics")).text()
+    assert "capgate_receipts_minted_total 1.0" in metrics
+
+
+async def test_a_replayed_server_request_cannot_be_answered_twice(sidecar: MakeSidecar, booking: Booking) -> None:
+    async with running(booking, events=Events()) as url:
+        side = await sidecar(spec_with(INTERACTIVE), upstream_urls={"booking": url}, read_timeout=5.0,
+                             total_timeout=10.0)
+        session = await opened_session(side)
+        headers = {**HEADERS, "Mcp-Session-Id": session, "Mcp-Protocol-Version": "2025-11-25"}
+        stream = await side.client.post("/booking/mcp", json=tool_call("confirm_booking", 3, booking_id="b1"),
+                                        headers=headers)
+        events: list[str] = []
+        asked: dict[str, Any] | None = None
+        with anyio.fail_after(5):
+            while asked is None:
+                line = (await stream.content.readline()).decode()
+                if line.startswith("id:"):
+                    events.append(line[3:].strip())
+                if line.startswith("data:") and '"elicitation/create"' in line:
+                    asked = json.loads(line[5:])
+        answer = {"jsonrpc": "2.0", "id": asked["id"], "result": {"action": "accept", "content": {"ok": True}}}
+        assert (await side.client.post("/booking/mcp", json=answer, headers=headers)).status == 202
+        await read_to_end(stream)
+        status, replayed = await resume(side, session, events[0], "elicitation/create")
+        twice = await side.client.post("/booking/mcp", json=answer, headers=headers)
+        body = await twice.json()
+    assert status == 200 and "elicitation/create" in replayed, "the replay carried the server's request again"
+    assert twice.status == 403 and body["error"]["data"]["reason"] == "unknown_request_id"
+    assert booking.calls == [("confirm_booking", {"booking_id": "b1", "answer": "accept"})]
+
+
+async def test_a_replayed_list_answer_never_reaches_the_agent_unfiltered(sidecar: MakeSidecar,
+                                                                         booking: Booking) -> None:
+    async with running(booking, events=Events()) as url:
+        side = await sidecar(example_spec(), upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        session = await opened_session(side)
+        response = await side.client.post("/booking/mcp", json={"jsonrpc": "2.0", "id": 4, "method": "tools/list"},
+                                          headers={**HEADERS, "Mcp-Session-Id": session,
+                                                   "Mcp-Protocol-Version": "2025-11-25"})
+        listed = await response.text()
+        ids = event_ids(listed)
+        status, replayed = await resume(side, session, ids[0], f"id: {ids[-1]}\n")
+    assert "search_flights" in listed and "delete_booking" not in listed
+    assert status == 200 and "delete_booking" not in replayed
+
+
+@pytest.mark.parametrize("charged", ["consumed-receipt", "budget"])
+async def test_a_multi_round_trip_call_is_charged_once(sidecar: MakeSidecar, booking: Booking, charged: str) -> None:
+    if charged == "budget":
+        spec = spec_with(PAY)
+        spec["budgets"] = [{"upstream": "booking", "tool": "pay", "field": "amount", "max": 500, "per": "1h"}]
+    else:
+        spec = spec_with({**PAY, "requires": [{"rule": "search", "consume": True}]})
+    async with running(booking) as url:
+        side = await sidecar(spec, upstream_urls={"booking": url}, read_timeout=5.0, total_timeout=10.0)
+        with anyio.fail_after(20):
+            async with Client(url_of(side), elicitation_callback=accept) as client:
+                await client.call_tool("search_flights", {"origin": "LHR", "destination": "JFK"})
+                paid = await client.call_tool("pay", {"amount": 300})
+                with pytest.raises(MCPError) as caught:  # a second payment: the search was spent / 600 > 500
+                    await client.call_tool("pay", {"amount": 300})
+    assert not paid.is_error
+    assert caught.value.data["reason"] == ("receipt_consumed" if charged == "consumed-receipt" else "budget_exhausted")
+    assert [call for call in booking.calls if call[0] == "pay"] == [("pay", {"amount": 300, "answer": "accept"})]
+    rounds = [r for r in mcp_records(side) if r["mcp"].get("name") == "pay"]
+    assert [(r["outcome"], r["mcp"].get("continues", False)) for r in rounds] == [
+        ("allowed", False), ("allowed", True), ("denied", False)]

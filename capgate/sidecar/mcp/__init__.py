@@ -16,7 +16,10 @@ Answers are read as they come: a JSON answer whole (bounded), an SSE answer even
 an allowed ``tools/call`` only when the answer to *its* id is a success — a ``result`` that is not
 ``isError`` and not an unfinished multi-round-trip result — never for the transport's 200.
 With a JSON answer the receipt also rides ``X-Capgate-Receipt``; with SSE the headers are gone by
-then, so it is held by this sidecar for the correlation (which is what ``requires`` reads).
+then, so it is held by this sidecar for the correlation (which is what ``requires`` reads). A
+2026-07-28 retry after an ``input_required`` result is decided again in full, but charged once per
+call (:func:`_round_key`). An answer stream cut before its answer is awaited on the session's GET
+stream that resumes it (``Last-Event-ID``); a replayed answer already delivered is dropped.
 
 Each message is one audit record: JSON-RPC method, tool/URI, id, argument digest, outcome.
 """
@@ -45,7 +48,7 @@ from capgate.sidecar import errors, facts, proxy
 from capgate.sidecar.config import Settings
 from capgate.sidecar.credentials import Loaded
 from capgate.sidecar.gate import Gate, Trace
-from capgate.sidecar.mcp.sse import Event, SseEvents
+from capgate.sidecar.mcp.sse import EOL, Event, SseEvents
 from capgate.sidecar.mcp.state import SESSION_HEADER, Binding, Pending, Sessions
 from capgate.sidecar.receipts import split_header
 from capgate.sidecar.routing import Route
@@ -167,6 +170,8 @@ class Context:
     pending: Pending
     session: str | None = None
     """The MCP session this request belongs to (checked to be this token's), once known."""
+    message: core_mcp.Message | None = None
+    """The JSON-RPC message posted, once read."""
     trace_creds: list[tokens.Credential] = field(default_factory=list)
     """The verified tokens of this request (what a session it opens is bound to)."""
 
@@ -203,6 +208,7 @@ async def handle(request: web.Request, ctx: Context) -> web.StreamResponse:
     except core_mcp.McpError as exc:
         raise _rpc(errors.bad_request(exc.reason, exc.message), ident, exc.rpc_code) from None
     _describe(ctx.trace, message, target)
+    ctx.message = message
     try:
         creds, verdict, session = await _decide(request, ctx, target)
     except errors.SidecarError as exc:
@@ -330,19 +336,44 @@ async def _decide(request: web.Request, ctx: Context, target: core_mcp.Target
     _check_pinned_call(ctx, target)
     carried = split_header(request.headers.getall(facts.RECEIPT_HEADER, []))
     receipts = gate.receipts(loaded, carried, ctx.correlation, trace, ctx.now)
+    paid = ctx.pending.retry_of(_round_key(ctx, target, message_state(ctx.message))) \
+        if ctx.message is not None and target.action == core_mcp.CALL else None
+    paid_rule = loaded.capability.rule(paid) if paid is not None else None
+    spent = frozenset(paid_rule.consumes) if paid_rule is not None else frozenset()
     verdict = gate.decide(creds, decision.Request(
         principal=loaded.principal, correlation=ctx.correlation, action=target.action, resource=target.resource,
         body=dict(target.arguments) if target.arguments is not None else None, receipts=receipts.rules,
-        unconsumed=receipts.unconsumed, now=ctx.now), trace)
+        unconsumed=receipts.unconsumed | spent, now=ctx.now), trace)
     if locked is not None:
         rule = loaded.capability.rule(verdict.rule) if verdict.allowed and verdict.rule else None
         if rule is None or not rule.read_only:
             raise locked
     gate.enforce(loaded, verdict, trace)
+    if paid is not None and verdict.allowed and verdict.rule == paid:
+        # The retry continues a call its first round paid for: charging its budgets or spending a
+        # receipt again would count one call twice (and refuse a single-use gate's own retry).
+        await gate.charge(loaded, None, None, trace)  # the rate limit counts every message
+        if trace.mcp is not None:
+            trace.mcp["continues"] = True
+        return creds, verdict, session
     await gate.charge(loaded, ctx.route.upstream.name, target.arguments, trace,
                       tool=target.resource if target.action == core_mcp.CALL else None)
     await gate.consume(loaded, verdict, receipts, trace)
     return creds, verdict, session
+
+
+def message_state(message: core_mcp.Message) -> str | None:
+    """The ``requestState`` a 2026-07-28 retry echoes (opaque: compared, never read)."""
+    state = message.params.get("requestState")
+    return state if isinstance(state, str) else None
+
+
+def _round_key(ctx: Context, target: core_mcp.Target, state: str | None) -> Hashable:
+    """What a retry must repeat to continue a paid round: the same tokens, correlation, tool,
+    arguments and the ``requestState`` the server returned."""
+    arguments = core_mcp.digest(target.arguments) if target.arguments is not None else None
+    return (ctx.route.upstream.name, _owner(ctx.trace), ctx.correlation, target.resource, arguments,
+            core_mcp.digest(state) if state is not None else None)
 
 
 _CALLABLE_REASONS = frozenset({"allowed", "limit_missing", "limit_exceeded", "missing_receipt", "receipt_consumed"})
@@ -515,10 +546,21 @@ async def _sse_answer(request: web.Request, ctx: Context, upstream: aiohttp.Clie
         guard.cancel()
         if pump is not None:
             pump.cancel()
+        _await_resumption(ctx, exchange)
         if stream is not None and stream.session is not None:
             ctx.pending.close_outbox(ctx.route.upstream.name, stream.session)
     await response.write_eof()
     return response
+
+
+def _await_resumption(ctx: Context, exchange: Exchange) -> None:
+    """A request's answer stream that ended before its answer may be resumed on the session's GET
+    stream (``Last-Event-ID``): its answer is awaited there."""
+    message = exchange.message
+    if (message is None or message.kind != "request" or exchange.answered or ctx.session is None
+            or ctx.old_transport is not None):
+        return
+    ctx.pending.add((ctx.route.upstream.name, ctx.session, json.dumps(message.id)), ctx, exchange)
 
 
 def _relay(ctx: Context, exchange: Exchange, stream: OldStream | None, event: Event) -> bytes:
@@ -529,8 +571,38 @@ def _relay(ctx: Context, exchange: Exchange, stream: OldStream | None, event: Ev
     replaced = None
     if stream is not None:
         replaced = stream.event(event)
+    elif event.data is not None and exchange.message is None:
+        return _resumed(ctx, event)
     elif event.data is not None:
         replaced = _observe(ctx, exchange, event.data.encode("utf-8", "surrogatepass"))
+    return event.raw if replaced is None else event.with_data(replaced)
+
+
+def _resumed(ctx: Context, event: Event) -> bytes:
+    """An event on a streamable HTTP GET stream. An answer there is a resumed (``Last-Event-ID``)
+    answer stream's: judged as its request's own stream would have (a list filtered, a receipt
+    minted), once. An answer to nothing still waiting — delivered already, or never asked here —
+    is dropped (its ``id:`` kept, so the client resumes after it): a replay must neither mint a
+    second receipt nor carry an unfiltered list."""
+    assert event.data is not None
+    data = event.data.encode("utf-8", "surrogatepass")
+    try:
+        answer = core_mcp.parse(data)
+    except core_mcp.McpError:
+        return event.raw
+    if answer.kind != "response":
+        return event.raw
+    found = None
+    if ctx.session is not None:
+        found = ctx.pending.pop((ctx.route.upstream.name, ctx.session, json.dumps(answer.id)))
+    if found is None:
+        kept = [line for line in EOL.split(event.raw) if line.startswith(b"id:")]
+        return b"".join(line + b"\n" for line in kept) + b": capgate dropped an answer already delivered\n\n"
+    replaced = _observe(found[0], found[1], data)
+    if ctx.trace.mcp is not None:
+        ctx.trace.mcp["resumed"] = answer.id
+    if found[1].receipt is not None:
+        ctx.trace.receipt_minted = True
     return event.raw if replaced is None else event.with_data(replaced)
 
 
@@ -671,7 +743,12 @@ def _observe(ctx: Context, exchange: Exchange, data: bytes) -> bytes | None:
         _learn_headers(ctx, answer.document)
     if target is not None and target.listing is not None and ctx.loaded.capability.mode == "enforce":
         return _filtered(ctx, exchange, answer)
-    if not succeeded(answer.document) or verdict is None or not verdict.allowed or verdict.rule is None:
+    if verdict is None or not verdict.allowed or verdict.rule is None:
+        return None
+    state = _input_required_state(answer.document)
+    if target is not None and target.action == core_mcp.CALL and state is not None:
+        ctx.pending.paid_round(_round_key(ctx, target, state), verdict.rule)
+    if not succeeded(answer.document):
         return None
     if target is not None and target.action == core_mcp.CALL:
         exchange.receipt = ctx.gate.mint_receipt(ctx.loaded, verdict.rule, ctx.correlation, ctx.trace)
@@ -798,6 +875,15 @@ class OldStream:
             ctx.sessions.bind(ctx.route.upstream.name, self.session, _owner(ctx.trace), ended, tokens=identity)
             self.outbox = self.ctx.pending.open_outbox(self.ctx.route.upstream.name, self.session)
         return (self.prefix + path).encode("utf-8")
+
+
+def _input_required_state(document: Mapping[str, object]) -> str | None:
+    """The ``requestState`` of an ``input_required`` result, or None."""
+    result = document.get("result")
+    if not isinstance(result, Mapping) or result.get("resultType") != "input_required":
+        return None
+    state = result.get("requestState")
+    return state if isinstance(state, str) else None
 
 
 def succeeded(document: Mapping[str, object]) -> bool:

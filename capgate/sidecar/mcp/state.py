@@ -108,10 +108,12 @@ class Sessions:
 
 
 class Pending:
-    """Requests posted on the old HTTP+SSE transport, waiting for their answer on the session's stream.
+    """Requests waiting for their answer on the session's GET stream, by (upstream, session, id).
 
-    That transport answers a POST with 202 and the result arrives on the GET stream, so the stream
-    looks the request up here by (upstream, session, id) to filter a list or mint a receipt.
+    The old HTTP+SSE transport answers a POST with 202 and the result arrives on the GET stream;
+    a streamable HTTP answer stream cut before its answer is resumed by a GET with
+    ``Last-Event-ID``. Either stream looks the request up here to filter a list or mint a
+    receipt — once: the entry goes with its answer, so a replayed answer finds nothing.
     """
 
     def __init__(self, limit: int = MAX_SESSIONS) -> None:
@@ -119,9 +121,24 @@ class Pending:
         self._limit = limit
         self._outboxes: dict[tuple[str, str], asyncio.Queue[bytes]] = {}
         self._asked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._answered: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._definitions: dict[tuple[str, str], bool] = {}
         self._param_headers: OrderedDict[tuple[str, str], Mapping[tuple[str, ...], str]] = OrderedDict()
+        self._rounds: OrderedDict[Hashable, str] = OrderedDict()
+
+    def paid_round(self, key: Hashable, rule: str) -> None:
+        """A call allowed by ``rule`` (its budgets charged, its receipts spent) was answered
+        ``input_required``: its retry — ``key`` names the same tool, arguments and ``requestState``
+        — continues that call, already paid for, once."""
+        self._rounds[key] = rule
+        self._rounds.move_to_end(key)
+        while len(self._rounds) > self._limit:
+            self._rounds.popitem(last=False)
+
+    def retry_of(self, key: Hashable) -> str | None:
+        """The rule that paid for the call this retry continues (forgotten as it is asked), or None."""
+        return self._rounds.pop(key, None)
 
     def open_outbox(self, upstream: str, session: str) -> asyncio.Queue[bytes]:
         """Events the sidecar itself must deliver on a session's stream (its refusals)."""
@@ -171,8 +188,13 @@ class Pending:
         return self._param_headers.get((upstream, tool))
 
     def ask(self, upstream: str, session: str, ident: object) -> None:
-        """The server asked the client something on this session (its answer may pass, once)."""
-        self._asked[(upstream, session, json.dumps(ident))] = None
+        """The server asked the client something on this session (its answer may pass, once).
+
+        A resumed stream replays the question; an id already answered stays answered."""
+        key = (upstream, session, json.dumps(ident))
+        if key in self._answered:
+            return
+        self._asked[key] = None
         while len(self._asked) > self._limit:
             self._asked.popitem(last=False)
 
@@ -182,4 +204,7 @@ class Pending:
         if key not in self._asked:
             return False
         del self._asked[key]
+        self._answered[key] = None
+        while len(self._answered) > self._limit:
+            self._answered.popitem(last=False)
         return True
