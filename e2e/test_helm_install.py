@@ -35,6 +35,7 @@ from capgate import resources
 from capgate.operator import manifests
 from e2e.controlplane import ControlPlane
 from e2e.external import Cluster
+from e2e.pods import local_image_values, session_key_values
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "capgate"
@@ -93,6 +94,39 @@ class Release:
         self.installed = False
         return self.plane.helm("uninstall", RELEASE, "--namespace", self.namespace, "--wait").stdout
 
+    def remove(self, stack_namespace: str | None = None) -> None:
+        """A module's teardown: the release if it is still installed (with a module's ``stack_namespace``
+        first and the release's own namespace after it, not waited for), then the shared objects set aside."""
+        try:
+            if stack_namespace is not None:
+                self.plane.kubectl("delete", "namespace", stack_namespace, "--wait=false", "--ignore-not-found")
+            if self.plane.helm("status", RELEASE, "-n", self.namespace, check=False).returncode == 0:
+                self.uninstall()
+            if stack_namespace is not None:
+                self.plane.kubectl("delete", "namespace", self.namespace, "--wait=false", "--ignore-not-found")
+        finally:
+            self.restore()
+
+
+@dataclass
+class LocalRelease(Release):
+    """The chart with a suite's image; ``helm install --wait``: the operator pod must become Ready.
+    ``session_keys``: the pod suite's short session-key lifetime (renewals seen within its run)."""
+
+    image: str = ""
+    pull_policy: str = "Never"
+    session_keys: bool = True
+
+    def image_values(self) -> list[str]:
+        return local_image_values(self.image, self.pull_policy)
+
+    def install(self) -> None:
+        if not self.installed:
+            self.notes = self.plane.helm("install", RELEASE, str(CHART), "--namespace", self.namespace,
+                                         "--create-namespace", "--wait", "--timeout", "300s", *self.image_values(),
+                                         *(session_key_values() if self.session_keys else [])).stdout
+            self.installed = True
+
 
 @pytest.fixture(scope="module")
 def release(cluster: Cluster) -> Iterator[Release]:
@@ -103,11 +137,7 @@ def release(cluster: Cluster) -> Iterator[Release]:
         the_release.install()
         yield the_release
     finally:
-        try:
-            if cluster.helm("status", RELEASE, "-n", the_release.namespace, check=False).returncode == 0:
-                the_release.uninstall()
-        finally:
-            the_release.restore()
+        the_release.remove()
 
 
 @pytest.fixture

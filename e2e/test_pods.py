@@ -48,10 +48,8 @@ from e2e.pods import (
     TLS_PORT,
     Stack,
     agent_deployment,
-    local_image_values,
-    session_key_values,
 )
-from e2e.test_helm_install import CHART, RELEASE, Release
+from e2e.test_helm_install import CHART, RELEASE, LocalRelease
 
 ROTATION_WAIT_S = 150  # a re-minted credential (every ~10 s) reaches the volume at the kubelet's next sync
 REVOCATION_CLAIM_S = 1.0  # the README: "revocation reaches every sidecar within a second"
@@ -66,24 +64,6 @@ SESSION_KEYS_SEEN = 3  # the first one and two renewals, all for the same creden
 SESSION_KEYS_WAIT_S = 330  # two kubelet syncs (60-90 s apart) after a renewal, with room for a slow node
 # 16 bodies in flight, what --max-inflight-bytes (16 MiB) admits; each over the charge limit, so refused once read.
 OOM_FLOOD = {"bodies": 16, "kib": 1000, "amount": 500000, "seconds": 60}
-
-
-@dataclass
-class LocalRelease(Release):
-    """The chart with the suite's image; ``helm install --wait``: the operator pod must become Ready."""
-
-    image: str = ""
-    pull_policy: str = "Never"
-
-    def image_values(self) -> list[str]:
-        return local_image_values(self.image, self.pull_policy)
-
-    def install(self) -> None:
-        if not self.installed:
-            self.notes = self.plane.helm("install", RELEASE, str(CHART), "--namespace", self.namespace,
-                                         "--create-namespace", "--wait", "--timeout", "300s",
-                                         *self.image_values(), *session_key_values()).stdout
-            self.installed = True
 
 
 @dataclass
@@ -131,12 +111,8 @@ def deployed(cluster: Cluster, pulled: tuple[str, str]) -> Iterator[Deployed]:
         yield Deployed(stack, release, time.monotonic())
     finally:
         try:
-            cluster.kubectl("delete", "namespace", stack.namespace, "--wait=false", "--ignore-not-found")
-            if cluster.helm("status", RELEASE, "-n", release.namespace, check=False).returncode == 0:
-                release.uninstall()
-            cluster.kubectl("delete", "namespace", release.namespace, "--wait=false", "--ignore-not-found")
+            release.remove(stack.namespace)
         finally:
-            release.restore()
             TIMINGS.parent.mkdir(parents=True, exist_ok=True)
             TIMINGS.write_text(json.dumps(TIMINGS_SEEN, indent=2) + "\n")
             print(f"\nreal-pod timings: {json.dumps(TIMINGS_SEEN)}")

@@ -26,7 +26,6 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,8 @@ from capgate.operator import manifests
 from e2e import images
 from e2e.controlplane import ControlPlane
 from e2e.node import Node
-from e2e.pods import AGENT, CAPABILITY, HERE, Stack, local_image_values
-from e2e.test_helm_install import CHART, RELEASE, Release
+from e2e.pods import AGENT, CAPABILITY, HERE, Stack
+from e2e.test_helm_install import LocalRelease
 
 REPLICAS = 3
 MAX = 1000
@@ -73,23 +72,12 @@ def fleet_capability(cap: dict[str, Any]) -> None:
                              "paths": ["/bookings"], "requires": [{"rule": "search", "consume": True}]})
 
 
-@dataclass
-class LocalRelease(Release):
-    image: str = ""
-
-    def install(self) -> None:
-        if not self.installed:
-            self.plane.helm("install", RELEASE, str(CHART), "--namespace", self.namespace, "--create-namespace",
-                            "--wait", "--timeout", "300s", *local_image_values(self.image))
-            self.installed = True
-
-
 @pytest.fixture(scope="module")
 def stack(control_plane: ControlPlane, node: Node) -> Iterator[Stack]:
     started = time.monotonic()
     image = images.build().images["capgate"].ref
     node.import_docker_image(image)
-    release = LocalRelease(control_plane, f"capgate-fleet-{uuid.uuid4().hex[:6]}", image=image)
+    release = LocalRelease(control_plane, f"capgate-fleet-{uuid.uuid4().hex[:6]}", image=image, session_keys=False)
     the_stack = Stack(control_plane, f"fleet-pods-{uuid.uuid4().hex[:6]}", image, replicas=REPLICAS,
                       tweak=fleet_capability)
     try:
@@ -101,12 +89,8 @@ def stack(control_plane: ControlPlane, node: Node) -> Iterator[Stack]:
         yield the_stack
     finally:
         try:
-            control_plane.kubectl("delete", "namespace", the_stack.namespace, "--wait=false", "--ignore-not-found")
-            if control_plane.helm("status", RELEASE, "-n", release.namespace, check=False).returncode == 0:
-                release.uninstall()
-            control_plane.kubectl("delete", "namespace", release.namespace, "--wait=false", "--ignore-not-found")
+            release.remove(the_stack.namespace)
         finally:
-            release.restore()
             TIMINGS.parent.mkdir(parents=True, exist_ok=True)
             TIMINGS.write_text(json.dumps(SEEN, indent=2) + "\n")
             print(f"\nfleet on real pods: {json.dumps(SEEN)}")
