@@ -30,7 +30,14 @@ from typing import Any
 
 from capgate import usage
 from capgate.sidecar.metrics import Metrics
-from capgate.sidecar.state import MAX_ATTEMPTS, RETRY_SECONDS, Conflict, StateUnavailable, UsageStore
+from capgate.sidecar.state import (
+    MAX_ATTEMPTS,
+    RETRY_SECONDS,
+    Conflict,
+    StateUnavailable,
+    UsageStore,
+    after_conflict,
+)
 
 log = logging.getLogger("capgate.sidecar.consumption")
 
@@ -110,7 +117,7 @@ class SingleUse:
         if time.monotonic() < self._retry_at:
             return _unavailable("the shared usage state was unreachable moments ago")
         state = self._state
-        for _ in range(MAX_ATTEMPTS):
+        for attempt in range(MAX_ATTEMPTS):
             try:
                 if state is None:
                     state = await self.store.read()
@@ -130,6 +137,7 @@ class SingleUse:
                 state = await self.store.write(version, usage.apply_consumption(status, plan))
             except Conflict:
                 state = None  # someone wrote first: read what they wrote and plan again
+                await after_conflict(attempt)
                 continue
             except (StateUnavailable, usage.UsageError) as exc:
                 self._retry_at = time.monotonic() + RETRY_SECONDS

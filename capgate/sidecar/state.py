@@ -7,12 +7,27 @@ this interface; a standalone sidecar uses an in-memory store and so never loads 
 
 from __future__ import annotations
 
+import asyncio
+import random
 from typing import Any, Protocol
 
 RETRY_SECONDS = 1.0
 """After the state could not be reached, how long refusals rest on that before asking again."""
-MAX_ATTEMPTS = 8
+MAX_ATTEMPTS = 12
 """Conflicts in a row before giving up (each one means another writer made progress)."""
+CONFLICT_BACKOFF_SECONDS = 0.004, 0.1
+"""The first and the largest bound of the jittered wait after a conflict (it doubles each time)."""
+
+
+async def after_conflict(attempt: int) -> None:
+    """Wait a random moment before the next attempt after the ``attempt``-th conflict in a row.
+
+    Near a budget's end every call needs a write, and sidecars that lost to each other would retry in
+    step: three replicas hammering one budget once saw a sidecar lose eight times running and refuse
+    a call ``usage_unavailable``. A jittered, doubling wait (at most ~0.8 s over all attempts) lets
+    one writer through at a time."""
+    first, largest = CONFLICT_BACKOFF_SECONDS
+    await asyncio.sleep(random.uniform(0, min(largest, first * 2 ** attempt)))  # noqa: S311 - not a secret
 
 
 class StateUnavailable(Exception):

@@ -39,7 +39,7 @@ from capgate import resources, usage
 from capgate.capabilities import spec
 from capgate.sidecar.limits import Refusal, Settlement, budget_amount
 from capgate.sidecar.metrics import Metrics
-from capgate.sidecar.state import MAX_ATTEMPTS, RETRY_SECONDS, Conflict, StateUnavailable, UsageStore
+from capgate.sidecar.state import MAX_ATTEMPTS, RETRY_SECONDS, Conflict, StateUnavailable, UsageStore, after_conflict
 
 __all__ = ["MAX_ATTEMPTS", "RETRY_SECONDS", "Conflict", "FleetLimits", "KubeUsageStore", "StateUnavailable",
            "UsageStore"]
@@ -187,7 +187,7 @@ class FleetLimits:
 
     async def _pay_debts(self) -> None:
         """Record response usage owed to the shared windows; raises like a lease write."""
-        for _ in range(MAX_ATTEMPTS):
+        for attempt in range(MAX_ATTEMPTS):
             if not self.book.debts:
                 return
             version, status = await self._state()
@@ -196,6 +196,7 @@ class FleetLimits:
             try:
                 written = await self.store.write(version, usage.apply(status, claim))
             except Conflict:
+                await after_conflict(attempt)
                 continue
             self._remember(written)
             self.book.settled(claim)
@@ -214,7 +215,7 @@ class FleetLimits:
                 log.warning("fleet-wide usage of %s unavailable: %s; refusing calls that need a new lease",
                             self.capability, exc)
                 return _unavailable(demands, f"the shared usage state cannot be reached: {exc}")
-        for _ in range(MAX_ATTEMPTS):
+        for attempt in range(MAX_ATTEMPTS):
             now = self.clock()
             if self.book.covers(demands, now):  # another call renewed while we waited for the lock
                 if spend:
@@ -230,6 +231,7 @@ class FleetLimits:
                 self._cached = None
                 written = await self.store.write(version, usage.apply(status, claim))
             except Conflict:
+                await after_conflict(attempt)
                 continue
             except (StateUnavailable, usage.UsageError) as exc:
                 self._retry_at = time.monotonic() + RETRY_SECONDS

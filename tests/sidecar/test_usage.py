@@ -218,3 +218,22 @@ async def test_an_idle_sidecars_debt_is_written_once_the_state_is_back_without_a
     await asyncio.wait_for(charger.idle(), usage.RETRY_SECONDS * 3)
     assert store.status["windows"]["budget/llm/response:usage.total_tokens/86400s"]["spent"] == 300
     await charger.close()
+
+
+class SlowStore(MemoryStore):
+    """An API server that takes a moment to write: sidecars that read the same version collide."""
+
+    async def write(self, version: str, status: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        await asyncio.sleep(0.001)
+        return await super().write(version, status)
+
+
+async def test_sidecars_colliding_near_a_budgets_end_take_turns_instead_of_failing_closed() -> None:
+    """Near the end every call needs a write; writers that lost to each other must not keep colliding
+    until one refuses usage_unavailable (seen on real pods: 3 replicas, 12 threads)."""
+    store, cap = SlowStore(), _cap(budget=600)
+    chargers = [_charger(store) for _ in range(3)]
+    results = await asyncio.gather(*[c.charge(cap, "payments", {"amount": 7}) for _ in range(40) for c in chargers])
+    refusals = {(r.reason, r.detail) for r in results if r is not None}
+    assert refusals <= {("budget_exhausted", None)}, refusals
+    assert sum(1 for r in results if r is None) * 7 <= 600
