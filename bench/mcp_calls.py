@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -86,72 +88,72 @@ async def calls(url: str, count: int) -> list[float]:
     return samples
 
 
-async def end_to_end(count: int) -> list[tuple[str, tuple[float, float, float]]]:
+@contextlib.asynccontextmanager
+async def booking_upstream() -> AsyncIterator[str]:
+    """:func:`booking_server` on streamable HTTP on a free loopback port, for the time of the block: its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(booking_server().streamable_http_app(), log_level="warning"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         await asyncio.sleep(0.01)
-    upstream = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    with tempfile.TemporaryDirectory() as folder:
-        root_key, _ = keys.KeySet.generate().write(Path(folder) / "keys")
-        document = yaml.safe_load(EXAMPLE.read_text())
-        cap_file = Path(folder) / "cap.yaml"
-        cap_file.write_text(yaml.safe_dump(document))
-        settings = Settings(capability=cap_file, root_key=root_key, upstream_urls={"booking": upstream},
-                            listen=Address("127.0.0.1", 0), audit_log=str(Path(folder) / "audit.jsonl"))
-        agent, _ = sidecar_app.create_apps(settings)
-        runner = web.AppRunner(agent)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            direct = await calls(f"{upstream}/mcp", count)
-            proxied = await calls(f"http://127.0.0.1:{port}/booking/mcp", count)
-        finally:
-            await runner.cleanup()
-    server.should_exit = True
-    await task
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def end_to_end(count: int) -> list[tuple[str, tuple[float, float, float]]]:
+    async with booking_upstream() as upstream:
+        with tempfile.TemporaryDirectory() as folder:
+            root_key, _ = keys.KeySet.generate().write(Path(folder) / "keys")
+            document = yaml.safe_load(EXAMPLE.read_text())
+            cap_file = Path(folder) / "cap.yaml"
+            cap_file.write_text(yaml.safe_dump(document))
+            settings = Settings(capability=cap_file, root_key=root_key, upstream_urls={"booking": upstream},
+                                listen=Address("127.0.0.1", 0), audit_log=str(Path(folder) / "audit.jsonl"))
+            agent, _ = sidecar_app.create_apps(settings)
+            runner = web.AppRunner(agent)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            try:
+                direct = await calls(f"{upstream}/mcp", count)
+                proxied = await calls(f"http://127.0.0.1:{port}/booking/mcp", count)
+            finally:
+                await runner.cleanup()
     return [("SDK call_tool, direct", percentiles(direct)),
             ("SDK call_tool, through the sidecar", percentiles(proxied))]
 
 
 async def under_load(clients: int, per_client: int) -> list[tuple[str, tuple[float, float, float], float | None]]:
     """``clients`` concurrent SDK sessions calling a tool, direct and through a capgate-sidecar process."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(booking_server().streamable_http_app(), log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    upstream = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    rows: list[tuple[str, tuple[float, float, float], float | None]] = []
-    with tempfile.TemporaryDirectory() as folder:
-        root_key, _ = keys.KeySet.generate().write(Path(folder) / "keys")
-        listen, admin = _free_port(), _free_port()
-        sidecar = subprocess.Popen(
-            [sys.executable, "-m", "capgate.sidecar", "--capability", str(EXAMPLE), "--root-key", str(root_key),
-             "--listen", f"127.0.0.1:{listen}", "--admin-listen", f"127.0.0.1:{admin}",
-             "--upstream-url", f"booking={upstream}", "--audit-log", str(Path(folder) / "audit.jsonl"),
-             "--log-level", "warning"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        try:
-            await asyncio.to_thread(wait_port, listen)
-            for name, url in (("direct", f"{upstream}/mcp"), ("through capgate-sidecar",
-                                                               f"http://127.0.0.1:{listen}/booking/mcp")):
-                before = cpu_seconds(sidecar.pid)
-                results = await asyncio.gather(*[calls(url, per_client) for _ in range(clients)])
-                spent = cpu_seconds(sidecar.pid) - before
-                samples = [sample for result in results for sample in result]
-                # Per call, warm-up calls included; the sessions' handshakes are in the CPU too (an upper bound).
-                cpu = spent * 1000 / (len(samples) + 20 * clients) if name != "direct" else None
-                rows.append((f"{clients} SDK clients at once, {name}", percentiles(samples), cpu))
-        finally:
-            sidecar.terminate()
-            sidecar.wait(timeout=10)
-    server.should_exit = True
-    await task
+    async with booking_upstream() as upstream:
+        rows: list[tuple[str, tuple[float, float, float], float | None]] = []
+        with tempfile.TemporaryDirectory() as folder:
+            root_key, _ = keys.KeySet.generate().write(Path(folder) / "keys")
+            listen, admin = _free_port(), _free_port()
+            sidecar = subprocess.Popen(
+                [sys.executable, "-m", "capgate.sidecar", "--capability", str(EXAMPLE), "--root-key", str(root_key),
+                 "--listen", f"127.0.0.1:{listen}", "--admin-listen", f"127.0.0.1:{admin}",
+                 "--upstream-url", f"booking={upstream}", "--audit-log", str(Path(folder) / "audit.jsonl"),
+                 "--log-level", "warning"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            try:
+                await asyncio.to_thread(wait_port, listen)
+                for name, url in (("direct", f"{upstream}/mcp"), ("through capgate-sidecar",
+                                                                   f"http://127.0.0.1:{listen}/booking/mcp")):
+                    before = cpu_seconds(sidecar.pid)
+                    results = await asyncio.gather(*[calls(url, per_client) for _ in range(clients)])
+                    spent = cpu_seconds(sidecar.pid) - before
+                    samples = [sample for result in results for sample in result]
+                    # Per call, warm-up calls included; the sessions' handshakes are in the CPU too (an upper bound).
+                    cpu = spent * 1000 / (len(samples) + 20 * clients) if name != "direct" else None
+                    rows.append((f"{clients} SDK clients at once, {name}", percentiles(samples), cpu))
+            finally:
+                sidecar.terminate()
+                sidecar.wait(timeout=10)
     return rows
 
 
