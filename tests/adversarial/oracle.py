@@ -383,11 +383,7 @@ def verdict(spec: Mapping[str, Any], method: str, upstream: str, path: str, body
              if rule["effect"] == "allow" and _scope(rule, method, upstream, path)
              and all(within(number_at(body, lim["field"]), lim["max"]) for lim in rule.get("limits", ()))
              and all(required in held for required in rule.get("requires", ()))]
-    if not fired:
-        return False, None
-    if only_rules is not None and not set(fired) & set(only_rules):
-        return False, None
-    return True, fired[0]
+    return _first_allowed(fired, only_rules)
 
 
 def body_fields(spec: Mapping[str, Any], upstream: str) -> set[str]:
@@ -478,11 +474,7 @@ def action_verdict(spec: Mapping[str, Any], action: str, resource: str, argument
              and all(within(number_at(arguments, lim["field"]), lim["max"]) for lim in rule.get("limits", ()))
              and _args_hold(rule, arguments)
              and all(required in held for required in rule.get("requires", ()))]
-    if not fired:
-        return False, None
-    if only_rules is not None and not set(fired) & set(only_rules):
-        return False, None
-    return True, fired[0]
+    return _first_allowed(fired, only_rules)
 
 
 MCP_MEMBERS = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
@@ -760,3 +752,10 @@ class Agent:
 
 def _valid_correlation(value: str) -> bool:
     return 1 <= len(value) <= 128 and all(c in CORRELATION_CHARS for c in value)
+
+
+def _first_allowed(fired: list[str], only_rules: Sequence[str] | None) -> tuple[bool, str | None]:
+    """Allowed by the first allow rule that fired, if any fired and a narrowed token keeps one of them."""
+    if not fired or (only_rules is not None and not set(fired) & set(only_rules)):
+        return False, None
+    return True, fired[0]
